@@ -1,0 +1,133 @@
+"""Sampling responses with a KV cache, and the token layout every later step shares.
+
+Layout of one batch: prompts left-padded to P, responses right-padded to R, concatenated to [B, P + R].
+Sampling uses temperature T with top_k = 0 and top_p = 1 (anything else biases the KL estimate [pitfall 1]).
+Tokens after the first EOS are PAD and masked out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models import context_length, position_ids_from_mask
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_len: int, truncate: bool = False) -> list[list[int]]:
+    """Token ids per prompt. Longer than max_len: left-truncate if asked (keep the end), else raise."""
+    out = []
+    for i, p in enumerate(prompts):
+        ids = tokenizer(p)["input_ids"]
+        if len(ids) > max_len:
+            if not truncate:
+                raise PromptTooLong(f"prompt {i + 1} has {len(ids)} tokens, more than the {max_len} that fit before "
+                                    f"the response (use --truncate-prompts to keep its last {max_len} tokens)")
+            ids = ids[-max_len:]
+        out.append(ids)
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@dataclass
+class SampleBatch:
+    prompt_ids: torch.Tensor      # [B, P] left-padded
+    prompt_mask: torch.Tensor     # [B, P]
+    response_ids: torch.Tensor    # [B, R] PAD after the first EOS
+    response_mask: torch.Tensor   # [B, R] 1 on real response tokens, EOS included
+    ended: torch.Tensor           # [B] bool: the response produced EOS within the limit
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], 1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], 1)
+
+    @property
+    def last_index(self) -> torch.Tensor:
+        """Index in input_ids of each row's last real token (the EOS when there is one) [pitfall 3]."""
+        return self.prompt_ids.shape[1] + self.response_mask.sum(1).clamp(min=1) - 1
+
+
+@torch.inference_mode()
+def sample(model, prompt_ids: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
+           temperature: float = 1.0, generator: torch.Generator | None = None) -> SampleBatch:
+    """Autoregressive sampling with a KV cache: one forward call per new token, no other per-token Python work.
+
+    temperature 0 means greedy decoding.
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompt_ids, pad_id, device)
+    if ids.shape[1] + max_new_tokens > context_length(model):
+        raise PromptTooLong(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                            f"model's context of {context_length(model)} tokens")
+    B = ids.shape[0]
+    out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    pos = position_ids_from_mask(mask)
+    attn = mask
+    step_ids, past = ids, None
+    for t in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1].float()
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            nxt = logits.argmax(-1)
+        live = ~done
+        out_ids[:, t] = torch.where(live, nxt, torch.full_like(nxt, pad_id))
+        out_mask[:, t] = live.long()
+        done = done | (nxt == eos_id)
+        if bool(done.all()):
+            break
+        step_ids = out_ids[:, t:t + 1]
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
+        pos = pos[:, -1:] + 1
+    width = max(1, int(out_mask.sum(1).max()))
+    return SampleBatch(ids, mask, out_ids[:, :width], out_mask[:, :width], done)
+
+
+def decode_responses(tokenizer, batch: SampleBatch) -> list[str]:
+    """Response text without EOS and PAD."""
+    texts = []
+    eos = tokenizer.eos_token_id
+    for row, m in zip(batch.response_ids.tolist(), batch.response_mask.tolist()):
+        toks = [t for t, keep in zip(row, m) if keep]
+        if toks and toks[-1] == eos:
+            toks = toks[:-1]
+        texts.append(tokenizer.decode(toks, skip_special_tokens=False))
+    return texts
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, temperature: float = 1.0,
+             batch_size: int = 64, seed: int = 0, truncate_prompts: bool = False, progress=None) -> list[str]:
+    """Sample one response per prompt and return the texts (EOS stripped)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    max_prompt = context_length(model) - max_new_tokens
+    ids = encode_prompts(tokenizer, prompts, max_prompt, truncate_prompts)
+    texts: list[str] = []
+    for i in range(0, len(ids), batch_size):
+        batch = sample(model, ids[i:i + batch_size], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                       max_new_tokens=max_new_tokens, temperature=temperature, generator=g)
+        texts.extend(decode_responses(tokenizer, batch))
+        if progress is not None:
+            progress(len(batch.ended))
+    return texts

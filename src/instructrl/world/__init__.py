@@ -1,0 +1,6 @@
+"""The embedded default world: generator, gold judge, simulated labelers, bias probes."""
+from .generator import WorldConfig, format_prompt, generate_world
+from .judge import GoldJudge
+from .labelers import SimulatedLabeler
+
+__all__ = ["WorldConfig", "format_prompt", "generate_world", "GoldJudge", "SimulatedLabeler"]
