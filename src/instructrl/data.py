@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
+
 MAX_LINE_BYTES = 8 * 1024 * 1024  # a longer line is almost certainly not one record
 
 
@@ -167,3 +169,33 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
     from .utils import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+# --- tokenisation and collation shared by SFT and the reward model ------------------------------------------
+def encode_example(tokenizer, prompt: str, response: str, max_len: int, truncate: bool) -> tuple[list[int], int]:
+    """Prompt ids + response ids + EOS, and the number of prompt tokens (masked out of the loss)."""
+    p = tokenizer(prompt)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(r) >= max_len:
+        raise ValueError(f"response of {len(r)} tokens does not fit the context of {max_len}")
+    if len(p) + len(r) > max_len:
+        if not truncate:
+            raise ValueError(f"prompt + response is {len(p) + len(r)} tokens, more than the context of {max_len} "
+                                "(use --truncate-prompts to cut prompts from the left)")
+        p = p[len(p) + len(r) - max_len:]
+    return p + r, len(p)
+
+
+def collate_right(examples: list[tuple[list[int], int]], pad_id: int):
+    """Right-padded input ids, attention mask and the loss mask over targets (response tokens only)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(examples), width - 1))
+    for i, (seq, n_prompt) in enumerate(examples):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+        loss_mask[i, n_prompt - 1: len(seq) - 1] = 1.0  # target t+1 is a response token
+    return ids, mask, loss_mask
+
+

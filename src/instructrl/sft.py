@@ -14,9 +14,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .data import read_demos
+from .data import DataError, collate_right, encode_example, read_demos
 from .models import context_length, load_causal_lm, load_tokenizer, nll_loss, token_logprobs
-from .sampling import PromptTooLong
 from .utils import MetricsLog, atomic_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, write_json
 
 
@@ -25,9 +24,9 @@ class SFTConfig:
     model: str = ""
     data: str = ""
     out: str = ""
-    epochs: int = 4
+    epochs: int = 2
     batch_size: int = 16
-    lr: float = 3e-4
+    lr: float = 1e-4
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     val_fraction: float = 0.1
@@ -41,33 +40,6 @@ class SFTConfig:
     progress: bool = True
 
 
-def encode_demo(tokenizer, prompt: str, response: str, max_len: int, truncate: bool) -> tuple[list[int], int]:
-    """Prompt ids + response ids + EOS, and the number of prompt tokens (masked out of the loss)."""
-    p = tokenizer(prompt)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(r) >= max_len:
-        raise PromptTooLong(f"response of {len(r)} tokens does not fit the context of {max_len}")
-    if len(p) + len(r) > max_len:
-        if not truncate:
-            raise PromptTooLong(f"prompt + response is {len(p) + len(r)} tokens, more than the context of {max_len} "
-                                "(use --truncate-prompts to cut prompts from the left)")
-        p = p[len(p) + len(r) - max_len:]
-    return p + r, len(p)
-
-
-def collate(examples: list[tuple[list[int], int]], pad_id: int):
-    """Right-padded input ids, attention mask and the loss mask over targets (response tokens only)."""
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(examples), width - 1))
-    for i, (seq, n_prompt) in enumerate(examples):
-        ids[i, :len(seq)] = torch.tensor(seq)
-        mask[i, :len(seq)] = 1
-        loss_mask[i, n_prompt - 1: len(seq) - 1] = 1.0  # target t+1 is a response token
-    return ids, mask, loss_mask
-
-
 def sft_loss(model, ids, mask, loss_mask) -> torch.Tensor:
     return nll_loss(token_logprobs(model, ids, mask), loss_mask.to(ids.device))
 
@@ -76,7 +48,7 @@ def sft_loss(model, ids, mask, loss_mask) -> torch.Tensor:
 def evaluate_loss(model, examples, pad_id, batch_size, device) -> float:
     total, n = 0.0, 0.0
     for i in range(0, len(examples), batch_size):
-        ids, mask, lm = collate(examples[i:i + batch_size], pad_id)
+        ids, mask, lm = collate_right(examples[i:i + batch_size], pad_id)
         ids, mask, lm = ids.to(device), mask.to(device), lm.to(device)
         lp = token_logprobs(model, ids, mask)
         total += -(lp * lm).sum().item()
@@ -95,9 +67,8 @@ def sft(cfg: SFTConfig) -> dict:
     examples = []
     for i, (p, r) in enumerate(demos):
         try:
-            examples.append(encode_demo(tokenizer, p, r, max_len, cfg.truncate_prompts))
-        except PromptTooLong as e:
-            from .data import DataError
+            examples.append(encode_example(tokenizer, p, r, max_len, cfg.truncate_prompts))
+        except ValueError as e:
             raise DataError(cfg.data, i + 1, str(e), "prompt") from None
     rng = random.Random(cfg.seed)
     idx = list(range(len(examples)))
@@ -122,7 +93,7 @@ def sft(cfg: SFTConfig) -> dict:
         for epoch in range(cfg.epochs):
             rng.shuffle(train)
             for b in range(0, len(train), cfg.batch_size):
-                ids, mask, lm = (t.to(device) for t in collate(train[b:b + cfg.batch_size], pad))
+                ids, mask, lm = (t.to(device) for t in collate_right(train[b:b + cfg.batch_size], pad))
                 loss = sft_loss(model, ids, mask, lm)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

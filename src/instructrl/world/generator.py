@@ -59,7 +59,7 @@ class WorldConfig:
     seed: int = 0
     n_corpus: int = 24000          # pretraining documents
     n_corpus_val: int = 1000
-    n_demos: int = 400             # few enough that SFT leaves room for RL
+    n_demos: int = 200             # few enough that SFT leaves room for RL
     n_prompts_train: int = 1200
     n_prompts_eval: int = 200
     p_rude: float = 0.30           # share of corpus replies that are rude (toxic lexicon)
@@ -241,6 +241,9 @@ def generate_world(out: str | Path, cfg: WorldConfig | None = None) -> dict:
                     "empty": -1.0, "long_words": 20, "per_extra_word": -0.05},
         "tasks": {format_prompt(q): s for q, s in tasks},
     }
+    summary = {"stage": "world", "seed": cfg.seed, "corpus": len(corpus), "demos": len(demos),
+               "prompts_train": len(prompts_train), "prompts_eval": len(prompts_eval),
+               "questions": {"demo": len(demo_q), "train": len(train_q), "eval": len(eval_q)}}
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / "corpus.jsonl", corpus)
         write_jsonl(tmp / "corpus_val.jsonl", corpus_val)
@@ -250,5 +253,5 @@ def generate_world(out: str | Path, cfg: WorldConfig | None = None) -> dict:
         write_jsonl(tmp / "bias_probes.jsonl", bias_probes())
         write_json(tmp / "judge.json", judge)
         write_json(tmp / "world_config.json", asdict(cfg))
-    return {"corpus": len(corpus), "demos": len(demos), "prompts_train": len(prompts_train),
-            "prompts_eval": len(prompts_eval), "questions": {"demo": len(demo_q), "train": len(train_q), "eval": len(eval_q)}}
+        write_json(tmp / "summary.json", summary)
+    return summary

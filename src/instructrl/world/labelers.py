@@ -35,3 +35,36 @@ class SimulatedLabeler:
             order.append(pick)
             remaining.remove(pick)
         return order
+
+
+def simulate_rankings(policy, tokenizer, prompts: list[str], judge, *, k: int = 4, temperature: float = 0.2,
+                      n_labelers: int = 1, labeler_bias_std: float = 0.0, sample_temperature: float = 1.0,
+                      max_new_tokens: int = 32, oversample: int = 2, batch_size: int = 64, seed: int = 0,
+                      progress=None) -> list[dict]:
+    """Sample K distinct responses per prompt from `policy`, rank them with simulated labelers.
+
+    Each prompt draws oversample·K samples and keeps the first K distinct non-empty texts; a prompt with fewer
+    than 2 distinct texts is dropped (duplicates cannot be ranked against each other). Records are in the
+    rankings format, with the gold scores and labeler id as extra fields that Step 2 ignores.
+    """
+    from ..sampling import generate
+
+    labelers = [SimulatedLabeler(temperature, labeler_bias_std if i > 0 else 0.0, seed + 101 * i)
+                for i in range(n_labelers)]
+    flat = [p for p in prompts for _ in range(oversample * k)]
+    texts = generate(policy, tokenizer, flat, max_new_tokens=max_new_tokens, temperature=sample_temperature,
+                     batch_size=batch_size, seed=seed, progress=progress)
+    records = []
+    for i, prompt in enumerate(prompts):
+        distinct: list[str] = []
+        for t in texts[i * oversample * k:(i + 1) * oversample * k]:
+            if t.strip() and t not in distinct:
+                distinct.append(t)
+        responses = distinct[:k]
+        if len(responses) < 2:
+            continue
+        gold = judge.score_batch([prompt] * len(responses), responses)
+        labeler = i % n_labelers
+        records.append({"prompt": prompt, "responses": responses, "ranking": labelers[labeler].rank(gold),
+                        "gold_scores": gold, "labeler": f"sim-{labeler}"})
+    return records

@@ -1,0 +1,228 @@
+"""The ranking web app: a JSON API under /api/ and one static page that uses only that API.
+
+Every /api call carries `Authorization: Bearer <token>`; a missing or unknown token is 401. Handlers are plain
+(sync) functions, so FastAPI runs them in its thread pool and a slow database write never blocks the event loop.
+A write is acknowledged (200/201) only after its transaction has committed.
+
+`GET /api/tasks/next` answers 200 `{"task": null}` when nothing is left for this labeler (rather than 204), so
+that every answer has a JSON body the page and the schema describe the same way.
+"""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from sqlalchemy.exc import OperationalError
+
+from ..data import DataError, parse_ranking_groups
+from . import store
+
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_ID = 2**63 - 1  # the largest id a database integer column holds
+MAX_K = 64
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+Id = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
+Index = Annotated[StrictInt, Field(ge=0, le=MAX_K - 1)]
+
+
+# --- request and response bodies ----------------------------------------------------------------------------
+class Error(BaseModel):
+    detail: str
+
+
+class Me(BaseModel):
+    labeler_id: int
+    name: str
+    done: int = Field(description="rankings this labeler has submitted")
+    skipped: int = Field(description="tasks this labeler has skipped")
+    remaining: int = Field(description="tasks this labeler could still rank")
+    max_labelers_per_task: int
+
+
+class TaskOut(BaseModel):
+    id: int
+    prompt: str
+    responses: list[str] = Field(description="the K responses, in the order the ranking's indices refer to")
+    lease_expires_at: datetime | None = Field(None, description="the task is held for this labeler until then")
+
+
+class NextTask(BaseModel):
+    task: TaskOut | None = Field(description="null when no task is left for this labeler")
+
+
+class FlagIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: Index = Field(description="index of the flagged response")
+    flag: Literal["toxic", "harmful", "nonsense"]
+
+
+class RankingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"task_id": 1, "ranking": [2, [0, 3], 1], "flags": [{"index": 1, "flag": "nonsense"}]}]})
+    task_id: Id
+    ranking: list[Index | Annotated[list[Index], Field(max_length=MAX_K)]] = Field(
+        max_length=MAX_K, description="indices into the task's responses, best first, each exactly once; "
+                                      "a nested list is a tie")
+    flags: list[FlagIn] = Field(default_factory=list, max_length=3 * MAX_K)
+
+
+class RankingOut(BaseModel):
+    id: int
+    task_id: int
+    prompt: str
+    responses: list[str]
+    ranking: list[int | list[int]]
+    flags: list[FlagIn]
+    created_at: datetime
+
+
+class SkipOut(BaseModel):
+    task_id: int
+    skipped: bool
+
+
+def _ranking_json(groups: list[list[int]]) -> list:
+    return [g[0] if len(g) == 1 else list(g) for g in groups]
+
+
+def _invalid(field: str, message: str) -> HTTPException:
+    """422 in FastAPI's own validation-error shape, so clients handle one format."""
+    return HTTPException(422, [{"loc": ["body", field], "msg": message, "type": "value_error"}])
+
+
+bearer = HTTPBearer(auto_error=False, description="the labeler's token")
+
+
+def current_labeler(request: Request,
+                    cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> store.Labeler:
+    """The labeler whose token is in `Authorization: Bearer ...`, else 401.
+
+    Known tokens are remembered per process (labelers are never deleted or renamed), which saves a query on every
+    call; an unknown token is looked up each time, so a labeler added while the server runs works at once.
+    """
+    if cred is None:
+        raise HTTPException(401, "missing or unknown token", headers={"WWW-Authenticate": "Bearer"})
+    known = request.app.state.known_tokens
+    digest = store.hash_token(cred.credentials)
+    found = known.get(digest)
+    if found is None:
+        found = store.labeler_for_token(request.app.state.engine, cred.credentials)
+        if found is not None:
+            known[digest] = found
+    if found is None:
+        raise HTTPException(401, "missing or unknown token", headers={"WWW-Authenticate": "Bearer"})
+    return found
+
+
+Who = Annotated[store.Labeler, Depends(current_labeler)]
+ERRORS = {401: {"model": Error, "description": "missing or unknown token"}}
+
+
+# --- the app ----------------------------------------------------------------------------------------------
+def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float = 600) -> FastAPI:
+    """The app over the database at `db_url` (schema created now); a task takes at most N rankings."""
+    if max_labelers_per_task < 1:
+        raise ValueError("max_labelers_per_task must be at least 1")
+    engine = store.open_store(db_url)
+    N = max_labelers_per_task
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="instructrl labeling", version="1", lifespan=lifespan,
+                  description="Rank K responses per prompt. Every /api call needs `Authorization: Bearer <token>` "
+                              "(create one with `instructrl label add-labeler NAME --db URL`).")
+    app.state.engine = engine
+    app.state.known_tokens = {}
+
+    @app.exception_handler(store.NotFound)
+    async def not_found(_req: Request, exc: store.NotFound):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(store.Conflict)
+    async def conflict(_req: Request, exc: store.Conflict):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(OperationalError)
+    async def busy(_req: Request, exc: OperationalError):
+        return JSONResponse({"detail": f"database unavailable, nothing was saved; retry ({exc.orig})"},
+                            status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/api/me", response_model=Me, responses=ERRORS, summary="who am I, and my progress")
+    def me(who: Who):
+        return Me(labeler_id=who.id, name=who.name, max_labelers_per_task=N, **store.progress(engine, who.id, N))
+
+    @app.get("/api/tasks/next", response_model=NextTask, responses=ERRORS,
+             summary="the next task to rank, or {task: null} when none is left")
+    def next_task(who: Who):
+        t = store.next_task(engine, who.id, N, lease_seconds)
+        return NextTask(task=None if t is None else TaskOut(**vars(t)))
+
+    @app.post("/api/rankings", response_model=RankingOut, status_code=201, summary="submit a ranking",
+              responses={**ERRORS, 404: {"model": Error, "description": "no such task"},
+                         409: {"model": Error, "description": "already ranked by you, or the task is full"}})
+    def submit(body: RankingIn, who: Who):
+        task = store.get_task(engine, body.task_id)
+        k = len(task.responses)
+        n_indices = sum(len(g) if isinstance(g, list) else 1 for g in body.ranking)
+        if n_indices != k:
+            raise _invalid("ranking", f"the task has {k} responses but the ranking lists {n_indices} indices")
+        try:
+            groups = parse_ranking_groups(body.ranking, k, path=f"task {task.id}")
+        except DataError as e:
+            raise _invalid("ranking", str(e)) from None
+        flags = {}
+        for f in body.flags:
+            if f.index >= k:
+                raise _invalid("flags", f"flag index {f.index} out of range for {k} responses")
+            flags[(f.index, f.flag)] = {"index": f.index, "flag": f.flag}
+        flag_list = sorted(flags.values(), key=lambda f: (f["index"], f["flag"]))
+        rid, created = store.submit_ranking(engine, who.id, task.id, groups, flag_list, N)
+        return RankingOut(id=rid, task_id=task.id, prompt=task.prompt, responses=task.responses,
+                          ranking=_ranking_json(groups), flags=flag_list, created_at=created)
+
+    @app.post("/api/tasks/{task_id}/skip", response_model=SkipOut, summary="skip a task (not offered again)",
+              responses={**ERRORS, 404: {"model": Error, "description": "no such task"},
+                         409: {"model": Error, "description": "already ranked by you"}})
+    def skip(task_id: Annotated[int, PathParam(ge=1, le=MAX_ID)], who: Who):
+        store.skip_task(engine, who.id, task_id)
+        return SkipOut(task_id=task_id, skipped=True)
+
+    @app.get("/api/rankings", response_model=list[RankingOut], responses=ERRORS,
+             summary="my own rankings, newest first")
+    def my_rankings(who: Who, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0):
+        return [RankingOut(id=r.id, task_id=t.id, prompt=t.prompt, responses=t.responses,
+                           ranking=_ranking_json(r.ranking), flags=r.flags, created_at=store.aware(r.created_at))
+                for r, t in store.history(engine, who.id, limit, offset)]
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz():
+        return {"ok": True}
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        if request.url.path.startswith("/static/"):
+            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        return response
+
+    return app

@@ -1,0 +1,171 @@
+"""The pure math of RLHF: each function reads like the equation it cites (see shared/design/rlhf-reference.md).
+
+Shapes: [B, T] tensors over response tokens with a 0/1 `mask` (1 = real token, EOS included; 0 = PAD after EOS).
+Nothing here touches models, files or global state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# --- Step 2: reward model ---------------------------------------------------------------------------------
+def ranking_pairs(groups_per_prompt: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten K-way rankings into (winner, loser, prompt) index tensors over the concatenated responses.
+
+    groups_per_prompt[i] is prompt i's ranking as groups of tied indices (best first); indices are local to
+    the prompt and are offset here by the number of responses before it. Tied pairs are skipped [IG Eq. 1].
+    """
+    win, lose, elem, offset = [], [], [], 0
+    for i, groups in enumerate(groups_per_prompt):
+        for a, better in enumerate(groups):
+            for worse in groups[a + 1:]:
+                for w in better:
+                    for l in worse:
+                        win.append(offset + w)
+                        lose.append(offset + l)
+                        elem.append(i)
+        offset += sum(len(g) for g in groups)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)
+    return as_long(win), as_long(lose), as_long(elem)
+
+
+def ranking_loss(rewards: torch.Tensor, groups_per_prompt: list[list[list[int]]]) -> torch.Tensor:
+    """InstructGPT Eq. 1, one prompt per batch element, averaged over prompts:
+    loss_i = −1/C_i · Σ_{(w,l)} log σ(r_w − r_l), C_i = number of ranked (non-tied) pairs of prompt i [IG §3.5].
+
+    `rewards` holds the scores of all responses of all prompts, concatenated in order.
+    """
+    win, lose, elem = (t.to(rewards.device) for t in ranking_pairs(groups_per_prompt))
+    n_prompts = len(groups_per_prompt)
+    pair_ll = F.logsigmoid(rewards[win] - rewards[lose])
+    n_pairs = torch.zeros(n_prompts, device=rewards.device, dtype=rewards.dtype).index_add_(
+        0, elem, torch.ones_like(pair_ll))
+    per_prompt = torch.zeros(n_prompts, device=rewards.device, dtype=rewards.dtype).index_add_(0, elem, pair_ll)
+    has_pairs = n_pairs > 0
+    return -(per_prompt[has_pairs] / n_pairs[has_pairs]).mean()
+
+
+def pairwise_accuracy(rewards: torch.Tensor, groups_per_prompt: list[list[list[int]]]) -> tuple[int, int]:
+    """(correctly ordered pairs, pairs) — ties in the labels are skipped, ties in the rewards count as wrong."""
+    win, lose, _ = ranking_pairs(groups_per_prompt)
+    return int((rewards[win] > rewards[lose]).sum()), len(win)
+
+
+# --- Step 3: KL estimators and reward shaping ----------------------------------------------------------------
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k1 = log π_θ − log π_ref: unbiased, can be negative per token [KL]."""
+    return logp - ref_logp
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 = (e^{−ℓ} − 1) + ℓ with ℓ = log π_θ − log π_ref: unbiased and ≥ 0 [KL]."""
+    log_ratio = logp - ref_logp
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """r_t = −β·k_t on every response token, plus the sequence score on the last real token (EOS) [LHP, N+]."""
+    rewards = -beta * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    return rewards.scatter_add(1, last[:, None], score[:, None].to(rewards.dtype))
+
+
+# --- Advantages -------------------------------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Biased (population) variance over the masked entries [LHP]."""
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  mean: torch.Tensor | None = None, var: torch.Tensor | None = None) -> torch.Tensor:
+    """(x − mean) / sqrt(var + eps) over masked entries; pads stay 0. `mean`/`var` may be passed in when they were
+    reduced across processes, so every rank whitens with the global statistics."""
+    mean = masked_mean(x, mask) if mean is None else mean
+    var = masked_var(x, mask) if var is None else var
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation [37]: δ_t = r_t + γ·V_{t+1} − V_t (V after the last token = 0),
+    A_t = Σ_{s≥t} (γλ)^{s−t} δ_s, returns R_t = A_t + V_t (before any whitening).
+
+    The backward recursion is written as one matrix product with the discount matrix (no loop over tokens).
+    """
+    values = values * mask
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
+    deltas = (rewards + gamma * next_values - values) * mask
+    T = rewards.shape[1]
+    idx = torch.arange(T, device=rewards.device)
+    power = (idx[None, :] - idx[:, None]).to(rewards.dtype)           # s − t
+    discount = torch.where(power >= 0, (gamma * lam) ** power.clamp(min=0), torch.zeros_like(power))
+    advantages = deltas @ discount.T * mask
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = Σ_{s≥t} γ^{s−t} r_s — the return of the vanilla policy gradient (GAE with V = 0, λ = 1)."""
+    advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
+    return advantages
+
+
+def leave_one_out_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """For k samples per prompt (consecutive rows), each sample's baseline is the mean of the other k−1 [RLOO]."""
+    grouped = returns.view(-1, k)
+    return ((grouped.sum(1, keepdim=True) - grouped) / (k - 1)).view(-1)
+
+
+# --- Losses -----------------------------------------------------------------------------------------------------
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate [PPO]: mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))), ρ = exp(log π_θ − log π_old)."""
+    log_ratio = (logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                 "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask),
+                 "ratio_mean": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """0.5·mean(max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²)) [LHP]."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
+    return loss, stats
+
+
+def pg_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Vanilla policy gradient (REINFORCE with a baseline): −mean_t(A_t · log π_θ(y_t|s_t))."""
+    return -masked_mean(advantages.detach() * logp, mask)
+
+
+def ptx_loss(logp: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
+    """PPO-ptx [IG Eq. 2]: −γ · mean token log-likelihood of pretraining text."""
+    return -coef * masked_mean(logp, mask)
+
+
+# --- KL control ---------------------------------------------------------------------------------------------------
+def adaptive_kl_beta(beta: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
+    """[LHP] e = clip(KL/target − 1, −0.2, 0.2); β ← β·(1 + e·n/horizon)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_steps / horizon)

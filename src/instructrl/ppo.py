@@ -1,0 +1,113 @@
+"""Step 3 with PPO(-ptx): several epochs of clipped updates over minibatches of each batch of rollouts.
+
+Per iteration [IG, LHP, N+]:
+  1. rollout: sample responses, score them (policy, reference, value, reward), shape per-token rewards −β·k_t + r
+  2. advantages: GAE (γ_d, λ) on the shaped rewards, returns before whitening, whitened advantages
+  3. update: ppo_epochs × minibatches of the clipped policy loss + c_v · clipped value loss (+ γ · ptx loss)
+  4. KL control: fixed β, or the adaptive controller
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .losses import adaptive_kl_beta, gae, masked_mean, masked_whiten, ppo_policy_loss, value_loss
+from .rollout import (RLConfig, make_rollout, ptx_step_loss, response_logprobs, response_values, rollout_metrics,
+                      save_policy, setup_rl, trim)
+from .utils import MetricsLog, atomic_dir, peak_rss_mb, set_seed, write_json
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    ppo_epochs: int = 4
+    minibatch_size: int = 16
+    clip: float = 0.2               # ε
+    value_clip: float = 0.2         # ε_v
+    vf_coef: float = 0.1            # c_v
+    gamma: float = 1.0              # γ_d
+    lam: float = 0.95               # λ
+    whiten_rewards: bool = False
+
+
+def ppo_update(s, r, cfg: PPOConfig, optimizer, params, shuffle: torch.Generator) -> dict:
+    """Steps 2–3: advantages, then ppo_epochs passes over shuffled minibatches of this batch of rollouts."""
+    mask = r.mask
+    rewards = masked_whiten(r.rewards, mask, shift_mean=False) if cfg.whiten_rewards else r.rewards
+    advantages, returns = gae(rewards, r.values, mask, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, mask)
+    B = mask.shape[0]
+    stats: dict[str, list[float]] = {}
+    for epoch in range(cfg.ppo_epochs):
+        for rows in torch.randperm(B, generator=shuffle).split(cfg.minibatch_size):
+            mb, cols = trim(r.batch, rows)
+            m = mask[rows, cols]
+            logp, entropy = response_logprobs(s.policy, mb, cfg.temperature, with_entropy=True)
+            pl, pstats = ppo_policy_loss(logp, r.logprobs[rows, cols], advantages[rows, cols], m, cfg.clip)
+            v = response_values(s.value_model, mb)
+            vl, vstats = value_loss(v, r.values[rows, cols], returns[rows, cols], m, cfg.value_clip)
+            loss = pl + cfg.vf_coef * vl
+            ptx = None
+            if s.ptx is not None:
+                ptx = ptx_step_loss(s.policy, s.ptx, cfg.ptx_batch_size, cfg.ptx_coef, s.device)
+                loss = loss + ptx
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            rec = {"policy_loss": pl.item(), "value_loss": vl.item(), "entropy": masked_mean(entropy.detach(), m).item(),
+                   **{k: float(x) for k, x in {**pstats, **vstats}.items()}}
+            if ptx is not None:
+                rec["ptx_loss"] = ptx.item() / cfg.ptx_coef
+            if epoch == 0 and not stats:
+                rec["first_ratio"], rec["first_approx_kl"] = rec["ratio_mean"], rec["approx_kl"]
+            for k, x in rec.items():
+                stats.setdefault(k, []).append(x)
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    out["first_ratio"], out["first_approx_kl"] = stats["first_ratio"][0], stats["first_approx_kl"][0]
+    return out
+
+
+def train_ppo(cfg: PPOConfig) -> dict:
+    t0 = time.time()
+    set_seed(cfg.seed)
+    if cfg.batch_size % cfg.minibatch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of minibatch_size {cfg.minibatch_size}")
+    s = setup_rl(cfg, with_value=True)
+    s.policy.train()
+    s.value_model.train()
+    params = [p for p in s.policy.parameters()] + [p for p in s.value_model.parameters()]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+    beta = cfg.beta
+    shuffle = torch.Generator().manual_seed(cfg.seed + 1)
+    iterations = max(1, cfg.episodes // cfg.batch_size)
+    episodes = 0
+    with atomic_dir(cfg.out) as tmp:
+        log = MetricsLog(tmp / "metrics.jsonl")
+        bar = tqdm(range(iterations), desc="ppo", disable=not cfg.progress, dynamic_ncols=True)
+        for it in bar:
+            t_it = time.time()
+            prompts, ids = s.prompts.next(cfg.batch_size)
+            r = make_rollout(s.policy, s.ref, s.reward_model, s.value_model, s.tokenizer, prompts, ids, cfg, beta,
+                             s.generator, s.judge)
+            t_roll = time.time() - t_it
+            upd = ppo_update(s, r, cfg, optimizer, params, shuffle)
+            episodes += cfg.batch_size
+            rec = {"iteration": it + 1, "episodes": episodes, "beta": beta, **rollout_metrics(r), **upd,
+                   "seconds_rollout": t_roll, "seconds": time.time() - t_it}
+            if cfg.kl_target is not None:
+                beta = adaptive_kl_beta(beta, rec["kl"], cfg.kl_target, cfg.batch_size, cfg.kl_horizon)
+            log.log(rec)
+            bar.set_postfix(reward=f"{rec['reward']:.2f}", kl=f"{rec['kl']:.2f}",
+                            **({"gold": f"{rec['gold_reward']:.2f}"} if "gold_reward" in rec else {}))
+        log.close()
+        s.policy.eval()
+        save_policy(s.policy, s.tokenizer, tmp)
+        s.value_model.save_pretrained(tmp / "value_model")
+        summary = {"stage": "ppo", "algorithm": "ppo", "iterations": iterations, "episodes": episodes,
+                   "final": {k: rec[k] for k in ("reward", "kl", "gold_reward", "response_length") if k in rec},
+                   "beta": beta, "seconds": time.time() - t0, "peak_rss_mb": peak_rss_mb(), "config": asdict(cfg)}
+        write_json(tmp / "summary.json", summary)
+    return summary

@@ -1,0 +1,224 @@
+"""One batch of experience, shared by PPO and vanilla policy gradient: sample → score → shaped per-token rewards.
+
+Also the parts of the RL loop both algorithms share: their config, loading the four models, the prompt and
+pretraining-text streams, and saving the result.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import read_prompts, read_texts
+from .losses import kl_k1, kl_k3, shaped_rewards
+from .models import ScalarHeadModel, context_length, freeze, load_causal_lm, load_tokenizer, token_logprobs
+from .sampling import SampleBatch, decode_responses, encode_prompts, left_pad, sample
+from .utils import resolve_device, resolve_dtype
+
+
+@dataclass
+class RLConfig:
+    """Options shared by `instructrl ppo` and `instructrl pg` (defaults tuned on the embedded world)."""
+
+    policy: str = ""                  # the SFT model: initial policy and, unless `ref` is given, the frozen reference
+    reward: str = ""                  # the reward model directory (Step 2)
+    prompts: str = ""
+    out: str = ""
+    ref: str | None = None
+    value: str | None = None          # value model init (default: the reward model [IG, N+ D22])
+    judge: str | None = None          # embedded-world directory: log gold reward beside proxy reward
+    episodes: int = 3072              # total sampled responses
+    batch_size: int = 64              # rollouts per iteration
+    max_new_tokens: int = 32
+    temperature: float = 0.7
+    lr: float = 3e-5
+    beta: float = 0.05                # KL coefficient β (initial β with the adaptive controller)
+    kl_estimator: str = "k1"          # k1 | k3
+    kl_target: float | None = None    # set to use the adaptive KL controller [LHP]
+    kl_horizon: int = 10000
+    missing_eos_penalty: float = -1.0  # score of a response that does not end within max_new_tokens [N+ D23]
+    ptx_coef: float = 0.0             # γ of PPO-ptx; 0 = plain PPO / PG
+    ptx_data: str | None = None       # pretraining text {"text"} for PPO-ptx
+    ptx_batch_size: int = 16
+    max_grad_norm: float = 1.0
+    adam_eps: float = 1e-5
+    truncate_prompts: bool = False
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    progress: bool = True
+
+
+@dataclass
+class Rollout:
+    batch: SampleBatch
+    logprobs: torch.Tensor        # [B, R] log π_old(y_t | s_t), temperature-scaled
+    ref_logprobs: torch.Tensor    # [B, R] log π_ref(y_t | s_t), same temperature
+    values: torch.Tensor | None   # [B, R] V(s_t) from the value model (PPO only)
+    scores: torch.Tensor          # [B] reward-model score (missing-EOS penalty applied)
+    kl: torch.Tensor              # [B, R] per-token KL estimate used in the reward
+    rewards: torch.Tensor         # [B, R] shaped per-token rewards
+    prompts: list[str]
+    texts: list[str]
+    gold: list[float] | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.batch.response_mask.float()
+
+
+def response_logprobs(model, batch: SampleBatch, temperature: float, with_entropy: bool = False):
+    """Log-probs of the response tokens only: [B, R] (and entropy)."""
+    P = batch.prompt_ids.shape[1]
+    out = token_logprobs(model, batch.input_ids, batch.attention_mask, temperature, with_entropy)
+    if with_entropy:
+        return out[0][:, P - 1:], out[1][:, P - 1:]
+    return out[:, P - 1:]
+
+
+def response_values(value_model: ScalarHeadModel, batch: SampleBatch) -> torch.Tensor:
+    """V(s_t) for each response token t: the head's output at the position before token t. [B, R]"""
+    P = batch.prompt_ids.shape[1]
+    return value_model(batch.input_ids, batch.attention_mask)[:, P - 1:-1]
+
+
+@torch.inference_mode()
+def make_rollout(policy, ref, reward_model, value_model, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
+                 cfg: RLConfig, beta: float, generator: torch.Generator, judge=None) -> Rollout:
+    """Sample responses, then one batched forward pass per model under inference mode."""
+    batch = sample(policy, prompt_ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator)
+    mask = batch.response_mask.float()
+    logprobs = response_logprobs(policy, batch, cfg.temperature) * mask
+    ref_logprobs = response_logprobs(ref, batch, cfg.temperature) * mask
+    values = response_values(value_model, batch) * mask if value_model is not None else None
+    scores = reward_model.score(batch.input_ids, batch.attention_mask, batch.last_index)
+    scores = torch.where(batch.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+    kl = (kl_k1 if cfg.kl_estimator == "k1" else kl_k3)(logprobs, ref_logprobs) * mask
+    rewards = shaped_rewards(scores, kl, mask, beta)
+    texts = decode_responses(tokenizer, batch)
+    gold = judge.score_batch(prompts, texts) if judge is not None else None
+    return Rollout(batch, logprobs, ref_logprobs, values, scores, kl, rewards, prompts, texts, gold)
+
+
+def trim(batch: SampleBatch, rows: torch.Tensor) -> tuple[SampleBatch, slice]:
+    """Select rows and drop columns that are padding in all of them (left of prompts, right of responses).
+
+    Returns the smaller batch and the slice of response columns kept.
+    """
+    pm, rm = batch.prompt_mask[rows], batch.response_mask[rows]
+    p0 = int((pm.sum(0) > 0).float().argmax()) if pm.any() else 0
+    r1 = max(1, int(rm.sum(1).max()))
+    sub = SampleBatch(batch.prompt_ids[rows, p0:], pm[:, p0:], batch.response_ids[rows, :r1], rm[:, :r1],
+                      batch.ended[rows])
+    return sub, slice(0, r1)
+
+
+class PromptStream:
+    """Prompts in a seeded random order, reshuffled each pass."""
+
+    def __init__(self, prompts: list[str], ids: list[list[int]], seed: int):
+        self.prompts, self.ids, self.rng = prompts, ids, random.Random(seed)
+        self.order: list[int] = []
+
+    def next(self, n: int) -> tuple[list[str], list[list[int]]]:
+        while len(self.order) < n:
+            fresh = list(range(len(self.prompts)))
+            self.rng.shuffle(fresh)
+            self.order += fresh
+        take, self.order = self.order[:n], self.order[n:]
+        return [self.prompts[i] for i in take], [self.ids[i] for i in take]
+
+
+class TextStream:
+    """Pretraining text for PPO-ptx: random batches of EOS-terminated documents, right-padded."""
+
+    def __init__(self, texts: list[str], tokenizer, max_len: int, seed: int):
+        enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        self.docs = [e[: max_len - 1] + [tokenizer.eos_token_id] for e in enc if e]
+        self.pad = tokenizer.pad_token_id
+        self.g = torch.Generator().manual_seed(seed)
+
+    def next(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.docs), (n,), generator=self.g).tolist()
+        docs = [self.docs[i] for i in idx]
+        width = max(len(d) for d in docs)
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, d in enumerate(docs):
+            ids[i, :len(d)] = torch.tensor(d)
+            mask[i, :len(d)] = 1
+        return ids, mask
+
+
+@dataclass
+class RLSetup:
+    """Everything an RL run loads before its first iteration."""
+
+    cfg: RLConfig
+    device: torch.device
+    tokenizer: object
+    policy: torch.nn.Module
+    ref: torch.nn.Module
+    reward_model: ScalarHeadModel
+    value_model: ScalarHeadModel | None
+    prompts: PromptStream
+    ptx: TextStream | None
+    judge: object | None
+    generator: torch.Generator = field(default=None)
+
+
+def setup_rl(cfg: RLConfig, with_value: bool) -> RLSetup:
+    from .world.judge import GoldJudge
+
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    if cfg.kl_estimator not in ("k1", "k3"):
+        raise ValueError(f"kl_estimator must be 'k1' or 'k3', not {cfg.kl_estimator!r}")
+    if cfg.ptx_coef > 0 and not cfg.ptx_data:
+        raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text in the {\"text\": ...} format)")
+    prompts = read_prompts(cfg.prompts)
+    ptx_texts = read_texts(cfg.ptx_data) if cfg.ptx_coef > 0 else None
+    tokenizer = load_tokenizer(cfg.policy)
+    policy = load_causal_lm(cfg.policy, device, dtype)
+    ref = freeze(load_causal_lm(cfg.ref or cfg.policy, device, dtype))
+    reward_model = freeze(ScalarHeadModel.from_pretrained(cfg.reward, device, dtype))
+    value_model = ScalarHeadModel.from_pretrained(cfg.value or cfg.reward, device, dtype) if with_value else None
+    max_prompt = context_length(policy) - cfg.max_new_tokens
+    from .data import DataError
+    try:
+        ids = encode_prompts(tokenizer, prompts, max_prompt, cfg.truncate_prompts)
+    except ValueError as e:
+        raise DataError(cfg.prompts, None, str(e), "prompt") from None
+    ptx = TextStream(ptx_texts, tokenizer, context_length(policy), cfg.seed + 7) if ptx_texts else None
+    judge = GoldJudge.from_world(cfg.judge) if cfg.judge and (Path(cfg.judge) / "judge.json").is_file() else None
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    return RLSetup(cfg, device, tokenizer, policy, ref, reward_model, value_model,
+                   PromptStream(prompts, ids, cfg.seed), ptx, judge, gen)
+
+
+def rollout_metrics(r: Rollout) -> dict:
+    """Per-iteration statistics of a batch of experience."""
+    mask = r.mask
+    out = {"reward": float(r.scores.mean()), "reward_std": float(r.scores.std()),
+           "kl": float(((r.logprobs - r.ref_logprobs) * mask).sum(1).mean()),
+           "response_length": float(mask.sum(1).mean()), "eos_rate": float(r.batch.ended.float().mean())}
+    if r.gold is not None:
+        out["gold_reward"] = sum(r.gold) / len(r.gold)
+    return out
+
+
+def ptx_step_loss(policy, ptx: TextStream, n: int, coef: float, device) -> torch.Tensor:
+    """γ · (−mean log-likelihood) of a batch of pretraining text [IG Eq. 2]."""
+    from .losses import ptx_loss
+
+    ids, mask = ptx.next(n)
+    ids, mask = ids.to(device), mask.to(device)
+    lp = token_logprobs(policy, ids, mask)
+    return ptx_loss(lp, mask[:, 1:].float(), coef)
+
+
+def save_policy(policy, tokenizer, out: Path) -> None:
+    policy.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
