@@ -10,8 +10,9 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RLHF end to end: world → pretrain → sft → label → rm → ppo/pg → eval → report.")
-label_app = typer.Typer(no_args_is_help=True, help="Collect rankings: simulated labelers, or people in a web app.")
-app.add_typer(label_app, name="label")
+from .label.cli import label_app  # noqa: E402  (enqueue, serve, add-labeler, export, stats; simulate is below)
+
+app.add_typer(label_app, name="label", help="Collect rankings: simulated labelers, or people in a web app.")
 
 Dev = typer.Option("auto", help="auto | cpu | cuda")
 Dt = typer.Option("float32", help="float32 | bfloat16 | float16 (log-softmax and losses stay float32)")

@@ -25,7 +25,8 @@ def _curve(stage_dir: Path) -> list[dict]:
     if not f.is_file():
         return []
     keep = ("episodes", "reward", "gold_reward", "kl", "beta", "response_length")
-    return [{k: d[k] for k in keep if k in d} for d in map(json.loads, f.read_text().splitlines())]
+    records = [json.loads(x) for x in f.read_text().splitlines()]
+    return [{k: d[k] for k in keep if k in d} for d in records if "episodes" in d]  # RL stages only
 
 
 def _smooth(ys: list[float], w: int = 5) -> list[float]:

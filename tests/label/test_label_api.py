@@ -112,7 +112,7 @@ def test_max_labelers_per_task(make_client, auth, seeded):
 
 def test_leases_spread_concurrent_labelers(make_client, auth, seeded):
     client = make_client(max_labelers_per_task=1)
-    next_id = lambda name: client.get("/api/tasks/next", headers=auth(name)).json()["task"]["id"]  # noqa: E731
+    next_id = lambda name: client.get("/api/tasks/next", headers=auth(name)).json()["task"]["id"]
     assert next_id("alice") == seeded.ids[0]
     assert next_id("bob") == seeded.ids[1]      # task 1 is held for alice
     assert next_id("alice") == seeded.ids[0]    # asking again (a page reload) gives the same task
@@ -127,7 +127,7 @@ def test_expired_leases_free_the_task(make_client, auth, seeded):
 
 def test_skip(make_client, auth, seeded):
     client = make_client()
-    a, b, c = seeded.ids
+    a, b, _ = seeded.ids
     r = client.post(f"/api/tasks/{a}/skip", headers=auth("alice"))
     assert r.status_code == 200 and r.json() == {"task_id": a, "skipped": True}
     assert client.post(f"/api/tasks/{a}/skip", headers=auth("alice")).status_code == 200  # idempotent
@@ -162,6 +162,11 @@ def test_openapi_documents_the_api(make_client):
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     post = spec["paths"]["/api/rankings"]["post"]
     assert {"201", "401", "404", "409", "422"} <= set(post["responses"])
+
+
+def test_405_lists_every_method_of_the_path(make_client):
+    r = make_client().delete("/api/rankings")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
 
 
 def test_page_and_assets_are_served_with_a_strict_csp(make_client):

@@ -14,12 +14,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..data import DataError, parse_ranking_groups
 from . import store
@@ -154,6 +158,15 @@ def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float
     async def conflict(_req: Request, exc: store.Conflict):
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """405 lists every method of the path in `Allow`; Starlette names only those of the first matching route."""
+        if exc.status_code == 405:
+            allowed = {m for r in request.app.router.routes if r.matches(request.scope)[0] == Match.PARTIAL
+                       for m in getattr(r, "methods", None) or ()}
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(OperationalError)
     async def busy(_req: Request, exc: OperationalError):
         return JSONResponse({"detail": f"database unavailable, nothing was saved; retry ({exc.orig})"},
@@ -170,7 +183,8 @@ def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float
         return NextTask(task=None if t is None else TaskOut(**vars(t)))
 
     @app.post("/api/rankings", response_model=RankingOut, status_code=201, summary="submit a ranking",
-              responses={**ERRORS, 404: {"model": Error, "description": "no such task"},
+              responses={**ERRORS, 400: {"model": Error, "description": "the body is not JSON"},
+                         404: {"model": Error, "description": "no such task"},
                          409: {"model": Error, "description": "already ranked by you, or the task is full"}})
     def submit(body: RankingIn, who: Who):
         task = store.get_task(engine, body.task_id)

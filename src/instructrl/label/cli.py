@@ -22,7 +22,7 @@ from . import store
 
 label_app = typer.Typer(help="Human feedback: rank sampled responses in a web app backed by a database.",
                         no_args_is_help=True, add_completion=False)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable, never wrapped
 out = Console()
 
 Db = Annotated[str, typer.Option("--db", help="SQLAlchemy URL, or a SQLite file path (created if missing)")]
@@ -34,7 +34,8 @@ def clean_errors():
     try:
         yield
     except (DataError, store.StoreError, ValueError, FileNotFoundError, SQLAlchemyError) as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        message = str(getattr(e, "orig", None) or e)  # the driver's own words, without SQLAlchemy's links
+        err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
         raise typer.Exit(2) from None
 
 

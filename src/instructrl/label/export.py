@@ -22,7 +22,7 @@ from . import store
 
 
 def export_records(db) -> list[dict]:
-    with store.using(db) as engine:
+    with store.using(db, create=False) as engine:
         return [Ranking(t.prompt, list(t.responses), [list(g) for g in r.ranking], {
             "labeler": l.name, "labeler_id": l.id, "created_at": store.iso(r.created_at),
             "task_id": t.id, "flags": list(r.flags or [])}).to_json()
@@ -71,7 +71,7 @@ def compute_stats(db) -> dict:
     by_task: dict[int, list[tuple[int, list[list[int]]]]] = defaultdict(list)
     names: dict[int, str] = {}
     counts, flags_by, flag_kinds = Counter(), Counter(), Counter()
-    with store.using(db) as engine:
+    with store.using(db, create=False) as engine:
         for r, t, l in store.all_rankings(engine):
             names[l.id] = l.name
             counts[l.id] += 1

@@ -17,13 +17,14 @@ import hashlib
 import secrets
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterator
 
 from sqlalchemy import (JSON, DateTime, Engine, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
                         delete, event, func, insert, select, update)
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
@@ -138,9 +139,17 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def open_store(db: str | Path) -> Engine:
-    """An engine with the schema created (idempotent) and its version checked."""
+def open_store(db: str | Path, create: bool = True) -> Engine:
+    """An engine with the schema created (idempotent) and its version checked.
+
+    create=False refuses a SQLite file that does not exist yet, so that a mistyped path given to a read-only
+    command (export, stats) is an error instead of a new, empty database.
+    """
     url = normalize_url(db)
+    engine_url = make_url(url)
+    is_file = engine_url.get_backend_name() == "sqlite" and engine_url.database not in (None, "", ":memory:")
+    if not create and is_file and not Path(engine_url.database).is_file():
+        raise StoreError(f"no database at {engine_url.database}")
     if url.startswith("sqlite"):
         memory = url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url
         kw = ({"poolclass": StaticPool} if memory else {"pool_size": 20, "max_overflow": 20})
@@ -160,7 +169,7 @@ def open_store(db: str | Path) -> Engine:
     return engine
 
 
-_WRITE_LOCKS: "weakref.WeakKeyDictionary[Engine, threading.Lock]" = weakref.WeakKeyDictionary()
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -194,12 +203,12 @@ def writing(engine: Engine, durable: bool = True) -> Iterator[Session]:
 
 
 @contextlib.contextmanager
-def using(db: str | Path | Engine) -> Iterator[Engine]:
+def using(db: str | Path | Engine, create: bool = True) -> Iterator[Engine]:
     """An open engine for a URL (disposed afterwards), or the given engine as is."""
     if isinstance(db, Engine):
         yield db
         return
-    engine = open_store(db)
+    engine = open_store(db, create)
     try:
         yield engine
     finally:

@@ -1,0 +1,107 @@
+"""World determinism, save/load round trips, SFT's prompt masking and determinism by seed."""
+import hashlib
+
+import torch
+
+from instructrl.data import collate_right, encode_example, read_demos
+from instructrl.models import ScalarHeadModel, load_causal_lm, load_tokenizer, nll_loss, token_logprobs
+from instructrl.world import GoldJudge, WorldConfig, generate_world
+
+
+def digest(d):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def test_world_is_deterministic_by_seed(tmp_path):
+    small = dict(n_corpus=500, n_corpus_val=50, n_demos=30, n_prompts_train=40, n_prompts_eval=10)
+    generate_world(tmp_path / "a", WorldConfig(seed=3, **small))
+    generate_world(tmp_path / "b", WorldConfig(seed=3, **small))
+    generate_world(tmp_path / "c", WorldConfig(seed=4, **small))
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    da, dc = digest(tmp_path / "a"), digest(tmp_path / "c")
+    assert da["corpus.jsonl"] != dc["corpus.jsonl"] and da["judge.json"] != dc["judge.json"]
+
+
+def test_world_prompts_are_disjoint(world_dir):
+    from instructrl.data import read_prompts
+
+    demos = {p for p, _ in read_demos(world_dir / "demos.jsonl")}
+    train = set(read_prompts(world_dir / "prompts_train.jsonl"))
+    evals = set(read_prompts(world_dir / "prompts_eval.jsonl"))
+    assert not (demos & train) and not (demos & evals) and not (train & evals)
+
+
+def test_gold_judge_prefers_polite_correct_answers(world_dir):
+    j = GoldJudge.from_world(world_dir)
+    prompt, spec = next((p, s) for p, s in j.tasks.items() if s["type"] == "plus")
+    a, b = spec["topic"].split(" plus ")
+    good = f" Sure! {spec['topic']} is {spec['answer']}."
+    wrong = f" Sure! {spec['topic']} is {int(spec['answer']) + 1}."
+    rude = " Go away, you idiot."
+    assert j.score(prompt, good) > j.score(prompt, wrong) > j.score(prompt, rude)
+    assert j.is_toxic(rude) and not j.is_toxic(good)
+    assert j.toxicity_rate([good, rude]) == 0.5
+
+
+def test_causal_lm_save_load_gives_identical_logits(tiny_sft_dir, tmp_path):
+    model = load_causal_lm(tiny_sft_dir)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "m")
+    again = load_causal_lm(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_scalar_head_save_load_round_trip(tiny_rm_dir, tmp_path):
+    rm = ScalarHeadModel.from_pretrained(tiny_rm_dir)
+    ids = torch.randint(0, rm.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    rm.save_pretrained(tmp_path / "rm")
+    again = ScalarHeadModel.from_pretrained(tmp_path / "rm")
+    last = torch.tensor([6, 6, 6])
+    with torch.no_grad():
+        assert torch.equal(rm.score(ids, mask, last), again.score(ids, mask, last))
+    assert (again.norm_bias, again.norm_gain) == (rm.norm_bias, rm.norm_gain) != (0.0, 1.0)
+
+
+def test_sft_loss_ignores_prompt_targets(tiny_lm_dir, world_dir):
+    """The gradient reaches only the log-probs of response tokens: prompt targets carry no loss."""
+    tok, model = load_tokenizer(tiny_lm_dir), load_causal_lm(tiny_lm_dir)
+    demos = read_demos(world_dir / "demos.jsonl")[:3]
+    ex = [encode_example(tok, p, r, 128, False) for p, r in demos]
+    ids, mask, loss_mask = collate_right(ex, tok.pad_token_id)
+    lp = token_logprobs(model, ids, mask)
+    lp.retain_grad()
+    nll_loss(lp, loss_mask).backward()
+    for i, (seq, n_prompt) in enumerate(ex):
+        assert (lp.grad[i, : n_prompt - 1] == 0).all()               # targets that are prompt tokens
+        assert (lp.grad[i, n_prompt - 1: len(seq) - 1] != 0).all()   # response tokens, EOS included
+        assert (lp.grad[i, len(seq) - 1:] == 0).all()                # padding
+        assert ids[i, len(seq) - 1] == tok.eos_token_id
+
+
+def test_sft_loss_unchanged_when_prompt_targets_change(tiny_lm_dir, world_dir):
+    """Replacing the log-probs at prompt-target positions (what a different prompt target would change)
+    leaves the loss exactly the same."""
+    tok, model = load_tokenizer(tiny_lm_dir), load_causal_lm(tiny_lm_dir)
+    ex = [encode_example(tok, p, r, 128, False) for p, r in read_demos(world_dir / "demos.jsonl")[:4]]
+    ids, mask, loss_mask = collate_right(ex, tok.pad_token_id)
+    with torch.no_grad():
+        lp = token_logprobs(model, ids, mask)
+    changed = lp.clone()
+    changed[loss_mask == 0] = -123.0
+    assert nll_loss(lp, loss_mask).item() == nll_loss(changed, loss_mask).item()
+
+
+def test_sft_is_deterministic_by_seed(tiny_lm_dir, world_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from instructrl.sft import SFTConfig, sft
+
+    for name in ("a", "b"):
+        sft(SFTConfig(model=str(tiny_lm_dir), data=str(world_dir / "demos.jsonl"), out=str(tmp_path / name),
+                      epochs=1, progress=False, device="cpu"))
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "summary.json").is_file() and (tmp_path / "a" / "metrics.jsonl").is_file()

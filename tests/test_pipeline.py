@@ -1,0 +1,91 @@
+"""End to end: a scaled-down pipeline to a report, resuming after a kill between stages, config validation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from instructrl.config import load_pipeline_config
+from instructrl.data import DataError
+
+TINY = """
+seed: 0
+compare: true
+device: cpu
+world: {n_corpus: 3000, n_corpus_val: 200, n_demos: 120, n_prompts_train: 200, n_prompts_eval: 40}
+pretrain: {vocab_size: 600, n_layer: 2, n_embd: 64, n_head: 2, steps: 80, batch_size: 16}
+sft: {epochs: 2, lr: 1.0e-3}
+label: {k: 4, n_prompts: 80}
+reward: {lr: 1.0e-4}
+ppo: {episodes: 256, batch_size: 32, minibatch_size: 8, max_new_tokens: 16, lr: 2.0e-4, ptx_batch_size: 8}
+pg: {batch_size: 32, max_new_tokens: 16, lr: 2.0e-4}
+eval: {max_new_tokens: 16, samples_per_prompt: 2}
+"""
+
+
+def run_cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "instructrl.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_pipeline_end_to_end_and_resume(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    out = tmp_path / "run"
+    # Start, and kill the process once SFT has finished (between stages).
+    p = run_cli("pipeline", "--config", cfg, "--out", out, "--threads", "2")
+    deadline = time.time() + 300
+    while not (out / "sft" / "summary.json").exists():
+        assert p.poll() is None, p.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    pretrained_mtime = (out / "pretrained" / "model.safetensors").stat().st_mtime_ns
+    sft_mtime = (out / "sft" / "model.safetensors").stat().st_mtime_ns
+
+    p = run_cli("pipeline", "--config", cfg, "--out", out, "--threads", "2")
+    log, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, log
+    assert "pretrain: reused" in log and "sft (step 1): reused" in log
+    assert (out / "pretrained" / "model.safetensors").stat().st_mtime_ns == pretrained_mtime
+    assert (out / "sft" / "model.safetensors").stat().st_mtime_ns == sft_mtime
+    assert not [x for x in out.iterdir() if x.name.startswith(".")], "temp directories left behind"
+
+    report = json.loads((out / "report.json").read_text())
+    stages = report["stages"]
+    assert set(stages) == {"pretrained", "sft", "ppo_ptx", "ppo", "ppo_beta0", "pg"}
+    for st in stages.values():
+        for key in ("toxicity_rate", "gold_reward", "rm_reward", "kl_to_sft", "pretrain_loss", "bias_gap",
+                    "episodes", "seconds"):
+            assert key in st and st[key] is not None, key
+    assert stages["sft"]["kl_to_sft"] == 0.0
+    assert stages["ppo_ptx"]["episodes"] == 256
+    # RL moved the reward it optimises up: last iterations vs first ones, on its own rollouts.
+    for run in ("ppo_ptx", "ppo_beta0", "pg"):
+        rewards = [c["reward"] for c in report["curves"][run]]
+        assert len(rewards) == 8
+        assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, (run, rewards)
+    assert len(report["claims"]) == 4 and all("detail" in c for c in report["claims"])
+    html = (out / "report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html and "PPO-ptx" in html
+    assert (out / "plots" / "curves.png").stat().st_size > 1000
+
+
+def test_config_rejects_unknown_keys_with_a_suggestion(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("ppo:\n  betta: 0.1\n")
+    with pytest.raises(DataError, match=r"ppo.betta.*did you mean 'beta'"):
+        load_pipeline_config(f)
+    f.write_text("sft:\n  epochs: two\n")
+    with pytest.raises(DataError, match=r"sft.epochs.*expected int"):
+        load_pipeline_config(f)
+    f.write_text("ppo:\n  out: /elsewhere\n")  # wired by the pipeline, not settable
+    with pytest.raises(DataError, match="unknown key"):
+        load_pipeline_config(f)
+    f.write_text("ppo:\n  beta: 0.1\n  episodes: 128\nlabel: {k: 5}\n")
+    cfg = load_pipeline_config(f)
+    assert cfg.ppo.beta == 0.1 and cfg.ppo.episodes == 128 and cfg.label.k == 5 and cfg.ppo.ptx_coef == 1.0

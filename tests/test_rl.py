@@ -1,0 +1,121 @@
+"""RL invariants on real (tiny) models: first ratio = 1, reward on EOS, pads carry nothing, KL(π‖π) = 0, KL ≥ 0."""
+import json
+
+import pytest
+import torch
+
+from instructrl.losses import gae, masked_whiten
+from instructrl.models import ScalarHeadModel, freeze, load_causal_lm, load_tokenizer
+from instructrl.rollout import RLConfig, make_rollout, response_logprobs, trim
+from instructrl.sampling import encode_prompts, sample
+
+
+@pytest.fixture(scope="module")
+def rollout_parts(tiny_sft_dir, tiny_rm_dir, world_dir):
+    from instructrl.data import read_prompts
+
+    tok = load_tokenizer(tiny_sft_dir)
+    policy = load_causal_lm(tiny_sft_dir)
+    ref = freeze(load_causal_lm(tiny_sft_dir))
+    rm = freeze(ScalarHeadModel.from_pretrained(tiny_rm_dir))
+    value = ScalarHeadModel.from_pretrained(tiny_rm_dir)
+    prompts = read_prompts(world_dir / "prompts_train.jsonl")[:24]
+    ids = encode_prompts(tok, prompts, 100)
+    return tok, policy, ref, rm, value, prompts, ids
+
+
+def rollout(parts, beta=0.05, seed=0, **kw):
+    tok, policy, ref, rm, value, prompts, ids = parts
+    cfg = RLConfig(max_new_tokens=20, temperature=0.7, **kw)
+    return make_rollout(policy, ref, rm, value, tok, prompts, ids, cfg, beta, torch.Generator().manual_seed(seed))
+
+
+def test_kl_of_policy_to_itself_is_exactly_zero(rollout_parts):
+    r = rollout(rollout_parts)
+    assert r.kl.abs().max().item() == 0.0
+    assert torch.equal(r.logprobs, r.ref_logprobs)
+
+
+def test_reward_lands_on_eos_not_after(rollout_parts):
+    r = rollout(rollout_parts, beta=0.0)
+    mask = r.mask
+    lengths = mask.sum(1).long()
+    for b in range(len(lengths)):
+        n = int(lengths[b])
+        assert r.rewards[b, n - 1].item() == pytest.approx(r.scores[b].item())
+        assert (r.rewards[b, :n - 1] == 0).all() and (r.rewards[b, n:] == 0).all()
+        if r.batch.ended[b]:
+            assert r.batch.response_ids[b, n - 1].item() == rollout_parts[0].eos_token_id
+        else:
+            assert r.scores[b].item() == RLConfig().missing_eos_penalty
+
+
+def test_pads_carry_no_kl_no_advantage(rollout_parts):
+    r = rollout(rollout_parts)
+    pad = r.mask == 0
+    assert pad.any(), "expected some responses shorter than the batch width"
+    adv, ret = gae(r.rewards, r.values, r.mask)
+    adv = masked_whiten(adv, r.mask)
+    assert (r.kl[pad] == 0).all() and (adv[pad] == 0).all() and (ret[pad] == 0).all()
+    assert (r.logprobs[pad] == 0).all() and (r.ref_logprobs[pad] == 0).all()
+    assert (r.batch.response_ids[pad] == rollout_parts[0].pad_token_id).all()
+
+
+def test_first_minibatch_ratio_is_one(rollout_parts):
+    """Recomputing log-probs on a trimmed minibatch with gradients on reproduces the rollout's to 1e-5."""
+    tok, policy = rollout_parts[0], rollout_parts[1]
+    r = rollout(rollout_parts)
+    rows = torch.arange(8)
+    mb, cols = trim(r.batch, rows)
+    assert mb.prompt_ids.shape[1] <= r.batch.prompt_ids.shape[1]
+    logp = response_logprobs(policy, mb, 0.7)
+    m = r.mask[rows, cols]
+    ratio = torch.exp((logp - r.logprobs[rows, cols]) * m)
+    assert (ratio - 1).abs().max().item() < 1e-5
+
+
+def test_sampling_gives_non_negative_mean_kl(tiny_sft_dir, tiny_lm_dir, world_dir):
+    """top_k = 0 / top_p = 1 samples from π: mean Σ k1 over a batch estimates KL(π‖π_ref) ≥ 0."""
+    from instructrl.data import read_prompts
+
+    tok = load_tokenizer(tiny_sft_dir)
+    policy, ref = load_causal_lm(tiny_sft_dir), freeze(load_causal_lm(tiny_lm_dir))
+    rm = freeze(ScalarHeadModel.from_pretrained(tiny_sft_dir))
+    prompts = read_prompts(world_dir / "prompts_train.jsonl")[:128]
+    ids = encode_prompts(tok, prompts, 100)
+    r = make_rollout(policy, ref, rm, None, tok, prompts, ids, RLConfig(max_new_tokens=20, temperature=1.0), 0.05,
+                     torch.Generator().manual_seed(0))
+    seq_kl = (r.kl * r.mask).sum(1)
+    assert seq_kl.mean().item() > 0
+
+
+def test_sampling_stops_at_eos_and_masks_after(rollout_parts):
+    tok, policy, *_, ids = rollout_parts
+    b = sample(policy, ids, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=20, temperature=1.0,
+               generator=torch.Generator().manual_seed(1))
+    for row, m, ended in zip(b.response_ids.tolist(), b.response_mask.tolist(), b.ended.tolist()):
+        n = sum(m)
+        assert m == [1] * n + [0] * (len(m) - n)
+        assert (tok.eos_token_id in row[:n]) == ended
+        if ended:
+            assert row.index(tok.eos_token_id) == n - 1
+
+
+def test_ppo_and_pg_train_end_to_end(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path):
+    from instructrl.pg import PGConfig, train_pg
+    from instructrl.ppo import PPOConfig, train_ppo
+
+    common = dict(policy=str(tiny_sft_dir), reward=str(tiny_rm_dir), prompts=str(world_dir / "prompts_train.jsonl"),
+                  judge=str(world_dir), episodes=32, batch_size=16, max_new_tokens=16, progress=False, device="cpu")
+    s = train_ppo(PPOConfig(out=str(tmp_path / "ppo"), minibatch_size=8, ptx_coef=0.5,
+                            ptx_data=str(world_dir / "corpus.jsonl"), kl_target=1.0, **common))
+    recs = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and s["episodes"] == 32
+    for key in ("reward", "gold_reward", "kl", "beta", "policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy",
+                "response_length", "ratio_mean", "ptx_loss", "episodes", "seconds"):
+        assert key in recs[0], key
+    assert recs[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5) and recs[0]["first_approx_kl"] < 1e-10
+    assert recs[1]["beta"] != recs[0]["beta"]  # the adaptive controller moved β
+    load_causal_lm(tmp_path / "ppo")           # the policy is a loadable HF directory
+    s = train_pg(PGConfig(out=str(tmp_path / "pg"), baseline="loo", samples_per_prompt=4, **common))
+    assert s["episodes"] == 32 and (tmp_path / "pg" / "model.safetensors").is_file()
