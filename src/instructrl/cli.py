@@ -119,14 +119,19 @@ def rm(model: Path = typer.Option(..., help="backbone: any local HF causal-LM di
     _done(s, ["held_out", "demo_score_mean", "seconds"])
 
 
+SaveEvery = typer.Option(0, help="checkpoint every N iterations into OUT-checkpoints/ (0: none)")
+Resume = typer.Option(False, help="continue from the newest readable checkpoint in OUT-checkpoints/")
+
+
 def _rl_options(policy, reward, prompts, out, ref, judge, episodes, batch_size, max_new_tokens, temperature, lr,
-                beta, kl_estimator, kl_target, kl_horizon, ptx_coef, ptx_data, truncate_prompts, seed, device, dtype):
+                beta, kl_estimator, kl_target, kl_horizon, ptx_coef, ptx_data, truncate_prompts, seed, device, dtype,
+                save_every, resume):
     return dict(policy=str(policy), reward=str(reward), prompts=str(prompts), out=str(out),
                 ref=str(ref) if ref else None, judge=str(judge) if judge else None, episodes=episodes,
                 batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, lr=lr, beta=beta,
                 kl_estimator=kl_estimator, kl_target=kl_target, kl_horizon=kl_horizon, ptx_coef=ptx_coef,
                 ptx_data=str(ptx_data) if ptx_data else None, truncate_prompts=truncate_prompts, seed=seed,
-                device=device, dtype=dtype)
+                device=device, dtype=dtype, save_every=save_every, resume=resume)
 
 
 @app.command()
@@ -138,13 +143,14 @@ def ppo(policy: Path = typer.Option(..., help="the SFT model"), reward: Path = t
         kl_estimator: str = "k1", kl_target: Optional[float] = None, kl_horizon: int = 10000,
         ptx_coef: float = 0.0, ptx_data: Optional[Path] = None, clip: float = 0.2, value_clip: float = 0.2,
         vf_coef: float = 0.1, gamma: float = 1.0, lam: float = 0.95, truncate_prompts: bool = False,
-        seed: int = 0, device: str = Dev, dtype: str = Dt):
+        seed: int = 0, device: str = Dev, dtype: str = Dt, save_every: int = SaveEvery, resume: bool = Resume):
     """Step 3: PPO (PPO-ptx with --ptx-coef/--ptx-data) with a per-token KL penalty to the SFT model."""
     from .ppo import PPOConfig, train_ppo
 
     s = train_ppo(PPOConfig(**_rl_options(policy, reward, prompts, out, ref, judge, episodes, batch_size,
                                           max_new_tokens, temperature, lr, beta, kl_estimator, kl_target,
-                                          kl_horizon, ptx_coef, ptx_data, truncate_prompts, seed, device, dtype),
+                                          kl_horizon, ptx_coef, ptx_data, truncate_prompts, seed, device, dtype,
+                                          save_every, resume),
                             minibatch_size=minibatch_size, ppo_epochs=ppo_epochs, clip=clip, value_clip=value_clip,
                             vf_coef=vf_coef, gamma=gamma, lam=lam))
     _done(s, ["final", "episodes", "seconds"])
@@ -157,13 +163,15 @@ def pg(policy: Path = typer.Option(...), reward: Path = typer.Option(...), promp
        lr: float = 3e-5, beta: float = 0.05, kl_estimator: str = "k1", kl_target: Optional[float] = None,
        kl_horizon: int = 10000, ptx_coef: float = 0.0, ptx_data: Optional[Path] = None,
        baseline: str = typer.Option("mean", help="mean | loo"), samples_per_prompt: int = 4,
-       truncate_prompts: bool = False, seed: int = 0, device: str = Dev, dtype: str = Dt):
+       truncate_prompts: bool = False, seed: int = 0, device: str = Dev, dtype: str = Dt,
+       save_every: int = SaveEvery, resume: bool = Resume):
     """Step 3 baseline: vanilla policy gradient, one gradient step per batch of fresh samples."""
     from .pg import PGConfig, train_pg
 
     s = train_pg(PGConfig(**_rl_options(policy, reward, prompts, out, ref, judge, episodes, batch_size,
                                         max_new_tokens, temperature, lr, beta, kl_estimator, kl_target, kl_horizon,
-                                        ptx_coef, ptx_data, truncate_prompts, seed, device, dtype),
+                                        ptx_coef, ptx_data, truncate_prompts, seed, device, dtype, save_every,
+                                        resume),
                           baseline=baseline, samples_per_prompt=samples_per_prompt))
     _done(s, ["final", "episodes", "seconds"])
 
@@ -225,6 +233,7 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
 
 def main() -> None:
     """Entry point: bad input is exit code 2 with a message naming file, line and field."""
+    from .checkpoint import NonFiniteError
     from .data import DataError
     from .utils import console
 
@@ -237,6 +246,9 @@ def main() -> None:
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[bold red]error:[/] {e}")
         sys.exit(2)
+    except NonFiniteError as e:
+        console.print(f"[bold red]stopped:[/] {e}")
+        sys.exit(3)
 
 
 if __name__ == "__main__":

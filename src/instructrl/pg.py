@@ -6,6 +6,7 @@ return, or the leave-one-out mean over the k samples of the same prompt [RLOO].
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 
@@ -13,7 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .losses import adaptive_kl_beta, leave_one_out_baseline, masked_mean, pg_loss, reward_to_go
-from .rollout import RLConfig, make_rollout, ptx_step_loss, response_logprobs, rollout_metrics, save_policy, setup_rl
+from .checkpoint import Checkpointer, NonFiniteGuard
+from .rollout import (RLConfig, checkpoint_dir, make_rollout, ptx_step_loss, response_logprobs, rollout_metrics,
+                      save_policy, setup_rl)
 from .utils import MetricsLog, atomic_dir, peak_rss_mb, set_seed, write_json
 
 
@@ -44,11 +47,18 @@ def train_pg(cfg: PGConfig) -> dict:
     s.policy.train()
     params = list(s.policy.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
-    beta, episodes = cfg.beta, 0
+    guard = NonFiniteGuard("pg", cfg.max_nonfinite)
     iterations = max(1, cfg.episodes // cfg.batch_size)
+    ckpt = Checkpointer(checkpoint_dir(cfg.out), cfg.keep_checkpoints)
+    models, generators = {"policy": s.policy}, s.generators()
+    start, beta, episodes, previous = 0, cfg.beta, 0, []
+    if cfg.resume and (restored := ckpt.load_latest(models, optimizer, None, generators)):
+        start, state, previous = restored
+        beta, episodes, s.prompts.order = state["beta"], state["episodes"], state["prompt_order"]
     with atomic_dir(cfg.out) as tmp:
-        log = MetricsLog(tmp / "metrics.jsonl")
-        bar = tqdm(range(iterations), desc="pg", disable=not cfg.progress, dynamic_ncols=True)
+        log = MetricsLog(tmp / "metrics.jsonl", previous)
+        rec: dict = json.loads(previous[-1]) if previous else {}
+        bar = tqdm(range(start, iterations), desc="pg", disable=not cfg.progress, dynamic_ncols=True)
         for it in bar:
             t_it = time.time()
             prompts, ids = s.prompts.next(cfg.batch_size // k)
@@ -66,9 +76,10 @@ def train_pg(cfg: PGConfig) -> dict:
                 loss = loss + ptx
                 rec_ptx = {"ptx_loss": ptx.item() / cfg.ptx_coef}
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            if guard.ok(it + 1, reward=r.scores, loss=loss.detach()):
+                loss.backward()
+                if guard.ok(it + 1, grad_norm=torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)):
+                    optimizer.step()  # the one gradient step this batch of samples gets
             episodes += cfg.batch_size
             rec = {"iteration": it + 1, "episodes": episodes, "beta": beta, **rollout_metrics(r),
                    "policy_loss": loss.item(), "entropy": masked_mean(entropy.detach(), mask).item(), **rec_ptx,
@@ -76,6 +87,9 @@ def train_pg(cfg: PGConfig) -> dict:
             if cfg.kl_target is not None:
                 beta = adaptive_kl_beta(beta, rec["kl"], cfg.kl_target, cfg.batch_size, cfg.kl_horizon)
             log.log(rec)
+            if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < iterations:
+                ckpt.save(it + 1, models, optimizer, None, generators, metrics=log.lines,
+                          state={"beta": beta, "episodes": episodes, "prompt_order": s.prompts.order})
             bar.set_postfix(reward=f"{rec['reward']:.2f}", kl=f"{rec['kl']:.2f}")
         log.close()
         s.policy.eval()

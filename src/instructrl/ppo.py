@@ -8,6 +8,7 @@ Per iteration [IG, LHP, N+]:
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 
@@ -15,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .losses import adaptive_kl_beta, gae, masked_mean, masked_whiten, ppo_policy_loss, value_loss
-from .rollout import (RLConfig, make_rollout, ptx_step_loss, response_logprobs, response_values, rollout_metrics,
-                      save_policy, setup_rl, trim)
+from .checkpoint import Checkpointer, NonFiniteGuard
+from .rollout import (RLConfig, checkpoint_dir, make_rollout, ptx_step_loss, response_logprobs, response_values,
+                      rollout_metrics, save_policy, setup_rl, trim)
 from .utils import MetricsLog, atomic_dir, peak_rss_mb, set_seed, write_json
 
 
@@ -32,7 +34,8 @@ class PPOConfig(RLConfig):
     whiten_rewards: bool = False
 
 
-def ppo_update(s, r, cfg: PPOConfig, optimizer, params, shuffle: torch.Generator) -> dict:
+def ppo_update(s, r, cfg: PPOConfig, optimizer, params, shuffle: torch.Generator, guard: NonFiniteGuard,
+               it: int) -> dict:
     """Steps 2–3: advantages, then ppo_epochs passes over shuffled minibatches of this batch of rollouts."""
     mask = r.mask
     rewards = masked_whiten(r.rewards, mask, shift_mean=False) if cfg.whiten_rewards else r.rewards
@@ -54,8 +57,13 @@ def ppo_update(s, r, cfg: PPOConfig, optimizer, params, shuffle: torch.Generator
                 ptx = ptx_step_loss(s.policy, s.ptx, cfg.ptx_batch_size, cfg.ptx_coef, s.device)
                 loss = loss + ptx
             optimizer.zero_grad(set_to_none=True)
+            if not guard.ok(it, loss=loss.detach()):
+                continue
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not guard.ok(it, grad_norm=grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                continue
             optimizer.step()
             rec = {"policy_loss": pl.item(), "value_loss": vl.item(), "entropy": masked_mean(entropy.detach(), m).item(),
                    **{k: float(x) for k, x in {**pstats, **vstats}.items()}}
@@ -66,7 +74,8 @@ def ppo_update(s, r, cfg: PPOConfig, optimizer, params, shuffle: torch.Generator
             for k, x in rec.items():
                 stats.setdefault(k, []).append(x)
     out = {k: sum(v) / len(v) for k, v in stats.items()}
-    out["first_ratio"], out["first_approx_kl"] = stats["first_ratio"][0], stats["first_approx_kl"][0]
+    if stats:
+        out["first_ratio"], out["first_approx_kl"] = stats["first_ratio"][0], stats["first_approx_kl"][0]
     return out
 
 
@@ -80,26 +89,40 @@ def train_ppo(cfg: PPOConfig) -> dict:
     s.value_model.train()
     params = [p for p in s.policy.parameters()] + [p for p in s.value_model.parameters()]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
-    beta = cfg.beta
     shuffle = torch.Generator().manual_seed(cfg.seed + 1)
+    guard = NonFiniteGuard("ppo", cfg.max_nonfinite)
     iterations = max(1, cfg.episodes // cfg.batch_size)
-    episodes = 0
+    ckpt = Checkpointer(checkpoint_dir(cfg.out), cfg.keep_checkpoints)
+    models = {"policy": s.policy, "value": s.value_model}
+    generators = {**s.generators(), "shuffle": shuffle}
+    start, beta, episodes, previous = 0, cfg.beta, 0, []
+    if cfg.resume and (restored := ckpt.load_latest(models, optimizer, None, generators)):
+        start, state, previous = restored
+        beta, episodes, s.prompts.order = state["beta"], state["episodes"], state["prompt_order"]
     with atomic_dir(cfg.out) as tmp:
-        log = MetricsLog(tmp / "metrics.jsonl")
-        bar = tqdm(range(iterations), desc="ppo", disable=not cfg.progress, dynamic_ncols=True)
+        log = MetricsLog(tmp / "metrics.jsonl", previous)
+        rec: dict = json.loads(previous[-1]) if previous else {}
+        bar = tqdm(range(start, iterations), desc="ppo", disable=not cfg.progress, dynamic_ncols=True)
         for it in bar:
             t_it = time.time()
+            # 1. rollout
             prompts, ids = s.prompts.next(cfg.batch_size)
             r = make_rollout(s.policy, s.ref, s.reward_model, s.value_model, s.tokenizer, prompts, ids, cfg, beta,
                              s.generator, s.judge)
             t_roll = time.time() - t_it
-            upd = ppo_update(s, r, cfg, optimizer, params, shuffle)
             episodes += cfg.batch_size
+            # 2.–3. advantages and clipped updates (skipped when the rewards are not finite)
+            upd = ppo_update(s, r, cfg, optimizer, params, shuffle, guard, it + 1) \
+                if guard.ok(it + 1, reward=r.scores) else {}
             rec = {"iteration": it + 1, "episodes": episodes, "beta": beta, **rollout_metrics(r), **upd,
                    "seconds_rollout": t_roll, "seconds": time.time() - t_it}
+            # 4. KL control
             if cfg.kl_target is not None:
                 beta = adaptive_kl_beta(beta, rec["kl"], cfg.kl_target, cfg.batch_size, cfg.kl_horizon)
             log.log(rec)
+            if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < iterations:
+                ckpt.save(it + 1, models, optimizer, None, generators, metrics=log.lines,
+                          state={"beta": beta, "episodes": episodes, "prompt_order": s.prompts.order})
             bar.set_postfix(reward=f"{rec['reward']:.2f}", kl=f"{rec['kl']:.2f}",
                             **({"gold": f"{rec['gold_reward']:.2f}"} if "gold_reward" in rec else {}))
         log.close()

@@ -48,7 +48,17 @@ class RLConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    save_every: int = 0               # iterations between checkpoints in OUT-checkpoints/ (0 = none)
+    resume: bool = False              # continue from the newest checkpoint in OUT-checkpoints/
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 3            # consecutive non-finite rewards/losses before the run stops
     progress: bool = True
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Checkpoints live beside the output directory, which only appears, complete, at the end of a run."""
+    out = Path(out)
+    return out.with_name(out.name + "-checkpoints")
 
 
 @dataclass
@@ -121,7 +131,7 @@ class PromptStream:
 
     def __init__(self, prompts: list[str], ids: list[list[int]], seed: int):
         self.prompts, self.ids, self.rng = prompts, ids, random.Random(seed)
-        self.order: list[int] = []
+        self.order: list[int] = []  # saved in checkpoints with self.rng
 
     def next(self, n: int) -> tuple[list[str], list[list[int]]]:
         while len(self.order) < n:
@@ -139,7 +149,7 @@ class TextStream:
         enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
         self.docs = [e[: max_len - 1] + [tokenizer.eos_token_id] for e in enc if e]
         self.pad = tokenizer.pad_token_id
-        self.g = torch.Generator().manual_seed(seed)
+        self.g = torch.Generator().manual_seed(seed)  # saved in checkpoints
 
     def next(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(len(self.docs), (n,), generator=self.g).tolist()
@@ -168,6 +178,13 @@ class RLSetup:
     ptx: TextStream | None
     judge: object | None
     generator: torch.Generator = field(default=None)
+
+    def generators(self) -> dict:
+        """Every random stream of the run, for checkpoints."""
+        g = {"sampling": self.generator, "prompts": self.prompts.rng}
+        if self.ptx is not None:
+            g["ptx"] = self.ptx.g
+        return g
 
 
 def setup_rl(cfg: RLConfig, with_value: bool) -> RLSetup:

@@ -80,15 +80,25 @@ def set_seed(seed: int) -> None:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl: one JSON object per step, flushed as it is written."""
+    """Append-only metrics.jsonl: one JSON object per step, flushed as it is written.
 
-    def __init__(self, path: str | os.PathLike | None):
+    The lines are also kept in memory so a checkpoint can carry them (a resumed run rewrites them first).
+    """
+
+    def __init__(self, path: str | os.PathLike | None, previous: list[str] | None = None):
         self.f = open(path, "a", encoding="utf-8") if path is not None else None
+        self.lines: list[str] = []
+        for line in previous or []:
+            self._write(line)
+
+    def _write(self, line: str) -> None:
+        self.lines.append(line)
+        if self.f is not None:
+            self.f.write(line + "\n")
+            self.f.flush()
 
     def log(self, record: dict) -> None:
-        if self.f is not None:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()
+        self._write(json.dumps(record))
 
     def close(self) -> None:
         if self.f is not None:

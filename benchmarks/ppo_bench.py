@@ -1,0 +1,555 @@
+"""Benchmark of our PPO loop (issue 8): seconds per iteration split into generation / scoring / training, the
+compute floor of this machine, scaling with response length and batch, and our sampler vs `generate`.
+
+Protocol P (every number below is fixed by the protocol, see `PROTOCOLS`):
+  policy      GPT2LMHeadModel, 4 layers x 256 wide x 4 heads, 128 positions, tied lm_head, vocab 2000
+              (byte-level BPE trained with `instructrl.models.train_tokenizer` on the embedded world's corpus;
+              EOS id 0, PAD id 1, distinct)
+  ref         the same weights, frozen
+  reward      `ScalarHeadModel` on a GPT2Model backbone of the same config, saved with save_pretrained and
+              loaded back with from_pretrained; value model = a copy of the reward model (our default init)
+  rollouts    64 per iteration, prompts of exactly 16 real tokens (the first 16 tokens of corpus documents),
+              responses of exactly 32 tokens: NO stop token (see "No stop token" below), temperature 0.7
+  PPO         4 epochs x 4 minibatches of 16 (16 optimizer steps), Adam lr 1e-5 constant, beta 0.05 (k1),
+              clip 0.2, value clip 0.2, c_v 0.1, gamma 1, lambda 0.95, float32, torch.set_num_threads(2)
+P-long: the same with 96-token responses.
+
+How it is timed. Each iteration runs OUR code, unchanged: `instructrl.rollout.make_rollout` (sample -> policy,
+ref, value log-prob/value passes -> reward score -> shaped rewards -> decode) and `instructrl.ppo.ppo_update`
+(GAE, whitening, 4 x 4 clipped updates), exactly as `train_ppo` calls them. The phases are timed by wrapping the
+module-level names make_rollout looks up at call time (`instructrl.rollout.sample`, `.response_logprobs`,
+`.response_values`) and the reward model's `score` method with timers; nothing is reimplemented.
+  generation = time inside `sample`
+  scoring    = the rest of make_rollout: policy + ref log-prob passes, value pass, reward pass, KL/shaping/decode
+  training   = `ppo_update`
+
+No stop token. make_rollout takes EOS from `tokenizer.eos_token_id`; we hand it a tokenizer proxy whose
+eos_token_id is -1, an id that `torch.multinomial` can never return, so `sample` never stops early and every
+iteration generates exactly batch x response tokens (EOS id 0 may be sampled, as an ordinary token, like TRL
+with stop_token=None). Side effect: no row "ends", so make_rollout replaces every score with
+missing_eos_penalty; the reward model is still run (and timed) exactly as usual, only its output is discarded.
+This changes no tensor shape, hence no compute.
+
+Each configuration runs in a fresh subprocess (`run` sub-command), so peak RSS (ru_maxrss) is per configuration.
+The load average of the machine (shared with other processes) is recorded at the start and end of every run.
+
+Sub-commands (all take --dir, default $PPO_BENCH_DIR or /tmp/instructrl_ppo_bench):
+  setup       build tokenizer, models and prompts into --dir (also the TRL copies of reward/value models)
+  run         one configuration in this process, prints a RESULT json line (used by the others)
+  suite       P, P-long, floor, scaling table (each config a fresh subprocess)
+  floor       matmul rate of this machine and the FLOP formula
+  generate    our sampler vs transformers generate (alternating, same process)
+  profile     torch.profiler over one iteration (after warm-up), top ops by self CPU time
+
+    .venv/bin/python benchmarks/ppo_bench.py setup
+    .venv/bin/python benchmarks/ppo_bench.py suite               # P, P-long (+floor fractions)
+    .venv/bin/python benchmarks/ppo_bench.py suite --scaling     # + response 32/64/96 x batch 32/64/128
+    .venv/bin/python benchmarks/ppo_bench.py run --response 32 --iters 6 --patch reuse_sample_logprobs
+    .venv/bin/python benchmarks/ppo_bench.py generate
+    .venv/bin/python benchmarks/ppo_bench.py profile
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DIR = Path(os.environ.get("PPO_BENCH_DIR", "/tmp/instructrl_ppo_bench"))
+
+PROTOCOLS = {"P": dict(response=32), "P-long": dict(response=96)}
+BASE = dict(batch=64, prompt=16, response=32, temperature=0.7, ppo_epochs=4, minibatch=16, lr=1e-5, beta=0.05,
+            clip=0.2, value_clip=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, threads=2)
+MODEL = dict(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab=2000)
+
+
+def loadavg() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def cmd_setup(a) -> None:
+    import torch
+    from transformers import GPT2ForSequenceClassification, GPT2Model
+
+    from instructrl.models import ScalarHeadModel, build_tiny_model, tiny_gpt_config, train_tokenizer
+    from instructrl.world.generator import WorldConfig, generate_world
+    from instructrl.data import read_texts
+
+    d = Path(a.dir)
+    if d.exists() and not a.force and (d / "done").is_file():
+        print(f"{d} already set up (use --force to rebuild)")
+        return
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    generate_world(d / "world", WorldConfig(seed=0, n_corpus=6000, n_corpus_val=200))
+    texts = read_texts(d / "world" / "corpus.jsonl")
+    tok = train_tokenizer(texts, vocab_size=MODEL["vocab"])
+    assert tok.eos_token_id != tok.pad_token_id
+    cfg = tiny_gpt_config(len(tok), tok.eos_token_id, tok.pad_token_id, n_layer=MODEL["n_layer"],
+                          n_embd=MODEL["n_embd"], n_head=MODEL["n_head"], n_positions=MODEL["n_positions"])
+    policy = build_tiny_model(cfg, seed=0)
+    policy.save_pretrained(str(d / "policy"), safe_serialization=True)
+    tok.save_pretrained(str(d / "policy"))
+    torch.manual_seed(1)
+    rm = ScalarHeadModel(GPT2Model(cfg))
+    rm.save_pretrained(d / "reward")
+    rm.save_pretrained(d / "value")                       # value model initialised from the reward model
+    tok.save_pretrained(str(d / "reward"))
+    # TRL's reward/value models: AutoModelForSequenceClassification(num_labels=1) with the same weights.
+    # GPT2ForSequenceClassification.score has no bias; ours is initialised to 0 (checked below).
+    assert float(rm.head.bias.abs().max()) == 0.0
+    cfg_cls = tiny_gpt_config(len(tok), tok.eos_token_id, tok.pad_token_id, n_layer=MODEL["n_layer"],
+                              n_embd=MODEL["n_embd"], n_head=MODEL["n_head"], n_positions=MODEL["n_positions"])
+    cfg_cls.num_labels = 1
+    cls = GPT2ForSequenceClassification(cfg_cls)
+    sd = {f"transformer.{k}": v for k, v in rm.backbone.state_dict().items()}
+    sd["score.weight"] = rm.head.weight.detach().clone()
+    missing, unexpected = cls.load_state_dict(sd, strict=False)
+    assert not unexpected and all("attn.bias" in m or "masked_bias" in m for m in missing), (missing, unexpected)
+    for name in ("trl_reward", "trl_value"):
+        cls.save_pretrained(str(d / name), safe_serialization=True)
+        tok.save_pretrained(str(d / name))
+    # prompts: exactly `prompt` real tokens each
+    P = BASE["prompt"]
+    ids = [e[:P] for e in tok(texts[:4000], add_special_tokens=False)["input_ids"] if len(e) >= P]
+    (d / "prompts.json").write_text(json.dumps({"prompt_len": P, "ids": ids[:1024]}))
+    (d / "done").write_text("ok\n")
+    print(f"set up in {d}: vocab {len(tok)} eos {tok.eos_token_id} pad {tok.pad_token_id}, {len(ids[:1024])} prompts "
+          f"of {P} tokens, policy params {sum(p.numel() for p in policy.parameters()):,}")
+
+
+# ------------------------------------------------------------------------------------------------ one run
+class Timer:
+    def __init__(self):
+        self.t = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t[name] += time.perf_counter() - t0
+
+    def take(self) -> dict:
+        out, self.t = dict(self.t), defaultdict(float)
+        return out
+
+
+class NoStopTokenizer:
+    """The real tokenizer with eos_token_id = -1: make_rollout's sampler then never stops before max_new_tokens."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.eos_token_id = -1
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def build(a):
+    """Load the four models exactly as setup_rl does, and the PPO config of the protocol."""
+    import torch
+
+    from instructrl.models import ScalarHeadModel, freeze, load_causal_lm, load_tokenizer
+    from instructrl.ppo import PPOConfig
+    from instructrl.rollout import PromptStream, RLSetup
+    from instructrl.utils import resolve_dtype, set_seed
+
+    d = Path(a.dir)
+    dtype = resolve_dtype(a.dtype)
+    cfg = PPOConfig(policy=str(d / "policy"), reward=str(d / "reward"), value=str(d / "value"), prompts="", out="",
+                    batch_size=a.batch, max_new_tokens=a.response, temperature=BASE["temperature"], lr=BASE["lr"],
+                    beta=BASE["beta"], kl_estimator="k1", ppo_epochs=BASE["ppo_epochs"],
+                    minibatch_size=BASE["minibatch"], clip=BASE["clip"], value_clip=BASE["value_clip"],
+                    vf_coef=BASE["vf_coef"], gamma=BASE["gamma"], lam=BASE["lam"], dtype=a.dtype, device="cpu",
+                    progress=False, seed=0)
+    set_seed(cfg.seed)
+    device = torch.device("cpu")
+    tok = load_tokenizer(cfg.policy)
+    policy = load_causal_lm(cfg.policy, device, dtype)
+    ref = freeze(load_causal_lm(cfg.policy, device, dtype))
+    reward_model = freeze(ScalarHeadModel.from_pretrained(cfg.reward, device, dtype))
+    value_model = ScalarHeadModel.from_pretrained(cfg.value, device, dtype)
+    pj = json.loads((d / "prompts.json").read_text())
+    ids = pj["ids"]
+    texts = [tok.decode(x) for x in ids]
+    s = RLSetup(cfg, device, tok, policy, ref, reward_model, value_model, PromptStream(texts, ids, cfg.seed), None, None,
+                torch.Generator(device=device).manual_seed(cfg.seed))
+    return s, cfg
+
+
+def install_timers(s, timer: Timer):
+    """Wrap the names make_rollout calls with timers (module globals are looked up at call time)."""
+    import instructrl.rollout as R
+
+    sample, rlp, rv = R.sample, R.response_logprobs, R.response_values
+
+    def t_sample(*args, **kw):
+        with timer("generation"):
+            return sample(*args, **kw)
+
+    def t_rlp(model, *args, **kw):
+        with timer("score_policy" if model is s.policy else "score_ref"):
+            return rlp(model, *args, **kw)
+
+    def t_rv(*args, **kw):
+        with timer("score_value"):
+            return rv(*args, **kw)
+
+    R.sample, R.response_logprobs, R.response_values = t_sample, t_rlp, t_rv
+    score = s.reward_model.score
+
+    def t_score(*args, **kw):
+        with timer("score_reward"):
+            return score(*args, **kw)
+
+    s.reward_model.score = t_score
+
+
+def cmd_run(a) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    la0 = loadavg()
+    s, cfg = build(a)
+    patches = [p for p in (a.patch or "").split(",") if p]
+    if patches:
+        sys.path.insert(0, str(HERE))
+        import ppo_patches
+        ppo_patches.apply(patches, s, cfg)
+
+    import instructrl.ppo as PPO
+    import instructrl.rollout as R
+    from instructrl.utils import peak_rss_mb
+
+    timer = Timer()
+    install_timers(s, timer)
+    s.policy.train()
+    s.value_model.train()
+    params = [p for p in s.policy.parameters()] + [p for p in s.value_model.parameters()]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+    if patches:
+        optimizer = ppo_patches.make_optimizer(patches, params, cfg) or optimizer
+    shuffle = torch.Generator().manual_seed(cfg.seed + 1)
+    tok = NoStopTokenizer(s.tokenizer)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if a.autocast else contextlib.nullcontext())
+    recs = []
+    t_setup = time.perf_counter()
+    for it in range(a.warmup + a.iters):
+        t0 = time.perf_counter()
+        with autocast:
+            prompts, ids = s.prompts.next(cfg.batch_size)
+            r = R.make_rollout(s.policy, s.ref, s.reward_model, s.value_model, tok, prompts, ids, cfg, cfg.beta,
+                               s.generator, s.judge)
+            t1 = time.perf_counter()
+            upd = PPO.ppo_update(s, r, cfg, optimizer, params, shuffle)
+            R.rollout_metrics(r)
+        t2 = time.perf_counter()
+        ph = timer.take()
+        assert r.batch.response_ids.shape == (cfg.batch_size, cfg.max_new_tokens), r.batch.response_ids.shape
+        score = sum(v for k, v in ph.items() if k.startswith("score_"))
+        rec = {"iter": it, "total": t2 - t0, "rollout": t1 - t0, "generation": ph.get("generation", 0.0),
+               "scoring": (t1 - t0) - ph.get("generation", 0.0), "training": t2 - t1,
+               **{k: v for k, v in ph.items() if k.startswith("score_")},
+               "score_other": (t1 - t0) - ph.get("generation", 0.0) - score,
+               "first_ratio": upd["first_ratio"], "loadavg": loadavg()}
+        recs.append(rec)
+        if a.verbose:
+            print(json.dumps(rec), file=sys.stderr, flush=True)
+    meas = recs[a.warmup:]
+    med = {k: statistics.median(r[k] for r in meas) for k in meas[0] if isinstance(meas[0][k], float)}
+    out = {"batch": cfg.batch_size, "prompt": BASE["prompt"], "response": cfg.max_new_tokens, "dtype": a.dtype,
+           "autocast": bool(a.autocast), "patches": patches, "threads": a.threads, "iters": a.iters,
+           "warmup": a.warmup, "median": med, "min_total": min(r["total"] for r in meas),
+           "all_total": [round(r["total"], 3) for r in meas], "peak_rss_mb": peak_rss_mb(),
+           "loadavg_start": la0, "loadavg_end": loadavg(), "wall": time.perf_counter() - t_setup}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ floor
+def matmul_rate(dtype_name="float32", n=2048, reps=8, threads=2) -> float:
+    """Best-of-`reps` rate of one n x n x n matmul, FLOP/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dt = getattr(torch, dtype_name)
+    x, y = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+    torch.matmul(x, y)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.matmul(x, y)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def model_sizes() -> dict:
+    d, L, V = MODEL["n_embd"], MODEL["n_layer"], MODEL["vocab"]
+    body = L * 12 * d * d          # c_attn 3d^2 + attn c_proj d^2 + c_fc 4d^2 + mlp c_proj 4d^2 per layer (weights)
+    return {"d": d, "L": L, "V": V, "N_body": body, "N_lm_head": V * d, "N_policy": body + V * d, "N_value": body + d}
+
+
+def iteration_flops(B: int, P: int, R: int, epochs: int = 4) -> dict:
+    """Minimum FLOPs of one iteration, per phase (matmul FLOPs; embeddings lookups, norms, softmax not counted).
+
+    N_body = 12 d^2 per layer x L (non-embedding matmul weights, biases/LN ignored); lm_head = V x d (tied with the
+    embedding, but it is a matmul: counted); the value/reward head d x 1. Attention scores+mix: 4 d L per
+    (query, key) pair, causal (a query at position i attends i+1 keys).
+      generation  KV cache: B (P + R - 1) tokens go through the body (the last sampled token is never fed back);
+                  lm_head only at the B R positions whose next token is sampled.
+                  2 N_body B (P+R-1) + 2 V d B R + attention(prefill P, then R-1 single steps)
+      scoring     the three passes the protocol needs: ref log-probs, values, reward, each over the full
+                  prompt+response sequence (P+R tokens); ref's lm_head only at the R response positions.
+                  ref 2 N_body B (P+R) + 2 V d B R ; value 2 (N_body + d) B (P+R) ; reward 2 N_body B (P+R)
+                  (+ attention, causal, per pass). Our loop also recomputes the policy log-probs
+                  (one more ref-sized pass, `score_policy`); it is NOT in the floor: the sampler already had them.
+      training    per epoch, forward + backward = 3 x forward, for policy (body + lm_head at R positions) and value
+                  over B (P+R) tokens: 6 N_body B (P+R) + 6 V d B R + 6 (N_body+d) B (P+R) (+ 3 x attention).
+    """
+    m = model_sizes()
+    d, L, V, Nb = m["d"], m["L"], m["V"], m["N_body"]
+
+    def attn_full(S):                          # causal pairs over a sequence of S tokens
+        return 4 * d * L * S * (S + 1) / 2
+
+    gen_attn = B * (attn_full(P) + sum(4 * d * L * (P + t + 1) for t in range(R - 1)))
+    gen = 2 * Nb * B * (P + R - 1) + 2 * V * d * B * R + gen_attn
+    S = P + R
+    ref = 2 * Nb * B * S + 2 * V * d * B * R + B * attn_full(S)
+    val = 2 * (Nb + d) * B * S + B * attn_full(S)
+    rew = 2 * Nb * B * S + B * attn_full(S)
+    train = epochs * 3 * (ref + val)
+    return {"generation": gen, "scoring": ref + val + rew, "training": train, "total": gen + ref + val + rew + train,
+            "score_policy_extra": ref}
+
+
+def cmd_floor(a) -> None:
+    rates = {}
+    for dt in ("float32", "bfloat16"):
+        rates[dt] = matmul_rate(dt, reps=a.reps, threads=a.threads)
+    # small matmuls of the sizes the loop actually does (per-op overhead + cache effects)
+    import torch
+    shapes = {"train mb [768x256]@[256x1024]": (768, 256, 1024), "decode [64x256]@[256x768]": (64, 256, 768),
+              "lm_head mb [512x256]@[256x2000]": (512, 256, 2000)}
+    small = {}
+    for name, (m, k, n) in shapes.items():
+        x, y = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            x @ y
+        reps = 200
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                x @ y
+            best = min(best, (time.perf_counter() - t0) / reps)
+        small[name] = 2 * m * k * n / best
+    out = {"matmul_2048_flops": rates, "small_matmul_flops": small, "loadavg": loadavg(), "sizes": model_sizes()}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ suite
+def run_sub(args: list[str], timeout=900) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve())] + args
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+
+
+def fmt_run(name: str, r: dict, rates: dict | None) -> str:
+    m = r["median"]
+    B, P, R = r["batch"], r["prompt"], r["response"]
+    line = (f"{name:<22} {m['total']:7.2f} {m['generation']:7.2f} {m['scoring']:7.2f} {m['training']:7.2f} "
+            f"{B * R / m['total']:8.0f} {B * R / m['generation']:8.0f} {r['peak_rss_mb']:7.0f}  "
+            f"{r['loadavg_start']}->{r['loadavg_end']}")
+    if rates:
+        f = iteration_flops(B, P, R)
+        peak = rates["float32"] if r["dtype"] == "float32" and not r["autocast"] else rates["bfloat16"]
+        fr = [f[k] / m[k] / peak for k in ("generation", "scoring", "training")] + [f["total"] / m["total"] / peak]
+        line += "   floor%: " + " ".join(f"{100 * x:5.1f}" for x in fr)
+    return line
+
+
+HEADER = (f"{'config':<22} {'s/iter':>7} {'gen':>7} {'score':>7} {'train':>7} {'tok/s':>8} {'gentok/s':>8} "
+          f"{'rss MB':>7}  loadavg(start->end)")
+
+
+def cmd_suite(a) -> None:
+    common = ["--dir", a.dir, "--threads", str(a.threads)]
+    floor = run_sub(["floor"] + common)
+    rates = floor["matmul_2048_flops"]
+    print(f"matmul 2048^3, {a.threads} threads, best of 8: float32 {rates['float32'] / 1e9:.1f} GFLOP/s, "
+          f"bfloat16 {rates['bfloat16'] / 1e9:.1f} GFLOP/s (loadavg {floor['loadavg']})")
+    for k, v in floor["small_matmul_flops"].items():
+        print(f"   small matmul {k}: {v / 1e9:.1f} GFLOP/s")
+    results = {}
+    configs = [("P", 64, 32, []), ("P-long", 64, 96, [])]
+    if a.bf16:
+        configs += [("P bf16 (dtype)", 64, 32, ["--dtype", "bfloat16"]), ("P bf16 (autocast)", 64, 32, ["--autocast"])]
+    if a.scaling:
+        configs += [(f"B{b} R{r}", b, r, []) for b in (32, 64, 128) for r in (32, 64, 96) if (b, r) not in
+                    ((64, 32), (64, 96))]
+    print(HEADER + "   floor% = minimum FLOPs / time / float32 matmul rate: gen score train total")
+    for name, b, r, extra in configs:
+        iters = a.iters if b * r <= 64 * 96 else max(5, a.iters - 1)
+        res = run_sub(["run", *common, "--batch", str(b), "--response", str(r), "--iters", str(iters),
+                       "--warmup", str(a.warmup), *extra, *(["--patch", a.patch] if a.patch else [])])
+        results[name] = res
+        print(fmt_run(name, res, rates), flush=True)
+    for name in ("P", "P-long"):
+        r = results[name]
+        f = iteration_flops(r["batch"], r["prompt"], r["response"])
+        m = r["median"]
+        print(f"\n{name}: minimum GFLOP per iteration: gen {f['generation'] / 1e9:.1f}, scoring {f['scoring'] / 1e9:.1f} "
+              f"(+{f['score_policy_extra'] / 1e9:.1f} our extra policy pass), training {f['training'] / 1e9:.1f}, "
+              f"total {f['total'] / 1e9:.1f}; floor time at {rates['float32'] / 1e9:.0f} GFLOP/s = "
+              f"{f['total'] / rates['float32']:.2f} s vs measured {m['total']:.2f} s")
+        print("   scoring split (s): " + ", ".join(f"{k[6:]} {m[k]:.3f}" for k in m if k.startswith("score_")))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"floor": floor, "runs": results}, indent=1))
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def cmd_generate(a) -> None:
+    import torch
+
+    from instructrl.models import load_causal_lm, load_tokenizer
+    from instructrl.sampling import left_pad, sample
+
+    torch.set_num_threads(a.threads)
+    d = Path(a.dir)
+    tok = load_tokenizer(d / "policy")
+    model = load_causal_lm(d / "policy")
+    model.eval()
+    ids = json.loads((d / "prompts.json").read_text())["ids"][: a.batch]
+    R = a.response
+    g = torch.Generator().manual_seed(0)
+    x, m = left_pad(ids, tok.pad_token_id)
+
+    def ours():
+        b = sample(model, ids, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=R, temperature=0.7, generator=g)
+        assert b.response_ids.shape == (len(ids), R)
+
+    def hf(**extra):
+        def f():
+            with torch.inference_mode():
+                o = model.generate(input_ids=x, attention_mask=m, do_sample=True, top_k=0, top_p=1.0,
+                                   temperature=0.7, max_new_tokens=R, min_new_tokens=R, pad_token_id=tok.pad_token_id,
+                                   **extra)
+            seq = o.sequences if hasattr(o, "sequences") else o
+            assert seq.shape == (len(ids), x.shape[1] + R), seq.shape
+        return f
+
+    fns = {"ours (sample)": ours, "hf generate": hf(),
+           "hf generate +scores (TRL's call)": hf(output_scores=True, return_dict_in_generate=True)}
+    times = defaultdict(list)
+    for f in fns.values():
+        f()
+    for _ in range(a.reps):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    print(f"sampling B={len(ids)} P={x.shape[1]} R={R}, median of {a.reps} (alternating), loadavg {loadavg()}")
+    base = statistics.median(times["ours (sample)"])
+    for name, t in times.items():
+        med = statistics.median(t)
+        print(f"  {name:<34} {med * 1000:8.1f} ms  {len(ids) * R / med:8.0f} tok/s  ({base / med:.2f}x ours' speed)")
+
+
+# ------------------------------------------------------------------------------------------------ profile
+def cmd_profile(a) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.set_num_threads(a.threads)
+    s, cfg = build(a)
+    patches = [p for p in (a.patch or "").split(",") if p]
+    if patches:
+        sys.path.insert(0, str(HERE))
+        import ppo_patches
+        ppo_patches.apply(patches, s, cfg)
+    import instructrl.ppo as PPO
+    import instructrl.rollout as R
+
+    s.policy.train()
+    s.value_model.train()
+    params = [p for p in s.policy.parameters()] + [p for p in s.value_model.parameters()]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+    shuffle = torch.Generator().manual_seed(1)
+    tok = NoStopTokenizer(s.tokenizer)
+
+    def one():
+        prompts, ids = s.prompts.next(cfg.batch_size)
+        with record_function("## make_rollout"):
+            r = R.make_rollout(s.policy, s.ref, s.reward_model, s.value_model, tok, prompts, ids, cfg, cfg.beta,
+                               s.generator, None)
+        with record_function("## ppo_update"):
+            PPO.ppo_update(s, r, cfg, optimizer, params, shuffle)
+
+    one()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=a.shapes) as prof:
+        one()
+    kw = {"group_by_input_shape": True} if a.shapes else {}
+    print(prof.key_averages(**kw).table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=50))
+    if a.trace:
+        prof.export_chrome_trace(a.trace)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p):
+        p.add_argument("--dir", default=str(DEFAULT_DIR))
+        p.add_argument("--threads", type=int, default=BASE["threads"])
+        return p
+
+    p = common(sub.add_parser("setup"))
+    p.add_argument("--force", action="store_true")
+    for name in ("run", "profile"):
+        p = common(sub.add_parser(name))
+        p.add_argument("--batch", type=int, default=BASE["batch"])
+        p.add_argument("--response", type=int, default=BASE["response"])
+        p.add_argument("--iters", type=int, default=6)
+        p.add_argument("--warmup", type=int, default=1)
+        p.add_argument("--dtype", default="float32")
+        p.add_argument("--autocast", action="store_true", help="float32 weights, bf16 autocast around the whole loop")
+        p.add_argument("--patch", default="", help="comma-separated prototype speedups from ppo_patches.py")
+        p.add_argument("--verbose", action="store_true")
+        if name == "profile":
+            p.add_argument("--rows", type=int, default=40)
+            p.add_argument("--shapes", action="store_true")
+            p.add_argument("--trace", default=None)
+    p = common(sub.add_parser("suite"))
+    p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--scaling", action="store_true")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--patch", default="")
+    p.add_argument("--json", default=None)
+    p = common(sub.add_parser("floor"))
+    p.add_argument("--reps", type=int, default=8)
+    p = common(sub.add_parser("generate"))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--response", type=int, default=32)
+    p.add_argument("--reps", type=int, default=7)
+    a = ap.parse_args()
+    {"setup": cmd_setup, "run": cmd_run, "suite": cmd_suite, "floor": cmd_floor, "generate": cmd_generate,
+     "profile": cmd_profile}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()

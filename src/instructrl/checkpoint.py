@@ -1,0 +1,188 @@
+"""Atomic checkpoints to resume a run exactly, and the non-finite-step guard.
+
+A checkpoint is a directory `DIR/step-00000123/` holding, in safetensors and small JSON files only (nothing is
+ever unpickled): model weights, optimizer state, scheduler state, every RNG state (python, numpy, torch and our
+own generators), the run's counters and the metrics written so far. It is written to a temp directory, fsynced
+and renamed, so it is either complete or absent; the last `keep` are kept. A corrupt newest checkpoint is
+skipped with a warning and the previous one is used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .utils import fsync_tree
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after too many consecutive steps with a non-finite loss or reward."""
+
+
+class NonFiniteGuard:
+    """Skip a step whose loss/reward is NaN or inf; stop after `limit` consecutive skips."""
+
+    def __init__(self, stage: str, limit: int = 3):
+        self.stage, self.limit, self.bad = stage, limit, 0
+
+    def ok(self, step: int, **quantities: torch.Tensor | float) -> bool:
+        for name, value in quantities.items():
+            v = torch.as_tensor(value)
+            if not bool(torch.isfinite(v).all()):
+                self.bad += 1
+                warnings.warn(f"{self.stage}: step {step}: non-finite {name}; step skipped "
+                              f"({self.bad}/{self.limit} in a row)")
+                if self.bad >= self.limit:
+                    raise NonFiniteError(f"{self.stage} stopped at step {step}: non-finite {name} for {self.bad} "
+                                         f"consecutive steps; the last good checkpoint is kept")
+                return False
+        self.bad = 0
+        return True
+
+
+# --- state to and from safetensors + JSON ------------------------------------------------------------------------
+def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state(generators: dict[str, torch.Generator | random.Random]) -> tuple[dict, dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    meta = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}
+    for name, g in generators.items():
+        if isinstance(g, torch.Generator):
+            tensors[f"gen.{name}"] = g.get_state()
+        else:
+            meta[f"gen.{name}"] = _jsonable(g.getstate())
+    return tensors, meta
+
+
+def set_rng_state(generators: dict, tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    random.setstate(_tuplify(meta["python"]))
+    st = meta["numpy"]
+    np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), st[2], st[3], st[4]))
+    for name, g in generators.items():
+        if isinstance(g, torch.Generator):
+            g.set_state(tensors[f"gen.{name}"])
+        else:
+            g.setstate(_tuplify(meta[f"gen.{name}"]))
+
+
+def _jsonable(x):
+    if isinstance(x, (tuple, list)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    return x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+# --- the checkpoint directory ------------------------------------------------------------------------------------------
+class Checkpointer:
+    def __init__(self, root: str | os.PathLike, keep: int = 2):
+        self.root, self.keep = Path(root), keep
+
+    def steps(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.iterdir() if p.name.startswith("step-") and p.is_dir()), reverse=True)
+
+    def save(self, step: int, models: dict, optimizer=None, scheduler=None, generators: dict | None = None,
+             state: dict | None = None, metrics: list[str] | None = None) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".step-", suffix=".tmp"))
+        try:
+            for name, model in models.items():
+                sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                save_file(_dedupe_shared(sd), str(tmp / f"model.{name}.safetensors"))
+            meta: dict = {"step": step, "state": state or {}}
+            if optimizer is not None:
+                t, m = _optimizer_state(optimizer)
+                save_file(t, str(tmp / "optimizer.safetensors"))
+                meta["optimizer"] = m
+            if scheduler is not None:
+                meta["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+            t, m = rng_state(generators or {})
+            save_file(t, str(tmp / "rng.safetensors"))
+            meta["rng"] = m
+            (tmp / "state.json").write_text(json.dumps(meta))
+            (tmp / "metrics.jsonl").write_text("".join(x + "\n" for x in (metrics or [])))
+            fsync_tree(tmp)
+            final = self.root / f"step-{step:08d}"
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.steps()[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_latest(self, models: dict, optimizer=None, scheduler=None, generators: dict | None = None):
+        """Restore the newest readable checkpoint; returns (step, state, metrics lines) or None if none exists."""
+        for ckpt in self.steps():
+            try:
+                weights = {name: load_file(str(ckpt / f"model.{name}.safetensors")) for name in models}
+                meta = json.loads((ckpt / "state.json").read_text())
+                opt_t = load_file(str(ckpt / "optimizer.safetensors")) if optimizer is not None else None
+                rng_t = load_file(str(ckpt / "rng.safetensors"))
+                metrics = (ckpt / "metrics.jsonl").read_text().splitlines()
+            except Exception as e:  # a truncated or corrupt file: fall back to the previous checkpoint
+                warnings.warn(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {e}); trying the previous one")
+                continue
+            for name, model in models.items():
+                model.load_state_dict(weights[name], strict=False)
+            if optimizer is not None:
+                _load_optimizer_state(optimizer, opt_t, meta["optimizer"])
+            if scheduler is not None and "scheduler" in meta:
+                scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
+            set_rng_state(generators or {}, rng_t, meta["rng"])
+            return meta["step"], meta["state"], metrics
+        return None
+
+
+def _dedupe_shared(sd: dict) -> dict:
+    """safetensors refuses tensors sharing memory (tied embeddings): store each storage once; load_state_dict with
+    strict=False then re-ties through the model's own tying."""
+    seen, out = set(), {}
+    for k, v in sd.items():
+        key = (v.data_ptr(), v.shape, v.stride())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.clone() if k in out else v
+    return out
