@@ -63,6 +63,8 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if os.environ.get("PPO_BENCH_SRC"):             # measure a frozen copy of src/ (others edit the working tree)
+    sys.path.insert(0, os.environ["PPO_BENCH_SRC"])
 DEFAULT_DIR = Path(os.environ.get("PPO_BENCH_DIR", "/tmp/instructrl_ppo_bench"))
 
 PROTOCOLS = {"P": dict(response=32), "P-long": dict(response=96)}
@@ -92,7 +94,14 @@ def cmd_setup(a) -> None:
     d.mkdir(parents=True)
     generate_world(d / "world", WorldConfig(seed=0, n_corpus=6000, n_corpus_val=200))
     texts = read_texts(d / "world" / "corpus.jsonl")
-    tok = train_tokenizer(texts, vocab_size=MODEL["vocab"])
+    # The world's corpus is too repetitive to fill 2000 BPE merges; add seeded pseudo-words so the vocab is exact.
+    import random
+    rng = random.Random(0)
+    words = ["".join(rng.choice("etaoinshrdlucmfwypvbgkjqxz"[: rng.randint(6, 26)]) for _ in range(rng.randint(2, 7)))
+             for _ in range(6000)]
+    extra = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(6000)]
+    tok = train_tokenizer(texts + extra, vocab_size=MODEL["vocab"])
+    assert len(tok) == MODEL["vocab"], len(tok)
     assert tok.eos_token_id != tok.pad_token_id
     cfg = tiny_gpt_config(len(tok), tok.eos_token_id, tok.pad_token_id, n_layer=MODEL["n_layer"],
                           n_embd=MODEL["n_embd"], n_head=MODEL["n_head"], n_positions=MODEL["n_positions"])
@@ -106,7 +115,7 @@ def cmd_setup(a) -> None:
     tok.save_pretrained(str(d / "reward"))
     # TRL's reward/value models: AutoModelForSequenceClassification(num_labels=1) with the same weights.
     # GPT2ForSequenceClassification.score has no bias; ours is initialised to 0 (checked below).
-    assert float(rm.head.bias.abs().max()) == 0.0
+    assert float(rm.head.bias.detach().abs().max()) == 0.0
     cfg_cls = tiny_gpt_config(len(tok), tok.eos_token_id, tok.pad_token_id, n_layer=MODEL["n_layer"],
                               n_embd=MODEL["n_embd"], n_head=MODEL["n_head"], n_positions=MODEL["n_positions"])
     cfg_cls.num_labels = 1
@@ -216,6 +225,21 @@ def install_timers(s, timer: Timer):
     s.reward_model.score = t_score
 
 
+def call_ppo_update(s, r, cfg, optimizer, params, shuffle, it: int = 1) -> dict:
+    """ppo_update as train_ppo calls it (newer versions take a NonFiniteGuard and the iteration)."""
+    import inspect
+
+    import instructrl.ppo as PPO
+
+    if "guard" in inspect.signature(PPO.ppo_update).parameters:
+        from instructrl.checkpoint import NonFiniteGuard
+
+        if not hasattr(s, "_bench_guard"):
+            s._bench_guard = NonFiniteGuard("ppo", getattr(cfg, "max_nonfinite", 3))
+        return PPO.ppo_update(s, r, cfg, optimizer, params, shuffle, s._bench_guard, it)
+    return PPO.ppo_update(s, r, cfg, optimizer, params, shuffle)
+
+
 def cmd_run(a) -> None:
     import torch
 
@@ -252,7 +276,7 @@ def cmd_run(a) -> None:
             r = R.make_rollout(s.policy, s.ref, s.reward_model, s.value_model, tok, prompts, ids, cfg, cfg.beta,
                                s.generator, s.judge)
             t1 = time.perf_counter()
-            upd = PPO.ppo_update(s, r, cfg, optimizer, params, shuffle)
+            upd = call_ppo_update(s, r, cfg, optimizer, params, shuffle, it + 1)
             R.rollout_metrics(r)
         t2 = time.perf_counter()
         ph = timer.take()
@@ -497,7 +521,7 @@ def cmd_profile(a) -> None:
             r = R.make_rollout(s.policy, s.ref, s.reward_model, s.value_model, tok, prompts, ids, cfg, cfg.beta,
                                s.generator, None)
         with record_function("## ppo_update"):
-            PPO.ppo_update(s, r, cfg, optimizer, params, shuffle)
+            call_ppo_update(s, r, cfg, optimizer, params, shuffle)
 
     one()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=a.shapes) as prof:

@@ -63,13 +63,14 @@ def sft(model: Path = typer.Option(..., help="any local HF causal-LM directory")
         data: Path = typer.Option(..., help="demonstrations {prompt, response} JSONL"),
         out: Path = typer.Option(...), epochs: int = 2, batch_size: int = 16, lr: float = 1e-4,
         val_fraction: float = 0.1, patience: int = 2, truncate_prompts: bool = False, seed: int = 0,
-        device: str = Dev, dtype: str = Dt):
+        device: str = Dev, dtype: str = Dt, save_every: int = typer.Option(0, help="checkpoint every N steps"),
+        resume: bool = typer.Option(False, help="continue from the newest readable checkpoint")):
     """Step 1: supervised fine-tuning on demonstrations (loss on response tokens only)."""
     from .sft import SFTConfig, sft as run
 
     s = run(SFTConfig(model=str(model), data=str(data), out=str(out), epochs=epochs, batch_size=batch_size, lr=lr,
                       val_fraction=val_fraction, patience=patience, truncate_prompts=truncate_prompts, seed=seed,
-                      device=device, dtype=dtype))
+                      device=device, dtype=dtype, save_every=save_every, resume=resume))
     _done(s, ["val_loss_start", "val_loss_best", "steps", "seconds"])
 
 
@@ -107,7 +108,9 @@ def rm(model: Path = typer.Option(..., help="backbone: any local HF causal-LM di
        normalize_gain: bool = typer.Option(True, help="gain so the ranked samples have std 1"),
        epochs: float = 1.0, batch_size: int = 8, lr: float = 5e-5, val_fraction: float = 0.1,
        grouped: bool = typer.Option(True, help="all C(K,2) pairs of a prompt in one batch element (InstructGPT)"),
-       truncate_prompts: bool = False, seed: int = 0, device: str = Dev, dtype: str = Dt):
+       truncate_prompts: bool = False, seed: int = 0, device: str = Dev, dtype: str = Dt,
+       save_every: int = typer.Option(0, help="checkpoint every N steps"),
+       resume: bool = typer.Option(False, help="continue from the newest readable checkpoint")):
     """Step 2: train a reward model on K-way rankings with the InstructGPT loss."""
     from .reward import RewardConfig, train_reward_model
 
@@ -115,7 +118,7 @@ def rm(model: Path = typer.Option(..., help="backbone: any local HF causal-LM di
                                         demos=str(demos) if demos else None, normalize_gain=normalize_gain,
                                         epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
                                         grouped=grouped, truncate_prompts=truncate_prompts, seed=seed, device=device,
-                                        dtype=dtype))
+                                        dtype=dtype, save_every=save_every, resume=resume))
     _done(s, ["held_out", "demo_score_mean", "seconds"])
 
 

@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from .losses import adaptive_kl_beta, leave_one_out_baseline, masked_mean, pg_loss, reward_to_go
 from .checkpoint import Checkpointer, NonFiniteGuard
-from .rollout import (RLConfig, checkpoint_dir, make_rollout, ptx_step_loss, response_logprobs, rollout_metrics,
+from .rollout import (RLConfig, make_rollout, ptx_step_loss, response_logprobs, rollout_metrics,
                       save_policy, setup_rl)
-from .utils import MetricsLog, atomic_dir, peak_rss_mb, set_seed, write_json
+from .utils import MetricsLog, atomic_dir, checkpoint_dir, peak_rss_mb, set_seed, write_json
 
 
 @dataclass

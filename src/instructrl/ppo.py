@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from .losses import adaptive_kl_beta, gae, masked_mean, masked_whiten, ppo_policy_loss, value_loss
 from .checkpoint import Checkpointer, NonFiniteGuard
-from .rollout import (RLConfig, checkpoint_dir, make_rollout, ptx_step_loss, response_logprobs, response_values,
+from .rollout import (RLConfig, make_rollout, ptx_step_loss, response_logprobs, response_values,
                       rollout_metrics, save_policy, setup_rl, trim)
-from .utils import MetricsLog, atomic_dir, peak_rss_mb, set_seed, write_json
+from .utils import MetricsLog, atomic_dir, checkpoint_dir, peak_rss_mb, set_seed, write_json
 
 
 @dataclass

@@ -15,10 +15,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import DataError, Ranking, collate_right, encode_example, read_demos, read_rankings
 from .losses import pairwise_accuracy, ranking_loss
 from .models import ScalarHeadModel, context_length, load_tokenizer
-from .utils import MetricsLog, atomic_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, write_json
+from .utils import MetricsLog, atomic_dir, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, write_json
 
 
 @dataclass
@@ -38,6 +39,10 @@ class RewardConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    save_every: int = 0            # optimizer steps between checkpoints in OUT-checkpoints/ (0 = none)
+    resume: bool = False
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 3
     progress: bool = True
 
 
@@ -146,28 +151,37 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     steps = max(1, math.ceil(cfg.epochs * len(train_items) / batch_size))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps), steps)
-    order: list[int] = []
+    guard = NonFiniteGuard("rm", cfg.max_nonfinite)
+    ckpt = Checkpointer(checkpoint_dir(cfg.out), cfg.keep_checkpoints)
+    st: dict = {"step": 0, "order": []}  # the data position: indices still to visit in the current pass
+    previous: list[str] = []
+    if cfg.resume and (restored := ckpt.load_latest({"model": model}, opt, sched, {"shuffle": rng})):
+        _, st, previous = restored
     with atomic_dir(cfg.out) as tmp:
-        log = MetricsLog(tmp / "metrics.jsonl")
+        log = MetricsLog(tmp / "metrics.jsonl", previous)
         model.train()
-        bar = tqdm(range(steps), desc="reward model", disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(range(st["step"], steps), desc="reward model", disable=not cfg.progress, dynamic_ncols=True)
         for step in bar:
-            if len(order) < batch_size:
+            if len(st["order"]) < batch_size:
                 fresh = list(range(len(train_items)))
                 rng.shuffle(fresh)
-                order += fresh
-            batch = [train_items[i] for i in order[:batch_size]]
-            del order[:batch_size]
+                st["order"] += fresh
+            batch = [train_items[i] for i in st["order"][:batch_size]]
+            del st["order"][:batch_size]
             raw = _raw_rewards(model, tokenizer, batch, max_len, cfg.truncate_prompts, device, cfg.data)
             groups = [r.groups for r in batch]
             loss = ranking_loss(raw, groups)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            if guard.ok(step + 1, loss=loss.detach()):
+                loss.backward()
+                if guard.ok(step + 1, grad_norm=torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
+                    opt.step()
             sched.step()
             c, t = pairwise_accuracy(raw.detach(), groups)
             log.log({"step": step + 1, "loss": loss.item(), "accuracy": c / max(1, t), "lr": sched.get_last_lr()[0]})
+            st["step"] = step + 1
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+                ckpt.save(step + 1, {"model": model}, opt, sched, {"shuffle": rng}, state=st, metrics=log.lines)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         model.eval()
         held_out = evaluate_rankings(model, tokenizer, val, cfg, device) if val else {}

@@ -55,12 +55,6 @@ class RLConfig:
     progress: bool = True
 
 
-def checkpoint_dir(out: str | Path) -> Path:
-    """Checkpoints live beside the output directory, which only appears, complete, at the end of a run."""
-    out = Path(out)
-    return out.with_name(out.name + "-checkpoints")
-
-
 @dataclass
 class Rollout:
     batch: SampleBatch

@@ -5,6 +5,8 @@ with early stopping [IG §3.5; N+ D3, D7]. Works on any local Hugging Face causa
 """
 from __future__ import annotations
 
+import copy
+import json
 import math
 import random
 import time
@@ -14,9 +16,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import DataError, collate_right, encode_example, read_demos
 from .models import context_length, load_causal_lm, load_tokenizer, nll_loss, token_logprobs
-from .utils import MetricsLog, atomic_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, write_json
+from .utils import (MetricsLog, atomic_dir, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed,
+                    write_json)
 
 
 @dataclass
@@ -37,6 +41,10 @@ class SFTConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    save_every: int = 0          # optimizer steps between checkpoints in OUT-checkpoints/ (0 = none)
+    resume: bool = False
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 3
     progress: bool = True
 
 
@@ -82,51 +90,72 @@ def sft(cfg: SFTConfig) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     pad = tokenizer.pad_token_id
-    best, best_state, bad_evals, step, stopped_early = float("inf"), None, 0, 0, False
-    history = []
+    guard = NonFiniteGuard("sft", cfg.max_nonfinite)
+    ckpt = Checkpointer(checkpoint_dir(cfg.out), cfg.keep_checkpoints)
+    # The run's whole state: counters, the current epoch's order, early-stopping state (+ best weights).
+    st = {"step": 0, "order": [], "best": float("inf"), "bad_evals": 0, "stopped_early": False, "has_best": False}
+    best_model = None
+    previous: list[str] = []
+    if cfg.resume:
+        best_model = copy.deepcopy(model)
+        restored = ckpt.load_latest({"model": model, "best": best_model}, opt, sched, {"shuffle": rng})
+        if restored:
+            _, st, previous = restored
+        if not st["has_best"]:
+            best_model = None
     with atomic_dir(cfg.out) as tmp:
-        log = MetricsLog(tmp / "metrics.jsonl")
-        val_loss0 = evaluate_loss(model, val, pad, cfg.batch_size, device) if val else float("nan")
-        log.log({"step": 0, "val_loss": val_loss0})
+        log = MetricsLog(tmp / "metrics.jsonl", previous)
+        if not previous:
+            val_loss0 = evaluate_loss(model, val, pad, cfg.batch_size, device) if val else float("nan")
+            log.log({"step": 0, "val_loss": val_loss0})
+        val_loss0 = json.loads(log.lines[0])["val_loss"]
         model.train()
-        bar = tqdm(total=total, desc="sft", disable=not cfg.progress, dynamic_ncols=True)
-        for epoch in range(cfg.epochs):
-            rng.shuffle(train)
-            for b in range(0, len(train), cfg.batch_size):
-                ids, mask, lm = (t.to(device) for t in collate_right(train[b:b + cfg.batch_size], pad))
-                loss = sft_loss(model, ids, mask, lm)
-                opt.zero_grad(set_to_none=True)
+        bar = tqdm(total=total, initial=st["step"], desc="sft", disable=not cfg.progress, dynamic_ncols=True)
+        while st["step"] < total and not st["stopped_early"]:
+            epoch, b = divmod(st["step"], steps_per_epoch)
+            if b == 0:
+                st["order"] = list(range(len(train)))
+                rng.shuffle(st["order"])
+            batch = [train[i] for i in st["order"][b * cfg.batch_size:(b + 1) * cfg.batch_size]]
+            ids, mask, lm = (t.to(device) for t in collate_right(batch, pad))
+            loss = sft_loss(model, ids, mask, lm)
+            opt.zero_grad(set_to_none=True)
+            st["step"] += 1
+            step = st["step"]
+            gn = float("nan")
+            if guard.ok(step, loss=loss.detach()):
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                step += 1
-                rec = {"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": float(gn),
-                       "lr": sched.get_last_lr()[0]}
-                if val and (step % cfg.eval_every == 0 or step == total):
-                    rec["val_loss"] = v = evaluate_loss(model, val, pad, cfg.batch_size, device)
-                    history.append(v)
-                    if v < best - 1e-4:
-                        best, bad_evals = v, 0
-                        best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
-                    else:
-                        bad_evals += 1
-                log.log(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", val=f"{best:.3f}")
-                if bad_evals >= cfg.patience:
-                    stopped_early = True
-                    break
-            if stopped_early:
-                break
+                if guard.ok(step, grad_norm=gn):
+                    opt.step()
+            sched.step()
+            rec = {"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": float(gn),
+                   "lr": sched.get_last_lr()[0]}
+            if val and (step % cfg.eval_every == 0 or step == total):
+                rec["val_loss"] = v = evaluate_loss(model, val, pad, cfg.batch_size, device)
+                if v < st["best"] - 1e-4:
+                    st["best"], st["bad_evals"], st["has_best"] = v, 0, True
+                    if best_model is None:
+                        best_model = copy.deepcopy(model)
+                    best_model.load_state_dict(model.state_dict())
+                else:
+                    st["bad_evals"] += 1
+                st["stopped_early"] = st["bad_evals"] >= cfg.patience
+            log.log(rec)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total and not st["stopped_early"]:
+                ckpt.save(step, {"model": model, "best": best_model or model}, opt, sched, {"shuffle": rng},
+                          state=st, metrics=log.lines)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", val=f"{st['best']:.3f}")
         bar.close()
         log.close()
-        if best_state is not None:  # keep the checkpoint with the best validation loss
-            model.load_state_dict(best_state)
+        if best_model is not None:  # keep the weights with the best validation loss
+            model.load_state_dict(best_model.state_dict())
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        summary = {"stage": "sft", "steps": step, "epochs_run": epoch + 1, "stopped_early": stopped_early,
-                   "val_loss_start": val_loss0, "val_loss_best": best if val else None, "train_examples": len(train),
+        summary = {"stage": "sft", "steps": st["step"], "epochs_run": math.ceil(st["step"] / steps_per_epoch),
+                   "stopped_early": st["stopped_early"], "val_loss_start": val_loss0,
+                   "val_loss_best": st["best"] if val else None, "train_examples": len(train),
                    "val_examples": len(val), "seconds": time.time() - t0, "peak_rss_mb": peak_rss_mb(),
                    "config": asdict(cfg)}
         write_json(tmp / "summary.json", summary)

@@ -126,3 +126,9 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def checkpoint_dir(out: str | os.PathLike) -> Path:
+    """Checkpoints live beside the output directory, which only appears, complete, at the end of a run."""
+    out = Path(out)
+    return out.with_name(out.name + "-checkpoints")
