@@ -47,7 +47,7 @@ def world(out: Path = typer.Option(..., help="output directory"), seed: int = 0,
 
 @app.command()
 def pretrain(corpus: Path = typer.Option(...), out: Path = typer.Option(...), val_corpus: Optional[Path] = None,
-             steps: int = 400, vocab_size: int = 2000, n_layer: int = 4, n_embd: int = 192, n_head: int = 4,
+             steps: int = 600, vocab_size: int = 2000, n_layer: int = 4, n_embd: int = 192, n_head: int = 4,
              batch_size: int = 32, lr: float = 2e-3, seed: int = 0):
     """Train a byte-level BPE tokenizer and a tiny GPT from scratch on a {"text"} corpus."""
     from .pretrain import PretrainConfig, pretrain as run
@@ -236,6 +236,8 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
 
 def main() -> None:
     """Entry point: bad input is exit code 2 with a message naming file, line and field."""
+    from rich.markup import escape
+
     from .checkpoint import NonFiniteError
     from .data import DataError
     from .utils import console
@@ -243,14 +245,11 @@ def main() -> None:
     _setup()
     try:
         app()
-    except DataError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        sys.exit(2)
-    except (ValueError, FileNotFoundError) as e:
-        console.print(f"[bold red]error:[/] {e}")
+    except (DataError, ValueError, FileNotFoundError) as e:
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(2)
     except NonFiniteError as e:
-        console.print(f"[bold red]stopped:[/] {e}")
+        console.print(f"[bold red]stopped:[/] {escape(str(e))}")
         sys.exit(3)
 
 

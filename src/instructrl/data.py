@@ -40,6 +40,7 @@ class Ranking:
     responses: list[str]
     groups: list[list[int]]
     extra: dict = field(default_factory=dict)
+    line: int | None = None  # where it came from, for error messages
 
     def pairs(self) -> list[tuple[int, int]]:
         """All (winner, loser) index pairs implied by the ranking; tied pairs are skipped [IG Eq. 1]."""
@@ -127,7 +128,7 @@ def parse_ranking_record(obj: dict, path="<input>", line: int | None = None) -> 
         rejected = _str_field(obj, "rejected", path, line)
         if chosen == rejected:
             raise DataError(path, line, "chosen and rejected are the same text", "rejected")
-        return Ranking(prompt, [chosen, rejected], [[0], [1]], extra)
+        return Ranking(prompt, [chosen, rejected], [[0], [1]], extra, line)
     if "responses" not in obj:
         raise DataError(path, line, "missing required field (or give 'chosen'/'rejected')", "responses")
     responses = obj["responses"]
@@ -145,19 +146,27 @@ def parse_ranking_record(obj: dict, path="<input>", line: int | None = None) -> 
     if "ranking" not in obj:
         raise DataError(path, line, "missing required field", "ranking")
     groups = parse_ranking_groups(obj["ranking"], len(responses), path, line)
-    return Ranking(prompt, list(responses), groups, extra)
+    return Ranking(prompt, list(responses), groups, extra, line)
 
 
-def read_prompts(path) -> list[str]:
-    return [_str_field(o, "prompt", path, n) for n, o in iter_json_lines(path)]
+def _records(path, lines: list[int] | None):
+    """iter_json_lines, also collecting each record's line number into `lines` when a list is given."""
+    for n, o in iter_json_lines(path):
+        if lines is not None:
+            lines.append(n)
+        yield n, o
 
 
-def read_demos(path) -> list[tuple[str, str]]:
-    return [(_str_field(o, "prompt", path, n), _str_field(o, "response", path, n)) for n, o in iter_json_lines(path)]
+def read_prompts(path, lines: list[int] | None = None) -> list[str]:
+    return [_str_field(o, "prompt", path, n) for n, o in _records(path, lines)]
 
 
-def read_texts(path) -> list[str]:
-    return [_str_field(o, "text", path, n) for n, o in iter_json_lines(path)]
+def read_demos(path, lines: list[int] | None = None) -> list[tuple[str, str]]:
+    return [(_str_field(o, "prompt", path, n), _str_field(o, "response", path, n)) for n, o in _records(path, lines)]
+
+
+def read_texts(path, lines: list[int] | None = None) -> list[str]:
+    return [_str_field(o, "text", path, n) for n, o in _records(path, lines)]
 
 
 def read_rankings(path) -> list[Ranking]:

@@ -31,7 +31,7 @@ class PretrainConfig:
     n_positions: int = 128
     block_size: int = 64
     batch_size: int = 32
-    steps: int = 400
+    steps: int = 600
     lr: float = 2e-3
     warmup: int = 30
     weight_decay: float = 0.1

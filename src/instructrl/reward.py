@@ -74,7 +74,7 @@ def _raw_rewards(model, tokenizer, batch: list[Ranking], max_len: int, truncate:
             try:
                 examples.append(encode_example(tokenizer, r.prompt, resp, max_len, truncate))
             except ValueError as e:
-                raise DataError(path, None, f"prompt {r.prompt[:40]!r}: {e}", "responses") from None
+                raise DataError(path, r.line, str(e), "responses") from None
     ids, mask, _ = collate_right(examples, tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     raw = model(ids, mask)
@@ -131,6 +131,12 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     model = ScalarHeadModel.from_pretrained(cfg.model, device, dtype)
     max_len = context_length(model.backbone)
+    for r in rankings:  # every example must fit the context: fail now, naming the line, not mid-training
+        for resp in r.responses:
+            try:
+                encode_example(tokenizer, r.prompt, resp, max_len, cfg.truncate_prompts)
+            except ValueError as e:
+                raise DataError(cfg.data, r.line, str(e), "responses") from None
 
     # Held-out split by prompt, so no prompt's responses are in both.
     rng = random.Random(cfg.seed)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from .data import read_prompts, read_texts
+from .data import DataError, read_prompts, read_texts
 from .losses import kl_k1, kl_k3, shaped_rewards
 from .models import ScalarHeadModel, context_length, freeze, load_causal_lm, load_tokenizer, token_logprobs
-from .sampling import SampleBatch, decode_responses, encode_prompts, left_pad, sample
+from .sampling import PromptTooLong, SampleBatch, decode_responses, encode_prompts, sample
 from .utils import resolve_device, resolve_dtype
 
 
@@ -189,7 +189,8 @@ def setup_rl(cfg: RLConfig, with_value: bool) -> RLSetup:
         raise ValueError(f"kl_estimator must be 'k1' or 'k3', not {cfg.kl_estimator!r}")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text in the {\"text\": ...} format)")
-    prompts = read_prompts(cfg.prompts)
+    lines: list[int] = []
+    prompts = read_prompts(cfg.prompts, lines)
     ptx_texts = read_texts(cfg.ptx_data) if cfg.ptx_coef > 0 else None
     tokenizer = load_tokenizer(cfg.policy)
     policy = load_causal_lm(cfg.policy, device, dtype)
@@ -197,11 +198,10 @@ def setup_rl(cfg: RLConfig, with_value: bool) -> RLSetup:
     reward_model = freeze(ScalarHeadModel.from_pretrained(cfg.reward, device, dtype))
     value_model = ScalarHeadModel.from_pretrained(cfg.value or cfg.reward, device, dtype) if with_value else None
     max_prompt = context_length(policy) - cfg.max_new_tokens
-    from .data import DataError
     try:
         ids = encode_prompts(tokenizer, prompts, max_prompt, cfg.truncate_prompts)
-    except ValueError as e:
-        raise DataError(cfg.prompts, None, str(e), "prompt") from None
+    except PromptTooLong as e:
+        raise DataError(cfg.prompts, lines[e.index], str(e), "prompt") from None
     ptx = TextStream(ptx_texts, tokenizer, context_length(policy), cfg.seed + 7) if ptx_texts else None
     judge = GoldJudge.from_world(cfg.judge) if cfg.judge and (Path(cfg.judge) / "judge.json").is_file() else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

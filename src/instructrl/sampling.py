@@ -6,6 +6,7 @@ Tokens after the first EOS are PAD and masked out.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -14,20 +15,25 @@ from .models import context_length, position_ids_from_mask
 
 
 class PromptTooLong(ValueError):
-    pass
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index  # which prompt (0-based), to name its line
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_len: int, truncate: bool = False) -> list[list[int]]:
     """Token ids per prompt. Longer than max_len: left-truncate if asked (keep the end), else raise."""
-    out = []
+    out, truncated = [], 0
     for i, p in enumerate(prompts):
         ids = tokenizer(p)["input_ids"]
         if len(ids) > max_len:
             if not truncate:
-                raise PromptTooLong(f"prompt {i + 1} has {len(ids)} tokens, more than the {max_len} that fit before "
-                                    f"the response (use --truncate-prompts to keep its last {max_len} tokens)")
+                raise PromptTooLong(f"prompt has {len(ids)} tokens, more than the {max_len} that fit before the "
+                                    f"response (use --truncate-prompts to keep its last {max_len} tokens)", i)
             ids = ids[-max_len:]
+            truncated += 1
         out.append(ids)
+    if truncated:
+        warnings.warn(f"{truncated} prompt(s) longer than {max_len} tokens were left-truncated")
     return out
 
 

@@ -68,7 +68,8 @@ def sft(cfg: SFTConfig) -> dict:
     t0 = time.time()
     set_seed(cfg.seed)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
-    demos = read_demos(cfg.data)
+    lines: list[int] = []
+    demos = read_demos(cfg.data, lines)
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device, dtype)
     max_len = context_length(model)
@@ -77,7 +78,7 @@ def sft(cfg: SFTConfig) -> dict:
         try:
             examples.append(encode_example(tokenizer, p, r, max_len, cfg.truncate_prompts))
         except ValueError as e:
-            raise DataError(cfg.data, i + 1, str(e), "prompt") from None
+            raise DataError(cfg.data, lines[i], str(e), "prompt") from None
     rng = random.Random(cfg.seed)
     idx = list(range(len(examples)))
     rng.shuffle(idx)

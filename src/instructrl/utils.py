@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages stay one greppable line
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
