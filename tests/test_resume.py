@@ -143,3 +143,13 @@ def test_rm_resume_after_sigkill_is_identical(tiny_sft_dir, tiny_rm_dir, world_d
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert metrics_without_timing(tmp_path / "ref" / "metrics.jsonl") == \
         metrics_without_timing(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_pretrain_resume_after_sigkill_is_identical(world_dir, tmp_path):
+    args = ["pretrain", "--corpus", world_dir / "corpus.jsonl", "--vocab-size", 600, "--n-layer", 2, "--n-embd", 64,
+            "--n-head", 2, "--steps", 40, "--batch-size", 16]
+    assert subprocess.run(cli(*args, "--out", tmp_path / "ref"), capture_output=True).returncode == 0
+    _kill_and_resume(args, tmp_path / "run", tmp_path, seed=3)
+    assert same_weights(tmp_path / "ref", tmp_path / "run")
+    assert metrics_without_timing(tmp_path / "ref" / "metrics.jsonl") == \
+        metrics_without_timing(tmp_path / "run" / "metrics.jsonl")

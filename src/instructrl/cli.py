@@ -48,13 +48,15 @@ def world(out: Path = typer.Option(..., help="output directory"), seed: int = 0,
 @app.command()
 def pretrain(corpus: Path = typer.Option(...), out: Path = typer.Option(...), val_corpus: Optional[Path] = None,
              steps: int = 600, vocab_size: int = 2000, n_layer: int = 4, n_embd: int = 192, n_head: int = 4,
-             batch_size: int = 32, lr: float = 2e-3, seed: int = 0):
+             batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+             save_every: int = typer.Option(0, help="checkpoint every N steps"),
+             resume: bool = typer.Option(False, help="continue from the newest readable checkpoint")):
     """Train a byte-level BPE tokenizer and a tiny GPT from scratch on a {"text"} corpus."""
     from .pretrain import PretrainConfig, pretrain as run
 
     s = run(PretrainConfig(corpus=str(corpus), val_corpus=str(val_corpus) if val_corpus else None, out=str(out),
                            steps=steps, vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                           batch_size=batch_size, lr=lr, seed=seed))
+                           batch_size=batch_size, lr=lr, seed=seed, save_every=save_every, resume=resume))
     _done(s, ["val_loss", "val_perplexity", "parameters", "seconds"])
 
 

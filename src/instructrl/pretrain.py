@@ -14,9 +14,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import read_texts
 from .models import build_tiny_model, count_parameters, tiny_gpt_config, train_tokenizer
-from .utils import MetricsLog, atomic_dir, peak_rss_mb, set_seed, write_json
+from .utils import MetricsLog, atomic_dir, checkpoint_dir, peak_rss_mb, set_seed, write_json
 
 
 @dataclass
@@ -36,6 +37,10 @@ class PretrainConfig:
     warmup: int = 30
     weight_decay: float = 0.1
     seed: int = 0
+    save_every: int = 0          # steps between checkpoints in OUT-checkpoints/ (0 = none)
+    resume: bool = False
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 3
     progress: bool = True
 
 
@@ -87,27 +92,35 @@ def pretrain(cfg: PretrainConfig) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.steps)
     g = torch.Generator().manual_seed(cfg.seed)
+    guard = NonFiniteGuard("pretrain", cfg.max_nonfinite)
+    ckpt = Checkpointer(checkpoint_dir(cfg.out), cfg.keep_checkpoints)
+    st: dict = {"step": 0, "order": torch.randperm(len(train_blocks), generator=g).tolist(), "pos": 0}
+    previous: list[str] = []
+    if cfg.resume and (restored := ckpt.load_latest({"model": model}, opt, sched, {"data": g})):
+        _, st, previous = restored
     with atomic_dir(cfg.out) as tmp:
-        log = MetricsLog(tmp / "metrics.jsonl")
+        log = MetricsLog(tmp / "metrics.jsonl", previous)
         model.train()
-        order = torch.randperm(len(train_blocks), generator=g)
-        pos = 0
-        bar = tqdm(range(cfg.steps), desc="pretrain", disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(range(st["step"], cfg.steps), desc="pretrain", disable=not cfg.progress, dynamic_ncols=True)
         for step in bar:
-            if pos + cfg.batch_size > len(order):
-                order, pos = torch.randperm(len(train_blocks), generator=g), 0
-            batch = train_blocks[order[pos: pos + cfg.batch_size]]
-            pos += cfg.batch_size
+            if st["pos"] + cfg.batch_size > len(st["order"]):
+                st["order"], st["pos"] = torch.randperm(len(train_blocks), generator=g).tolist(), 0
+            batch = train_blocks[st["order"][st["pos"]: st["pos"] + cfg.batch_size]]
+            st["pos"] += cfg.batch_size
             loss = lm_loss(model, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            if guard.ok(step + 1, loss=loss.detach()):
+                loss.backward()
+                if guard.ok(step + 1, grad_norm=torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
+                    opt.step()
             sched.step()
             rec = {"step": step + 1, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
             if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
                 rec["val_loss"] = eval_loss(model, val_blocks)
             log.log(rec)
+            st["step"] = step + 1
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                ckpt.save(step + 1, {"model": model}, opt, sched, {"data": g}, state=st, metrics=log.lines)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
         log.close()
         val = eval_loss(model, val_blocks)
