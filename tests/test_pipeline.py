@@ -31,7 +31,10 @@ def run_cli(*args, **kw):
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_pipeline_end_to_end_and_resume(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A scaled-down pipeline with --compare, killed after SFT and resumed; yields (run dir, resumed log)."""
+    tmp_path = tmp_path_factory.mktemp("pipeline")
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
     out = tmp_path / "run"
@@ -54,7 +57,11 @@ def test_pipeline_end_to_end_and_resume(tmp_path):
     assert (out / "pretrained" / "model.safetensors").stat().st_mtime_ns == pretrained_mtime
     assert (out / "sft" / "model.safetensors").stat().st_mtime_ns == sft_mtime
     assert not [x for x in out.iterdir() if x.name.startswith(".")], "temp directories left behind"
+    return out
 
+
+def test_pipeline_report_structure(tiny_run):
+    out = tiny_run
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
     assert set(stages) == {"pretrained", "sft", "ppo_ptx", "ppo", "ppo_beta0", "pg"}
@@ -89,3 +96,24 @@ def test_config_rejects_unknown_keys_with_a_suggestion(tmp_path):
     f.write_text("ppo:\n  beta: 0.1\n  episodes: 128\nlabel: {k: 5}\n")
     cfg = load_pipeline_config(f)
     assert cfg.ppo.beta == 0.1 and cfg.ppo.episodes == 128 and cfg.label.k == 5 and cfg.ppo.ptx_coef == 1.0
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="/usr/bin/chromium is absent")
+def test_report_renders_in_chromium(tiny_run):
+    """The self-contained page loads offline: every figure decodes, the table and sample responses are there."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync", "--disable-quic"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto((tiny_run / "report.html").as_uri())
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+        assert len(widths) == 2 and all(w > 500 for w in widths)
+        assert page.locator("table tr").count() >= 7
+        assert page.locator("text=PPO-ptx").first.is_visible()
+        page.screenshot(path=str(tiny_run / "report.png"), full_page=True)
+        browser.close()
+    assert (tiny_run / "report.png").stat().st_size > 10000

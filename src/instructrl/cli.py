@@ -244,6 +244,10 @@ def main() -> None:
     from .data import DataError
     from .utils import console
 
+    import os
+
+    if not sys.stderr.isatty():  # logs, not terminals: a progress line every few seconds is enough
+        os.environ.setdefault("TQDM_MININTERVAL", "5")
     _setup()
     try:
         app()
