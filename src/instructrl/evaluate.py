@@ -82,6 +82,23 @@ def pretrain_loss(model, tokenizer, texts: list[str], device, batch_size: int = 
     return total / max(1, n)
 
 
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks, so ties are handled)."""
+    def ranks(x):
+        t = torch.tensor(x, dtype=torch.float64)
+        order = t.argsort()
+        r = torch.empty_like(t)
+        r[order] = torch.arange(len(x), dtype=torch.float64)
+        for v in t.unique():  # ties share their average rank
+            sel = t == v
+            r[sel] = r[sel].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / denom) if denom > 0 else float("nan")
+
+
 def toxic(text: str, words) -> bool:
     import re
     low = text.lower()
@@ -123,9 +140,12 @@ def evaluate(cfg: EvalConfig) -> dict:
               "toxicity_rate": sum(toxic(t, words) for t in texts) / max(1, len(texts)),
               "response_length": float(torch.cat(lengths).mean())}
     if judge is not None:
-        result["gold_reward"] = sum(judge.score_batch(prompts, texts)) / len(texts)
+        gold = judge.score_batch(prompts, texts)
+        result["gold_reward"] = sum(gold) / len(texts)
     if rm is not None:
         result["rm_reward"] = float(torch.cat(scores).mean())
+        if judge is not None:  # how well the reward model tracks the hidden judge on these fresh samples
+            result["rm_gold_spearman"] = spearman(torch.cat(scores).tolist(), gold)
     if ref is not None:
         result["kl_to_ref"] = float(torch.cat(kls).mean())
     if cfg.pretrain_text:

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from .utils import atomic_write_text, write_json  # noqa: E402
 
-METRICS = ["toxicity_rate", "gold_reward", "rm_reward", "kl_to_sft", "pretrain_loss", "bias_gap",
+METRICS = ["toxicity_rate", "gold_reward", "rm_reward", "rm_gold_spearman", "kl_to_sft", "pretrain_loss", "bias_gap",
            "bias_stereotype_share", "response_length", "episodes", "seconds"]
 LABELS = {"pretrained": "pretrained", "sft": "SFT", "ppo_ptx": "PPO-ptx", "ppo": "PPO (no ptx)",
           "ppo_beta0": "PPO β=0", "pg": "vanilla PG"}
@@ -124,7 +124,8 @@ def write_report(out: Path, stage_dirs: dict[str, str], evals: dict[str, dict], 
         d = Path(stage_dirs[name])
         summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
         stages[name] = {"toxicity_rate": e["toxicity_rate"], "gold_reward": e.get("gold_reward"),
-                        "rm_reward": e.get("rm_reward"), "kl_to_sft": e.get("kl_to_ref"),
+                        "rm_reward": e.get("rm_reward"), "rm_gold_spearman": e.get("rm_gold_spearman"),
+                        "kl_to_sft": e.get("kl_to_ref"),
                         "pretrain_loss": e.get("pretrain_loss"), "bias_gap": e.get("bias_gap"),
                         "bias_stereotype_share": e.get("bias_stereotype_share"),
                         "response_length": e["response_length"], "episodes": summary.get("episodes", 0),
