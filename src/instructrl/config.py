@@ -114,5 +114,12 @@ def load_pipeline_config(path: str | Path | None) -> PipelineConfig:
     return _fill(cfg, raw, "", path, top=True)
 
 
-def dump_config(cfg: PipelineConfig) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+def dump_config(cfg: PipelineConfig, settable_only: bool = False) -> str:
+    """The config as YAML; with settable_only, without the fields the pipeline wires itself (a valid config file)."""
+    d = dataclasses.asdict(cfg)
+    if settable_only:
+        for name, section in d.items():
+            if isinstance(section, dict) and name != "data":
+                for k in _WIRED & set(section):
+                    del section[k]
+    return yaml.safe_dump(d, sort_keys=False)
