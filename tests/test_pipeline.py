@@ -95,7 +95,7 @@ def test_config_rejects_unknown_keys_with_a_suggestion(tmp_path):
         load_pipeline_config(f)
     f.write_text("ppo:\n  beta: 0.1\n  episodes: 128\nlabel: {k: 5}\n")
     cfg = load_pipeline_config(f)
-    assert cfg.ppo.beta == 0.1 and cfg.ppo.episodes == 128 and cfg.label.k == 5 and cfg.ppo.ptx_coef == 1.0
+    assert cfg.ppo.beta == 0.1 and cfg.ppo.episodes == 128 and cfg.label.k == 5 and cfg.ppo.ptx_coef == 0.1
 
 
 @pytest.mark.browser

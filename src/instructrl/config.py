@@ -61,7 +61,7 @@ class PipelineConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     label: LabelSettings = field(default_factory=LabelSettings)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(ptx_coef=1.0))
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(ptx_coef=0.1))  # γ tuned on the embedded world
     pg: PGConfig = field(default_factory=PGConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
