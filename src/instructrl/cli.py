@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+if not sys.stderr.isatty():  # logs, not terminals: a progress line every few seconds is enough (read at tqdm import)
+    os.environ.setdefault("TQDM_MININTERVAL", "5")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RLHF end to end: world → pretrain → sft → label → rm → ppo/pg → eval → report.")
@@ -244,10 +248,6 @@ def main() -> None:
     from .data import DataError
     from .utils import console
 
-    import os
-
-    if not sys.stderr.isatty():  # logs, not terminals: a progress line every few seconds is enough
-        os.environ.setdefault("TQDM_MININTERVAL", "5")
     _setup()
     try:
         app()
