@@ -166,13 +166,14 @@ def render_html(report: dict, figs: dict[str, str]) -> str:
     rm_line = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rm.items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>instructrl report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+table{{border-collapse:collapse;margin:1em 0;font-size:13px}}.wide{{overflow-x:auto}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 table.ex td{{text-align:left;white-space:pre-wrap}}li.ok b{{color:#2a7}}li.no b{{color:#c33}}img{{max-width:100%}}
 h4{{font-family:monospace;white-space:pre-wrap;margin-bottom:0}}</style></head><body>
 <h1>instructrl report</h1>
-<p>Pipeline wall time {report['seconds']:.0f} s, peak memory {report['peak_rss_mb']:.0f} MiB.
+<p>This run of the pipeline took {report['seconds']:.0f} s (stages finished earlier are reused; each stage's own
+training time is in the <i>seconds</i> column), peak memory {report['peak_rss_mb']:.0f} MiB.
 Metrics on held-out evaluation prompts. KL is Σ_t log π/π_SFT per sampled response.</p>
-<table><tr><th>stage</th>{head}</tr>{rows}</table>
+<div class="wide"><table><tr><th>stage</th>{head}</tr>{rows}</table></div>
 <h2>The seed's claims</h2><ul>{claims_html}</ul>
 <h2>Reward model (held-out prompts)</h2><p>{e(rm_line)}</p>
 <h2>Training curves</h2><img alt="reward and KL curves" src="data:image/png;base64,{figs['curves']}">
