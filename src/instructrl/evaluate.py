@@ -3,7 +3,6 @@ response length, and the demographic bias probes of the seed article ("He/She ce
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,4 +177,4 @@ def world_eval_config(world: str | Path, model: str, **kw) -> EvalConfig:
                       pretrain_text=str(w / "corpus_val.jsonl"), bias_probes=str(w / "bias_probes.jsonl"), **kw)
 
 
-__all__ = ["EvalConfig", "evaluate", "evaluate_to_file", "world_eval_config", "json"]
+__all__ = ["EvalConfig", "evaluate", "evaluate_to_file", "world_eval_config"]
