@@ -30,6 +30,11 @@ with stop_token=None). Side effect: no row "ends", so make_rollout replaces ever
 missing_eos_penalty; the reward model is still run (and timed) exactly as usual, only its output is discarded.
 This changes no tensor shape, hence no compute.
 
+CPU time. The machine's 2 cores are shared with other people's jobs; wall time then measures the load as much as
+the code. Every phase is also timed in this process's CPU time (time.process_time, all its threads): with
+--threads 1 it is the robust number (it excludes the time the thread waited for a core); with 2 threads it also
+counts OpenMP spin-waiting, so use wall time there.
+
 Each configuration runs in a fresh subprocess (`run` sub-command), so peak RSS (ru_maxrss) is per configuration.
 The load average of the machine (shared with other processes) is recorded at the start and end of every run.
 
@@ -138,16 +143,19 @@ def cmd_setup(a) -> None:
 
 # ------------------------------------------------------------------------------------------------ one run
 class Timer:
+    """Wall time (perf_counter) and this process's CPU time (process_time, all threads) per named phase."""
+
     def __init__(self):
         self.t = defaultdict(float)
 
     @contextlib.contextmanager
     def __call__(self, name):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.t[name] += time.perf_counter() - t0
+            self.t["cpu_" + name] += time.process_time() - c0
 
     def take(self) -> dict:
         out, self.t = dict(self.t), defaultdict(float)
@@ -240,6 +248,25 @@ def call_ppo_update(s, r, cfg, optimizer, params, shuffle, it: int = 1) -> dict:
     return PPO.ppo_update(s, r, cfg, optimizer, params, shuffle)
 
 
+def autocast_forwards(s) -> None:
+    """bf16 autocast around each model's forward only (float32 weights, Adam states and all PPO math stay float32;
+    token_logprobs and ScalarHeadModel return float32). The backward of an autocast forward runs in the dtypes
+    autocast chose."""
+    import functools
+
+    import torch
+
+    for m in (s.policy, s.ref, s.reward_model, s.value_model):
+        fwd = m.forward
+
+        @functools.wraps(fwd)
+        def wrapped(*args, _fwd=fwd, **kw):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return _fwd(*args, **kw)
+
+        m.forward = wrapped
+
+
 def cmd_run(a) -> None:
     import torch
 
@@ -266,27 +293,29 @@ def cmd_run(a) -> None:
         optimizer = ppo_patches.make_optimizer(patches, params, cfg) or optimizer
     shuffle = torch.Generator().manual_seed(cfg.seed + 1)
     tok = NoStopTokenizer(s.tokenizer)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if a.autocast else contextlib.nullcontext())
+    if a.autocast:
+        autocast_forwards(s)
     recs = []
     t_setup = time.perf_counter()
     for it in range(a.warmup + a.iters):
-        t0 = time.perf_counter()
-        with autocast:
-            prompts, ids = s.prompts.next(cfg.batch_size)
-            r = R.make_rollout(s.policy, s.ref, s.reward_model, s.value_model, tok, prompts, ids, cfg, cfg.beta,
-                               s.generator, s.judge)
-            t1 = time.perf_counter()
-            upd = call_ppo_update(s, r, cfg, optimizer, params, shuffle, it + 1)
-            R.rollout_metrics(r)
-        t2 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
+        prompts, ids = s.prompts.next(cfg.batch_size)
+        r = R.make_rollout(s.policy, s.ref, s.reward_model, s.value_model, tok, prompts, ids, cfg, cfg.beta,
+                           s.generator, s.judge)
+        t1, c1 = time.perf_counter(), time.process_time()
+        upd = call_ppo_update(s, r, cfg, optimizer, params, shuffle, it + 1)
+        R.rollout_metrics(r)
+        t2, c2 = time.perf_counter(), time.process_time()
         ph = timer.take()
         assert r.batch.response_ids.shape == (cfg.batch_size, cfg.max_new_tokens), r.batch.response_ids.shape
         score = sum(v for k, v in ph.items() if k.startswith("score_"))
         rec = {"iter": it, "total": t2 - t0, "rollout": t1 - t0, "generation": ph.get("generation", 0.0),
                "scoring": (t1 - t0) - ph.get("generation", 0.0), "training": t2 - t1,
+               "cpu_total": c2 - c0, "cpu_generation": ph.get("cpu_generation", 0.0),
+               "cpu_scoring": (c1 - c0) - ph.get("cpu_generation", 0.0), "cpu_training": c2 - c1,
                **{k: v for k, v in ph.items() if k.startswith("score_")},
                "score_other": (t1 - t0) - ph.get("generation", 0.0) - score,
-               "first_ratio": upd["first_ratio"], "loadavg": loadavg()}
+               "first_ratio": upd.get("first_ratio", float("nan")), "loadavg": loadavg()}
         recs.append(rec)
         if a.verbose:
             print(json.dumps(rec), file=sys.stderr, flush=True)
@@ -295,7 +324,7 @@ def cmd_run(a) -> None:
     out = {"batch": cfg.batch_size, "prompt": BASE["prompt"], "response": cfg.max_new_tokens, "dtype": a.dtype,
            "autocast": bool(a.autocast), "patches": patches, "threads": a.threads, "iters": a.iters,
            "warmup": a.warmup, "median": med, "min_total": min(r["total"] for r in meas),
-           "all_total": [round(r["total"], 3) for r in meas], "peak_rss_mb": peak_rss_mb(),
+           "all_total": [round(r["total"], 3) for r in meas], "all_cpu": [round(r["cpu_total"], 3) for r in meas], "peak_rss_mb": peak_rss_mb(),
            "loadavg_start": la0, "loadavg_end": loadavg(), "wall": time.perf_counter() - t_setup}
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -393,21 +422,24 @@ def run_sub(args: list[str], timeout=900) -> dict:
 
 
 def fmt_run(name: str, r: dict, rates: dict | None) -> str:
+    """One table row. Times: CPU time with 1 thread (robust on a shared machine), wall time otherwise."""
     m = r["median"]
+    pre = "cpu_" if r["threads"] == 1 else ""
     B, P, R = r["batch"], r["prompt"], r["response"]
-    line = (f"{name:<22} {m['total']:7.2f} {m['generation']:7.2f} {m['scoring']:7.2f} {m['training']:7.2f} "
-            f"{B * R / m['total']:8.0f} {B * R / m['generation']:8.0f} {r['peak_rss_mb']:7.0f}  "
+    t = {k: m[pre + k] for k in ("total", "generation", "scoring", "training")}
+    line = (f"{name:<20} {t['total']:7.2f} {t['generation']:6.2f} {t['scoring']:6.2f} {t['training']:6.2f} "
+            f"{m['total']:7.2f} {B * R / t['total']:7.0f} {B * R / t['generation']:8.0f} {r['peak_rss_mb']:7.0f}  "
             f"{r['loadavg_start']}->{r['loadavg_end']}")
     if rates:
         f = iteration_flops(B, P, R)
         peak = rates["float32"] if r["dtype"] == "float32" and not r["autocast"] else rates["bfloat16"]
-        fr = [f[k] / m[k] / peak for k in ("generation", "scoring", "training")] + [f["total"] / m["total"] / peak]
-        line += "   floor%: " + " ".join(f"{100 * x:5.1f}" for x in fr)
+        fr = [f[k] / t[k] / peak for k in ("generation", "scoring", "training", "total")]
+        line += "  " + " ".join(f"{100 * x:5.1f}" for x in fr)
     return line
 
 
-HEADER = (f"{'config':<22} {'s/iter':>7} {'gen':>7} {'score':>7} {'train':>7} {'tok/s':>8} {'gentok/s':>8} "
-          f"{'rss MB':>7}  loadavg(start->end)")
+HEADER = (f"{'config':<20} {'s/iter':>7} {'gen':>6} {'score':>6} {'train':>6} {'wall':>7} {'tok/s':>7} {'gentok/s':>8} "
+          f"{'rss MB':>7}  {'loadavg start->end':<29}  floor%: gen score train total")
 
 
 def cmd_suite(a) -> None:
@@ -425,7 +457,10 @@ def cmd_suite(a) -> None:
     if a.scaling:
         configs += [(f"B{b} R{r}", b, r, []) for b in (32, 64, 128) for r in (32, 64, 96) if (b, r) not in
                     ((64, 32), (64, 96))]
-    print(HEADER + "   floor% = minimum FLOPs / time / float32 matmul rate: gen score train total")
+    print("times: process CPU time with --threads 1 (wall time in column 'wall'), wall time otherwise; tok/s = "
+          "batch x response / s per iteration; gentok/s = the same over the generation phase; floor% = minimum "
+          "FLOPs of the phase / its time / the matmul rate above (float32, or bfloat16 for bf16 rows)")
+    print(HEADER)
     for name, b, r, extra in configs:
         iters = a.iters if b * r <= 64 * 96 else max(5, a.iters - 1)
         res = run_sub(["run", *common, "--batch", str(b), "--response", str(r), "--iters", str(iters),
@@ -436,10 +471,11 @@ def cmd_suite(a) -> None:
         r = results[name]
         f = iteration_flops(r["batch"], r["prompt"], r["response"])
         m = r["median"]
+        tot = m["cpu_total"] if r["threads"] == 1 else m["total"]
         print(f"\n{name}: minimum GFLOP per iteration: gen {f['generation'] / 1e9:.1f}, scoring {f['scoring'] / 1e9:.1f} "
               f"(+{f['score_policy_extra'] / 1e9:.1f} our extra policy pass), training {f['training'] / 1e9:.1f}, "
               f"total {f['total'] / 1e9:.1f}; floor time at {rates['float32'] / 1e9:.0f} GFLOP/s = "
-              f"{f['total'] / rates['float32']:.2f} s vs measured {m['total']:.2f} s")
+              f"{f['total'] / rates['float32']:.2f} s vs measured {tot:.2f} s")
         print("   scoring split (s): " + ", ".join(f"{k[6:]} {m[k]:.3f}" for k in m if k.startswith("score_")))
     if a.json:
         Path(a.json).write_text(json.dumps({"floor": floor, "runs": results}, indent=1))
@@ -478,19 +514,23 @@ def cmd_generate(a) -> None:
 
     fns = {"ours (sample)": ours, "hf generate": hf(),
            "hf generate +scores (TRL's call)": hf(output_scores=True, return_dict_in_generate=True)}
-    times = defaultdict(list)
+    times, cpu = defaultdict(list), defaultdict(list)
     for f in fns.values():
         f()
+    la0 = loadavg()
     for _ in range(a.reps):
         for name, f in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             f()
             times[name].append(time.perf_counter() - t0)
-    print(f"sampling B={len(ids)} P={x.shape[1]} R={R}, median of {a.reps} (alternating), loadavg {loadavg()}")
-    base = statistics.median(times["ours (sample)"])
+            cpu[name].append(time.process_time() - c0)
+    print(f"sampling B={len(ids)} P={x.shape[1]} R={R}, threads {a.threads}, median of {a.reps} (alternating), "
+          f"loadavg {la0} -> {loadavg()}")
+    base, cbase = statistics.median(times["ours (sample)"]), statistics.median(cpu["ours (sample)"])
     for name, t in times.items():
-        med = statistics.median(t)
-        print(f"  {name:<34} {med * 1000:8.1f} ms  {len(ids) * R / med:8.0f} tok/s  ({base / med:.2f}x ours' speed)")
+        med, cmed = statistics.median(t), statistics.median(cpu[name])
+        print(f"  {name:<34} wall {med * 1000:7.1f} ms {len(ids) * R / med:7.0f} tok/s ({base / med:.2f}x ours)   "
+              f"cpu {cmed * 1000:7.1f} ms {len(ids) * R / cmed:7.0f} tok/s ({cbase / cmed:.2f}x ours)")
 
 
 # ------------------------------------------------------------------------------------------------ profile
@@ -508,10 +548,14 @@ def cmd_profile(a) -> None:
     import instructrl.ppo as PPO
     import instructrl.rollout as R
 
+    if a.autocast:
+        autocast_forwards(s)
     s.policy.train()
     s.value_model.train()
     params = [p for p in s.policy.parameters()] + [p for p in s.value_model.parameters()]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+    if patches:
+        optimizer = ppo_patches.make_optimizer(patches, params, cfg) or optimizer
     shuffle = torch.Generator().manual_seed(1)
     tok = NoStopTokenizer(s.tokenizer)
 
@@ -550,7 +594,7 @@ def main() -> None:
         p.add_argument("--iters", type=int, default=6)
         p.add_argument("--warmup", type=int, default=1)
         p.add_argument("--dtype", default="float32")
-        p.add_argument("--autocast", action="store_true", help="float32 weights, bf16 autocast around the whole loop")
+        p.add_argument("--autocast", action="store_true", help="float32 weights, bf16 autocast around every model forward")
         p.add_argument("--patch", default="", help="comma-separated prototype speedups from ppo_patches.py")
         p.add_argument("--verbose", action="store_true")
         if name == "profile":

@@ -23,7 +23,8 @@ local_rollout_forward_batch_size 64 (the default; one generation call of 64), se
 used (adamw_torch_fused on torch >= 2.8; weight decay 0); TRL does not clip the gradient norm in its PPO loop.
 
 Timing: a callback takes the time at each on_step_end (one per PPO iteration, "update"); an iteration is the time
-between consecutive step ends (the first one is measured from on_train_begin). Phases: `batch_generation` (the
+between consecutive step ends (the first one is measured from on_train_begin), in wall time and in this process's
+CPU time (time.process_time; the robust number with --threads 1 on a shared machine). Phases: `batch_generation` (the
 module-level function PPOTrainer.train calls) is wrapped with a timer = generation; the first gradient-enabled
 call of the module-level `forward` marks the start of training; scoring = the rest of the rollout (ref forward,
 value and reward `get_reward`, log-softmaxes, GAE). Peak RSS = ru_maxrss of this process (one config per process).
@@ -54,10 +55,17 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bf16", action="store_true", help="TRL's bf16=True (accelerate autocast on CPU)")
+    ap.add_argument("--bf16", action="store_true", help="TRL's bf16=True")
+    ap.add_argument("--bf16-env", action="store_true",
+                    help="bf16=True and ACCELERATE_MIXED_PRECISION=bf16 (what `accelerate launch --mixed_precision "
+                         "bf16` sets): PPOTrainer builds its own Accelerator(), which reads mixed precision from this "
+                         "variable only, so bf16=True alone leaves it in float32")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args()
 
+    if a.bf16_env:
+        a.bf16 = True
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     import torch
 
     torch.set_num_threads(a.threads)
@@ -85,19 +93,20 @@ def main() -> None:
     n = a.warmup + a.iters
 
     # --- timers ----------------------------------------------------------------------------------------------
-    clock = {"gen": 0.0, "train_start": None}
+    clock = {"gen": 0.0, "cgen": 0.0, "train_start": None, "ctrain_start": None}
     bg, fwd = T.batch_generation, T.forward
 
     def timed_batch_generation(*args, **kw):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = bg(*args, **kw)
         clock["gen"] += time.perf_counter() - t0
+        clock["cgen"] += time.process_time() - c0
         clock["shape"] = list(out[0].shape)
         return out
 
     def marking_forward(model, *args, **kw):
         if torch.is_grad_enabled() and clock["train_start"] is None:
-            clock["train_start"] = time.perf_counter()
+            clock["train_start"], clock["ctrain_start"] = time.perf_counter(), time.process_time()
         return fwd(model, *args, **kw)
 
     T.batch_generation, T.forward = timed_batch_generation, marking_forward
@@ -105,17 +114,21 @@ def main() -> None:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            clock["t"] = time.perf_counter()
+            clock["t"], clock["c"] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             t0, ts = clock["t"], clock["train_start"] or t
+            c0, cs = clock["c"], clock["ctrain_start"] or c
             rec = {"iter": len(recs), "total": t - t0, "generation": clock["gen"], "scoring": ts - t0 - clock["gen"],
-                   "training": t - ts, "rollout": ts - t0, "shape": clock.get("shape"), "loadavg": loadavg()}
+                   "training": t - ts, "rollout": ts - t0, "cpu_total": c - c0, "cpu_generation": clock["cgen"],
+                   "cpu_scoring": cs - c0 - clock["cgen"], "cpu_training": c - cs, "shape": clock.get("shape"),
+                   "loadavg": loadavg()}
             recs.append(rec)
             if a.verbose:
                 print(json.dumps(rec), file=sys.stderr, flush=True)
-            clock.update(t=time.perf_counter(), gen=0.0, train_start=None)
+            clock.update(t=time.perf_counter(), c=time.process_time(), gen=0.0, cgen=0.0, train_start=None,
+                         ctrain_start=None)
 
     with tempfile.TemporaryDirectory() as out:
         args = PPOConfig(
@@ -133,15 +146,19 @@ def main() -> None:
         trainer.train()
         optim = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer)
         optim_name = f"{optim.__module__}.{optim.__name__} ({args.optim})"
+        mixed = str(trainer.accelerator.mixed_precision)
     assert len(recs) == n, (len(recs), n)
     assert recs[-1]["shape"] == [a.batch, 16 + a.response], recs[-1]["shape"]
     meas = recs[a.warmup:]
-    med = {k: statistics.median(r[k] for r in meas) for k in ("total", "generation", "scoring", "training", "rollout")}
+    med = {k: statistics.median(r[k] for r in meas) for k in ("total", "generation", "scoring", "training", "rollout",
+                                                               "cpu_total", "cpu_generation", "cpu_scoring",
+                                                               "cpu_training")}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"impl": "trl", "trl": trl.__version__, "transformers": transformers.__version__, "optimizer": optim_name,
-           "batch": a.batch, "prompt": 16, "response": a.response, "dtype": "float32", "autocast": bool(a.bf16),
-           "bf16": bool(a.bf16), "threads": a.threads, "iters": a.iters, "warmup": a.warmup, "median": med,
+           "batch": a.batch, "prompt": 16, "response": a.response, "dtype": "float32", "autocast": mixed == "bf16",
+           "bf16": bool(a.bf16), "accelerator_mixed_precision": mixed, "threads": a.threads, "iters": a.iters, "warmup": a.warmup, "median": med,
            "min_total": min(r["total"] for r in meas), "all_total": [round(r["total"], 3) for r in meas],
+           "all_cpu": [round(r["cpu_total"], 3) for r in meas],
            "peak_rss_mb": peak, "loadavg_start": la0, "loadavg_end": loadavg(), "wall": time.perf_counter() - t_setup}
     print("RESULT " + json.dumps(out), flush=True)
 

@@ -5,6 +5,11 @@ ever unpickled): model weights, optimizer state, scheduler state, every RNG stat
 own generators), the run's counters and the metrics written so far. It is written to a temp directory, fsynced
 and renamed, so it is either complete or absent; the last `keep` are kept. A corrupt newest checkpoint is
 skipped with a warning and the previous one is used.
+
+Models are saved unwrapped (a DDP module's keys are the plain model's) and without frozen weights (under LoRA only
+the adapters and heads, the base being re-read from its directory). Under torch.distributed every rank calls
+`save`; their random states and per-rank counters are gathered and rank 0 alone writes (`rng.safetensors` for rank
+0, `rng.rank{r}.safetensors` for the others); on resume each rank restores its own.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed as dist
+from .models import trainable_state
 from .utils import fsync_tree
 
 
@@ -122,22 +129,31 @@ class Checkpointer:
         return sorted((p for p in self.root.iterdir() if p.name.startswith("step-") and p.is_dir()), reverse=True)
 
     def save(self, step: int, models: dict, optimizer=None, scheduler=None, generators: dict | None = None,
-             state: dict | None = None, metrics: list[str] | None = None) -> Path:
+             state: dict | None = None, metrics: list[str] | None = None) -> Path | None:
+        """Write a checkpoint (rank 0; the other ranks only contribute their random state and `state`).
+
+        `models` maps names to modules or to plain state dicts (e.g. best weights kept aside)."""
+        ranks = dist.gather_objects((rng_state(generators or {}), state or {}))
+        if not dist.is_main():
+            return None
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".step-", suffix=".tmp"))
         try:
             for name, model in models.items():
-                sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                sd = {k: v.detach().cpu().contiguous() for k, v in _state(model).items()}
                 save_file(_dedupe_shared(sd), str(tmp / f"model.{name}.safetensors"))
-            meta: dict = {"step": step, "state": state or {}}
+            meta: dict = {"step": step, "state": state or {}, "world_size": len(ranks),
+                          "rank_states": [st for _, st in ranks[1:]], "rank_rng": [m for (_, m), _ in ranks[1:]]}
             if optimizer is not None:
                 t, m = _optimizer_state(optimizer)
                 save_file(t, str(tmp / "optimizer.safetensors"))
                 meta["optimizer"] = m
             if scheduler is not None:
                 meta["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-            t, m = rng_state(generators or {})
+            (t, m), _ = ranks[0]
             save_file(t, str(tmp / "rng.safetensors"))
+            for r, ((t_r, _), _) in enumerate(ranks[1:], start=1):
+                save_file(t_r, str(tmp / f"rng.rank{r}.safetensors"))
             meta["rng"] = m
             (tmp / "state.json").write_text(json.dumps(meta))
             (tmp / "metrics.jsonl").write_text("".join(x + "\n" for x in (metrics or [])))
@@ -153,26 +169,57 @@ class Checkpointer:
         return final
 
     def load_latest(self, models: dict, optimizer=None, scheduler=None, generators: dict | None = None):
-        """Restore the newest readable checkpoint; returns (step, state, metrics lines) or None if none exists."""
+        """Restore the newest readable checkpoint; returns (step, state, metrics lines) or None if none exists.
+
+        Every rank reads the same checkpoint (a shared filesystem across machines) and takes its own random state
+        and `state`. A module gets `load_state_dict(strict=False)`; a plain dict target is filled with the tensors.
+        """
+        r = dist.rank()
         for ckpt in self.steps():
             try:
                 weights = {name: load_file(str(ckpt / f"model.{name}.safetensors")) for name in models}
                 meta = json.loads((ckpt / "state.json").read_text())
                 opt_t = load_file(str(ckpt / "optimizer.safetensors")) if optimizer is not None else None
-                rng_t = load_file(str(ckpt / "rng.safetensors"))
+                rng_t = load_file(str(ckpt / ("rng.safetensors" if r == 0 else f"rng.rank{r}.safetensors")))
                 metrics = (ckpt / "metrics.jsonl").read_text().splitlines()
             except Exception as e:  # a truncated or corrupt file: fall back to the previous checkpoint
                 warnings.warn(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {e}); trying the previous one")
                 continue
+            if meta.get("world_size", 1) != dist.world_size():
+                raise ValueError(f"checkpoint {ckpt} was written by {meta.get('world_size', 1)} process(es); resume "
+                                 f"with the same number (now {dist.world_size()})")
             for name, model in models.items():
-                model.load_state_dict(weights[name], strict=False)
+                if isinstance(model, dict):
+                    model.clear()
+                    model.update(weights[name])
+                else:
+                    _unwrap_ddp(model).load_state_dict(weights[name], strict=False)
             if optimizer is not None:
                 _load_optimizer_state(optimizer, opt_t, meta["optimizer"])
             if scheduler is not None and "scheduler" in meta:
                 scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
-            set_rng_state(generators or {}, rng_t, meta["rng"])
-            return meta["step"], meta["state"], metrics
+            rng_meta, state = (meta["rng"], meta["state"]) if r == 0 else (meta["rank_rng"][r - 1],
+                                                                            meta["rank_states"][r - 1])
+            set_rng_state(generators or {}, rng_t, rng_meta)
+            return meta["step"], state, metrics
         return None
+
+
+def _unwrap_ddp(model):
+    """A DDP module's inner model (its state dict keys are the plain model's); anything else as it is."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _state(model) -> dict:
+    if isinstance(model, dict):
+        return model
+    model = _unwrap_ddp(model)
+    if dist.is_sharded(model):
+        raise ValueError("checkpoints of FSDP-sharded models are not supported (basic FSDP support); "
+                         "drop --save-every/--resume or --fsdp")
+    return trainable_state(model)
 
 
 def _dedupe_shared(sd: dict) -> dict:

@@ -20,6 +20,17 @@ app.add_typer(label_app, name="label", help="Collect rankings: simulated labeler
 
 Dev = typer.Option("auto", help="auto | cpu | cuda")
 Dt = typer.Option("float32", help="float32 | bfloat16 | float16 (log-softmax and losses stay float32)")
+LoraR = typer.Option(0, help="LoRA rank (0: full fine-tuning); the output is saved merged")
+LoraAlpha = typer.Option(16.0, help="LoRA alpha (scale = alpha / r)")
+LoraDropout = typer.Option(0.0, help="LoRA dropout; keep 0 (dropout breaks the first PPO ratio = 1)")
+LoraTargets = typer.Option(None, help="comma-separated module names or 'all-linear' (default: peft's per architecture)")
+Fsdp = typer.Option(False, help="under torchrun, shard the models over the processes (basic support: "
+                                "no checkpoints, no LoRA)")
+
+
+def _scale_options(lora_r, lora_alpha, lora_dropout, lora_target_modules, fsdp) -> dict:
+    return dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                lora_target_modules=lora_target_modules, fsdp=fsdp)
 
 
 def _setup(threads: int | None = None) -> None:
@@ -32,8 +43,11 @@ def _setup(threads: int | None = None) -> None:
 
 
 def _done(summary: dict, keys: list[str]) -> None:
+    from . import distributed as dist
     from .utils import console
 
+    if not dist.is_main():  # under torchrun: one line, from rank 0
+        return
     shown = {k: summary[k] for k in keys if k in summary}
     console.print(f"[bold green]✓ {summary.get('stage', 'done')}[/] " + json.dumps(shown, default=str))
 
@@ -70,13 +84,16 @@ def sft(model: Path = typer.Option(..., help="any local HF causal-LM directory")
         out: Path = typer.Option(...), epochs: int = 2, batch_size: int = 16, lr: float = 1e-4,
         val_fraction: float = 0.1, patience: int = 2, truncate_prompts: bool = False, seed: int = 0,
         device: str = Dev, dtype: str = Dt, save_every: int = typer.Option(0, help="checkpoint every N steps"),
-        resume: bool = typer.Option(False, help="continue from the newest readable checkpoint")):
+        resume: bool = typer.Option(False, help="continue from the newest readable checkpoint"),
+        lora_r: int = LoraR, lora_alpha: float = LoraAlpha, lora_dropout: float = LoraDropout,
+        lora_target_modules: Optional[str] = LoraTargets, fsdp: bool = Fsdp):
     """Step 1: supervised fine-tuning on demonstrations (loss on response tokens only)."""
     from .sft import SFTConfig, sft as run
 
     s = run(SFTConfig(model=str(model), data=str(data), out=str(out), epochs=epochs, batch_size=batch_size, lr=lr,
                       val_fraction=val_fraction, patience=patience, truncate_prompts=truncate_prompts, seed=seed,
-                      device=device, dtype=dtype, save_every=save_every, resume=resume))
+                      device=device, dtype=dtype, save_every=save_every, resume=resume,
+                      **_scale_options(lora_r, lora_alpha, lora_dropout, lora_target_modules, fsdp)))
     _done(s, ["val_loss_start", "val_loss_best", "steps", "seconds"])
 
 
@@ -116,7 +133,9 @@ def rm(model: Path = typer.Option(..., help="backbone: any local HF causal-LM di
        grouped: bool = typer.Option(True, help="all C(K,2) pairs of a prompt in one batch element (InstructGPT)"),
        truncate_prompts: bool = False, seed: int = 0, device: str = Dev, dtype: str = Dt,
        save_every: int = typer.Option(0, help="checkpoint every N steps"),
-       resume: bool = typer.Option(False, help="continue from the newest readable checkpoint")):
+       resume: bool = typer.Option(False, help="continue from the newest readable checkpoint"),
+       lora_r: int = LoraR, lora_alpha: float = LoraAlpha, lora_dropout: float = LoraDropout,
+       lora_target_modules: Optional[str] = LoraTargets, fsdp: bool = Fsdp):
     """Step 2: train a reward model on K-way rankings with the InstructGPT loss."""
     from .reward import RewardConfig, train_reward_model
 
@@ -124,7 +143,9 @@ def rm(model: Path = typer.Option(..., help="backbone: any local HF causal-LM di
                                         demos=str(demos) if demos else None, normalize_gain=normalize_gain,
                                         epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
                                         grouped=grouped, truncate_prompts=truncate_prompts, seed=seed, device=device,
-                                        dtype=dtype, save_every=save_every, resume=resume))
+                                        dtype=dtype, save_every=save_every, resume=resume,
+                                        **_scale_options(lora_r, lora_alpha, lora_dropout, lora_target_modules,
+                                                         fsdp)))
     _done(s, ["held_out", "demo_score_mean", "seconds"])
 
 
@@ -152,8 +173,13 @@ def ppo(policy: Path = typer.Option(..., help="the SFT model"), reward: Path = t
         kl_estimator: str = "k1", kl_target: Optional[float] = None, kl_horizon: int = 10000,
         ptx_coef: float = 0.0, ptx_data: Optional[Path] = None, clip: float = 0.2, value_clip: float = 0.2,
         vf_coef: float = 0.1, gamma: float = 1.0, lam: float = 0.95, truncate_prompts: bool = False,
-        seed: int = 0, device: str = Dev, dtype: str = Dt, save_every: int = SaveEvery, resume: bool = Resume):
-    """Step 3: PPO (PPO-ptx with --ptx-coef/--ptx-data) with a per-token KL penalty to the SFT model."""
+        seed: int = 0, device: str = Dev, dtype: str = Dt, save_every: int = SaveEvery, resume: bool = Resume,
+        lora_r: int = LoraR, lora_alpha: float = LoraAlpha, lora_dropout: float = LoraDropout,
+        lora_target_modules: Optional[str] = LoraTargets, fsdp: bool = Fsdp):
+    """Step 3: PPO (PPO-ptx with --ptx-coef/--ptx-data) with a per-token KL penalty to the SFT model.
+
+    batch_size and minibatch_size are global: under torchrun each process takes 1/N of them. With --lora-r the
+    reference is the policy with its adapters off."""
     from .ppo import PPOConfig, train_ppo
 
     s = train_ppo(PPOConfig(**_rl_options(policy, reward, prompts, out, ref, judge, episodes, batch_size,
@@ -161,7 +187,8 @@ def ppo(policy: Path = typer.Option(..., help="the SFT model"), reward: Path = t
                                           kl_horizon, ptx_coef, ptx_data, truncate_prompts, seed, device, dtype,
                                           save_every, resume),
                             minibatch_size=minibatch_size, ppo_epochs=ppo_epochs, clip=clip, value_clip=value_clip,
-                            vf_coef=vf_coef, gamma=gamma, lam=lam))
+                            vf_coef=vf_coef, gamma=gamma, lam=lam,
+                            **_scale_options(lora_r, lora_alpha, lora_dropout, lora_target_modules, fsdp)))
     _done(s, ["final", "episodes", "seconds"])
 
 
@@ -173,7 +200,8 @@ def pg(policy: Path = typer.Option(...), reward: Path = typer.Option(...), promp
        kl_horizon: int = 10000, ptx_coef: float = 0.0, ptx_data: Optional[Path] = None,
        baseline: str = typer.Option("mean", help="mean | loo"), samples_per_prompt: int = 4,
        truncate_prompts: bool = False, seed: int = 0, device: str = Dev, dtype: str = Dt,
-       save_every: int = SaveEvery, resume: bool = Resume):
+       save_every: int = SaveEvery, resume: bool = Resume, lora_r: int = LoraR, lora_alpha: float = LoraAlpha,
+       lora_dropout: float = LoraDropout, lora_target_modules: Optional[str] = LoraTargets, fsdp: bool = Fsdp):
     """Step 3 baseline: vanilla policy gradient, one gradient step per batch of fresh samples."""
     from .pg import PGConfig, train_pg
 
@@ -181,7 +209,8 @@ def pg(policy: Path = typer.Option(...), reward: Path = typer.Option(...), promp
                                         max_new_tokens, temperature, lr, beta, kl_estimator, kl_target, kl_horizon,
                                         ptx_coef, ptx_data, truncate_prompts, seed, device, dtype, save_every,
                                         resume),
-                          baseline=baseline, samples_per_prompt=samples_per_prompt))
+                          baseline=baseline, samples_per_prompt=samples_per_prompt,
+                          **_scale_options(lora_r, lora_alpha, lora_dropout, lora_target_modules, fsdp)))
     _done(s, ["final", "episodes", "seconds"])
 
 

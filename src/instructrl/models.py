@@ -5,8 +5,12 @@ just one such directory, built here from a `transformers` config.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +49,13 @@ def load_tokenizer(path: str | os.PathLike):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """[BOS] when the tokenizer starts every text with it (Llama-style), else []: text encoded without special
+    tokens can then start the way the model saw documents start."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
 # --- causal LMs -----------------------------------------------------------------------------------------
@@ -97,6 +108,33 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def base_model(model) -> nn.Module:
+    """The Hugging Face model under any wrappers: DDP (`.module`), a LoRA adapter or the adapter-disabled view
+    (`get_base_model()`). Its class says which forward arguments exist."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_position_ids(cls: type) -> bool:
+    return "position_ids" in inspect.signature(cls.forward).parameters
+
+
+def position_kwargs(model, attention_mask: torch.Tensor) -> dict:
+    """`position_ids` from the mask, for models whose forward names that argument. Others (e.g. ALiBi models,
+    whose forward rejects unknown keywords) compute positions themselves; `**kwargs` alone does not count."""
+    if _accepts_position_ids(type(base_model(model))):
+        return {"position_ids": position_ids_from_mask(attention_mask)}
+    return {}
+
+
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    temperature: float = 1.0, with_entropy: bool = False):
     """log π(x_t | x_<t) for t = 1..L-1, in float32 whatever the weights' dtype [pitfall 5].
@@ -104,8 +142,8 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     Logits are divided by the sampling temperature in every log-prob computation [LHP].
     Returns logprobs [B, L-1] (and the entropy [B, L-1] if asked).
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                **position_kwargs(model, attention_mask))
     logits = out.logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -132,7 +170,7 @@ class ScalarHeadModel(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Linear | None = None, bias: float = 0.0, gain: float = 1.0):
         super().__init__()
         self.backbone = backbone
-        d = backbone.config.get_text_config().hidden_size
+        d = head_width(backbone.config)
         if head is None:
             head = nn.Linear(d, 1)
             nn.init.normal_(head.weight, std=1.0 / (d + 1) ** 0.5)  # [N+ D11]
@@ -146,8 +184,8 @@ class ScalarHeadModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw head output for every position, float32 [B, L]."""
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                          **position_kwargs(self.backbone, attention_mask)).last_hidden_state
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
@@ -156,10 +194,19 @@ class ScalarHeadModel(nn.Module):
         picked = raw.gather(1, last_index[:, None]).squeeze(1)
         return self.norm_gain * picked + self.norm_bias
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """Backbone as a plain HF directory (LoRA adapters merged in place: call at the end of a run) + head.
+
+        `state_dict` (keys `backbone.*`, `head.*`) replaces the module's own, e.g. a full one gathered from FSDP.
+        """
         path = Path(path)
-        self.backbone.save_pretrained(str(path), safe_serialization=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(path / HEAD_FILE))
+        if state_dict is None and is_lora(self.backbone):
+            self.backbone = merge_lora(self.backbone, path)
+        sd = state_dict or self.state_dict()
+        part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        self.backbone.save_pretrained(str(path), safe_serialization=True,
+                                      **({"state_dict": part("backbone.")} if state_dict else {}))
+        save_file({k: v.detach().cpu().contiguous() for k, v in part("head.").items()}, str(path / HEAD_FILE))
         (path / HEAD_CONFIG).write_text(json.dumps({"bias": self.norm_bias, "gain": self.norm_gain}, indent=2))
 
     @classmethod
@@ -179,6 +226,12 @@ class ScalarHeadModel(nn.Module):
         return cls(backbone, head, bias, gain)
 
 
+def head_width(config) -> int:
+    """Width of the backbone's last hidden state: OPT-350m-style models project it to word_embed_proj_dim."""
+    cfg = config.get_text_config()
+    return int(getattr(cfg, "word_embed_proj_dim", None) or cfg.hidden_size)
+
+
 def is_scalar_head_dir(path) -> bool:
     return (Path(path) / HEAD_FILE).is_file()
 
@@ -192,6 +245,101 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What the optimizer updates: every weight, or only the adapters (and heads) when the base is frozen."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The part of the state dict a run changes: all of it, or without the frozen base weights under LoRA, so
+    checkpoints and best-weight copies hold only what training can change (the base is re-read from its directory).
+    """
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+# --- LoRA (peft) ----------------------------------------------------------------------------------------------
+@dataclass
+class LoraOptions:
+    r: int = 0                        # rank; 0 = no LoRA (full fine-tuning)
+    alpha: float = 16.0
+    dropout: float = 0.0              # keep 0: dropout breaks the first PPO ratio = 1 and π_ref = π_SFT [N+ D7]
+    target_modules: str | None = None  # comma-separated names, "all-linear", or None: peft's default per architecture
+
+
+def lora_options(cfg) -> LoraOptions:
+    """The LoRA fields (`lora_r`, `lora_alpha`, …) of a step's config."""
+    return LoraOptions(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+
+
+def _lora_targets(model: nn.Module, spec: str | None):
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if spec and spec != "all-linear":
+        return [m.strip() for m in spec.split(",") if m.strip()]
+    return spec or DEFAULTS.get(base_model(model).config.model_type, "all-linear")
+
+
+def apply_lora(model: nn.Module, opts: LoraOptions, causal_lm: bool = True) -> nn.Module:
+    """Freeze the model and add LoRA adapters (peft). B starts at 0, so the adapted model equals the base until
+    the first update; adapter weights stay float32 whatever the base dtype."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if opts.dropout:
+        warnings.warn("LoRA dropout > 0: log-probs are no longer reproducible in training mode, so the first PPO "
+                      "ratio is not exactly 1")
+    cfg = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
+                     target_modules=_lora_targets(model, opts.target_modules),
+                     task_type=TaskType.CAUSAL_LM if causal_lm else None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # GPT-2's Conv1D: peft sets it itself
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg)
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "merge_and_unload")
+
+
+def merge_lora(model, path: str | os.PathLike | None = None) -> nn.Module:
+    """Save the adapters alone under PATH/lora_adapter (if a path is given), then merge them into the base weights
+    in place and return the plain HF model, which `from_pretrained` loads like any other."""
+    if path is not None:
+        model.save_pretrained(str(Path(path) / "lora_adapter"), safe_serialization=True)
+    return model.merge_and_unload()
+
+
+class AdapterDisabled:
+    """The frozen reference under a LoRA policy: the policy itself with its adapters switched off, so the SFT
+    weights are held once. Every call runs inside peft's `disable_adapter()`, which gives exactly the base model.
+    Not an nn.Module: freezing or moving it must never touch the policy."""
+
+    def __init__(self, peft_model):
+        self.peft = peft_model
+
+    def __call__(self, *args, **kwargs):
+        with self.peft.disable_adapter():
+            return self.peft(*args, **kwargs)
+
+    @property
+    def config(self):
+        return self.peft.config
+
+    def parameters(self):
+        return self.peft.parameters()
+
+    def get_base_model(self):
+        return self.peft.get_base_model()
+
+
+def save_causal_lm(model, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """`save_pretrained` of a policy: a LoRA model is saved merged (plus its adapters in PATH/lora_adapter), so the
+    directory stays loadable by AutoModelForCausalLM. Merging is in place: call at the end of a run."""
+    if state_dict is None and is_lora(model):
+        model = merge_lora(model, path)
+    model.save_pretrained(str(path), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+
+
 def nll_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood over the masked tokens."""
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
@@ -202,4 +350,6 @@ def config_of(path) -> dict:
 
 
 __all__ = ["train_tokenizer", "load_tokenizer", "tiny_gpt_config", "build_tiny_model", "load_causal_lm",
-           "token_logprobs", "ScalarHeadModel", "disable_dropout", "position_ids_from_mask", "freeze", "F"]
+           "token_logprobs", "ScalarHeadModel", "disable_dropout", "position_ids_from_mask", "position_kwargs",
+           "freeze", "trainable_parameters", "trainable_state", "LoraOptions", "lora_options", "apply_lora", "is_lora",
+           "AdapterDisabled", "save_causal_lm", "F"]

@@ -3,6 +3,10 @@
 All C(K,2) pairs of one prompt form one batch element (one forward pass per response) [IG §3.5]; pairs data is
 the K = 2 case. About one epoch (more overfits). After training the scores are normalised: an optional gain so
 the policy's samples have std 1 [LHP], then a bias so the demonstrations score mean 0 [IG].
+
+Full fine-tuning or LoRA on the backbone (saved merged; the head is always trained), in one process or
+data-parallel under torchrun: each rank takes its share of every global batch of prompts and the loss stays the
+mean over the global batch's prompts.
 """
 from __future__ import annotations
 
@@ -15,11 +19,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from . import distributed as dist
 from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import DataError, Ranking, collate_right, encode_example, read_demos, read_rankings
 from .losses import pairwise_accuracy, ranking_loss
-from .models import ScalarHeadModel, context_length, load_tokenizer
-from .utils import MetricsLog, atomic_dir, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, write_json
+from .models import ScalarHeadModel, apply_lora, context_length, load_tokenizer, lora_options, trainable_parameters
+from .utils import MetricsLog, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, write_json
 
 
 @dataclass
@@ -44,6 +49,11 @@ class RewardConfig:
     keep_checkpoints: int = 2
     max_nonfinite: int = 3
     progress: bool = True
+    lora_r: int = 0                # LoRA rank on the backbone (0: full fine-tuning); saved merged
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str | None = None
+    fsdp: bool = False             # shard the model over the ranks (basic support: no checkpoints, no LoRA)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -65,6 +75,25 @@ def score_texts(model: ScalarHeadModel, tokenizer, prompts: list[str], responses
         ids, mask = ids.to(device), mask.to(device)
         out.append(model.score(ids, mask, last_token_index(mask)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def score_texts_all_ranks(model, tokenizer, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """score_texts over every rank's share, gathered (in one process: score_texts itself)."""
+    mine, gather = dist.eval_share(list(range(len(prompts))), model)
+    s = score_texts(model, tokenizer, [prompts[i] for i in mine], [responses[i] for i in mine])
+    return dist.gather_cat(s) if gather else s
+
+
+def rm_loss(raw: torch.Tensor, groups: list, counts: bool = True) -> torch.Tensor:
+    """The ranking loss as a mean over the global batch's prompts with ranked pairs: this rank's mean × its share
+    of those prompts × the number of ranks (DDP averages gradients). In one process: `ranking_loss` itself."""
+    if not dist.active():
+        return ranking_loss(raw, groups)
+    n_local = sum(len(g) > 1 for g in groups) if counts else 0
+    (n_global,) = dist.sum_floats(float(n_local))
+    if n_local == 0:
+        return raw.sum() * 0.0
+    return ranking_loss(raw, groups) * (n_local * dist.world_size() / n_global)
 
 
 def _raw_rewards(model, tokenizer, batch: list[Ranking], max_len: int, truncate: bool, device, path) -> torch.Tensor:
@@ -97,6 +126,8 @@ def evaluate_rankings(model, tokenizer, rankings: list[Ranking], cfg: RewardConf
     """Held-out loss and pairwise accuracy vs the labels, and vs the gold scores when the data carries them."""
     max_len = context_length(model.backbone)
     loss_sum, correct, total, gold_correct, gold_total = 0.0, 0, 0, 0, 0
+    n = len(rankings)
+    rankings, reduce = dist.eval_share(rankings, model)
     for b in range(0, len(rankings), cfg.batch_size):
         batch = rankings[b:b + cfg.batch_size]
         raw = _raw_rewards(model, tokenizer, batch, max_len, cfg.truncate_prompts, device, cfg.data).double().cpu()
@@ -115,7 +146,10 @@ def evaluate_rankings(model, tokenizer, rankings: list[Ranking], cfg: RewardConf
                             gold_total += 1
                             gold_correct += int(raw[offset + i] > raw[offset + j])
             offset += k
-    out = {"loss": loss_sum / max(1, len(rankings)), "pairwise_accuracy": correct / max(1, total), "pairs": total}
+    if reduce:
+        loss_sum, *counts = dist.sum_floats(loss_sum, correct, total, gold_correct, gold_total)
+        correct, total, gold_correct, gold_total = (int(c) for c in counts)
+    out = {"loss": loss_sum / max(1, n), "pairwise_accuracy": correct / max(1, total), "pairs": total}
     if gold_total:
         out["gold_pairwise_accuracy"] = gold_correct / gold_total
         out["gold_pairs"] = gold_total
@@ -125,7 +159,8 @@ def evaluate_rankings(model, tokenizer, rankings: list[Ranking], cfg: RewardConf
 def train_reward_model(cfg: RewardConfig) -> dict:
     t0 = time.time()
     set_seed(cfg.seed)
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    dist.check_fsdp(cfg)
+    device, dtype = dist.init(resolve_device(cfg.device)), resolve_dtype(cfg.dtype)
     rankings = read_rankings(cfg.data)
     demos = read_demos(cfg.demos) if cfg.demos else None
     tokenizer = load_tokenizer(cfg.model)
@@ -155,7 +190,13 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     # Shuffled pairs use as many pairs per batch as a grouped batch holds, so both take the same optimizer steps.
     batch_size = cfg.batch_size if cfg.grouped else max(1, round(cfg.batch_size * comparisons / max(1, len(train))))
     steps = max(1, math.ceil(cfg.epochs * len(train_items) / batch_size))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.lora_r:
+        model.backbone = apply_lora(model.backbone, lora_options(cfg), causal_lm=False)
+    if cfg.fsdp:
+        dist.fsdp_shard(model)
+    train_model = dist.wrap(model, cfg.fsdp)  # training forwards (gradients averaged over ranks)
+    params = trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps), steps)
     guard = NonFiniteGuard("rm", cfg.max_nonfinite)
     ckpt = Checkpointer(checkpoint_dir(cfg.out), cfg.keep_checkpoints)
@@ -163,28 +204,31 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     previous: list[str] = []
     if cfg.resume and (restored := ckpt.load_latest({"model": model}, opt, sched, {"shuffle": rng})):
         _, st, previous = restored
-    with atomic_dir(cfg.out) as tmp:
-        log = MetricsLog(tmp / "metrics.jsonl", previous)
+    with dist.output_dir(cfg.out) as tmp:
+        log = MetricsLog(tmp / "metrics.jsonl" if tmp else None, previous)
         model.train()
-        bar = tqdm(range(st["step"], steps), desc="reward model", disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(range(st["step"], steps), desc="reward model", disable=not (cfg.progress and dist.is_main()),
+                   dynamic_ncols=True)
         for step in bar:
             if len(st["order"]) < batch_size:
                 fresh = list(range(len(train_items)))
                 rng.shuffle(fresh)
                 st["order"] += fresh
-            batch = [train_items[i] for i in st["order"][:batch_size]]
+            batch, counts = dist.local_batch([train_items[i] for i in st["order"][:batch_size]])
             del st["order"][:batch_size]
-            raw = _raw_rewards(model, tokenizer, batch, max_len, cfg.truncate_prompts, device, cfg.data)
+            raw = _raw_rewards(train_model, tokenizer, batch, max_len, cfg.truncate_prompts, device, cfg.data)
             groups = [r.groups for r in batch]
-            loss = ranking_loss(raw, groups)
+            loss = rm_loss(raw, groups, counts)
             opt.zero_grad(set_to_none=True)
-            if guard.ok(step + 1, loss=loss.detach()):
+            if guard.ok(step + 1, loss=dist.sync_finite(loss.detach())):
                 loss.backward()
-                if guard.ok(step + 1, grad_norm=torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
+                if guard.ok(step + 1, grad_norm=torch.nn.utils.clip_grad_norm_(params, 1.0)):
                     opt.step()
             sched.step()
-            c, t = pairwise_accuracy(raw.detach(), groups)
-            log.log({"step": step + 1, "loss": loss.item(), "accuracy": c / max(1, t), "lr": sched.get_last_lr()[0]})
+            c, t = pairwise_accuracy(raw.detach(), groups) if counts else (0, 0)
+            c, t = dist.sum_floats(c, t)
+            log.log({"step": step + 1, "loss": dist.all_reduce_mean(loss.detach()).item(), "accuracy": c / max(1, t),
+                     "lr": sched.get_last_lr()[0]})
             st["step"] = step + 1
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
                 ckpt.save(step + 1, {"model": model}, opt, sched, {"shuffle": rng}, state=st, metrics=log.lines)
@@ -197,20 +241,24 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         gain, bias = 1.0, 0.0
         if cfg.normalize_gain:
             policy_texts = [(r.prompt, resp) for r in rankings for resp in r.responses]
-            s = score_texts(model, tokenizer, [p for p, _ in policy_texts], [x for _, x in policy_texts])
+            s = score_texts_all_ranks(model, tokenizer, [p for p, _ in policy_texts], [x for _, x in policy_texts])
             gain = 1.0 / max(float(s.std()), 1e-6)
         if demos:
             model.norm_gain = gain
-            s = score_texts(model, tokenizer, [p for p, _ in demos], [r for _, r in demos])
+            s = score_texts_all_ranks(model, tokenizer, [p for p, _ in demos], [r for _, r in demos])
             bias = -float(s.mean())
         model.norm_gain, model.norm_bias = gain, bias
-        demo_mean = float(score_texts(model, tokenizer, [p for p, _ in demos], [r for _, r in demos]).mean()) \
-            if demos else None
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(str(tmp))
+        demo_mean = float(score_texts_all_ranks(model, tokenizer, [p for p, _ in demos],
+                                                [r for _, r in demos]).mean()) if demos else None
+        full = dist.full_state_dict(model)  # FSDP: gathered by every rank
+        if tmp is not None:
+            model.save_pretrained(tmp, full)
+            tokenizer.save_pretrained(str(tmp))
         summary = {"stage": "reward", "steps": steps, "train_prompts": len(train), "train_comparisons": comparisons,
                    "train_items": len(train_items), "grouped": cfg.grouped, "held_out_prompts": len(val),
                    "held_out": held_out, "norm_gain": gain, "norm_bias": bias, "demo_score_mean": demo_mean,
-                   "seconds": time.time() - t0, "peak_rss_mb": peak_rss_mb(), "config": asdict(cfg)}
-        write_json(tmp / "summary.json", summary)
+                   "world_size": dist.world_size(), "seconds": time.time() - t0, "peak_rss_mb": peak_rss_mb(),
+                   "config": asdict(cfg)}
+        if tmp is not None:
+            write_json(tmp / "summary.json", summary)
     return summary

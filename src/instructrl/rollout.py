@@ -1,7 +1,9 @@
 """One batch of experience, shared by PPO and vanilla policy gradient: sample → score → shaped per-token rewards.
 
-Also the parts of the RL loop both algorithms share: their config, loading the four models, the prompt and
-pretraining-text streams, and saving the result.
+Also the parts of the RL loop both algorithms share: their config, loading the four models (with LoRA: the
+reference is the policy with its adapters off), the prompt and pretraining-text streams, and saving the result.
+Under torchrun every rank samples its own share of each batch (its own seed) and the logged statistics are
+computed over all ranks' rollouts.
 """
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as dist
 from .data import DataError, read_prompts, read_texts
 from .losses import kl_k1, kl_k3, shaped_rewards
-from .models import ScalarHeadModel, context_length, freeze, load_causal_lm, load_tokenizer, token_logprobs
+from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, context_length, freeze, load_causal_lm,
+                     load_tokenizer, lora_options, save_causal_lm, token_logprobs)
 from .sampling import PromptTooLong, SampleBatch, decode_responses, encode_prompts, sample
 from .utils import resolve_device, resolve_dtype
 
@@ -53,6 +57,11 @@ class RLConfig:
     keep_checkpoints: int = 2
     max_nonfinite: int = 3            # consecutive non-finite rewards/losses before the run stops
     progress: bool = True
+    lora_r: int = 0                   # LoRA rank for policy and value (0: full fine-tuning); reference = adapters off
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str | None = None
+    fsdp: bool = False                # shard all four models over the ranks (basic support: no checkpoints, no LoRA)
 
 
 @dataclass
@@ -88,12 +97,19 @@ def response_values(value_model: ScalarHeadModel, batch: SampleBatch) -> torch.T
     return value_model(batch.input_ids, batch.attention_mask)[:, P - 1:-1]
 
 
-@torch.inference_mode()
 def make_rollout(policy, ref, reward_model, value_model, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
-                 cfg: RLConfig, beta: float, generator: torch.Generator, judge=None) -> Rollout:
+                 cfg: RLConfig, beta: float, generator: torch.Generator, judge=None, lockstep: bool = False) -> Rollout:
     """Sample responses, then one batched forward pass per model under inference mode."""
+    with dist.inference(lockstep):
+        return _rollout(policy, ref, reward_model, value_model, tokenizer, prompts, prompt_ids, cfg, beta, generator,
+                        judge, lockstep)
+
+
+def _rollout(policy, ref, reward_model, value_model, tokenizer, prompts, prompt_ids, cfg, beta, generator, judge,
+             lockstep) -> Rollout:
     batch = sample(policy, prompt_ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator)
+                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator,
+                   lockstep=lockstep)
     mask = batch.response_mask.float()
     logprobs = response_logprobs(policy, batch, cfg.temperature) * mask
     ref_logprobs = response_logprobs(ref, batch, cfg.temperature) * mask
@@ -141,7 +157,8 @@ class TextStream:
 
     def __init__(self, texts: list[str], tokenizer, max_len: int, seed: int):
         enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        self.docs = [e[: max_len - 1] + [tokenizer.eos_token_id] for e in enc if e]
+        bos = bos_prefix(tokenizer)  # documents start as the tokenizer starts any text (Llama: <s>)
+        self.docs = [(bos + e)[: max_len - 1] + [tokenizer.eos_token_id] for e in enc if e]
         self.pad = tokenizer.pad_token_id
         self.g = torch.Generator().manual_seed(seed)  # saved in checkpoints
 
@@ -172,6 +189,13 @@ class RLSetup:
     ptx: TextStream | None
     judge: object | None
     generator: torch.Generator = field(default=None)
+    train_policy: torch.nn.Module | None = None  # what training forwards go through: DDP wrappers, or the models
+    train_value: torch.nn.Module | None = None
+    lockstep: bool = False                       # FSDP: every rank decodes the same number of steps
+
+    def __post_init__(self):
+        self.train_policy = self.policy if self.train_policy is None else self.train_policy
+        self.train_value = self.value_model if self.train_value is None else self.train_value
 
     def generators(self) -> dict:
         """Every random stream of the run, for checkpoints."""
@@ -181,10 +205,40 @@ class RLSetup:
         return g
 
 
+def load_rl_models(cfg: RLConfig, device, dtype, with_value: bool):
+    """Policy, reference, reward and value model, all in `dtype` (heads in float32). With LoRA the policy and the
+    value backbone get adapters and the reference is the policy with its adapters off (unless --ref names another
+    model): the SFT weights are held once. With FSDP all four are sharded over the ranks."""
+    policy = load_causal_lm(cfg.policy, device, dtype)
+    if cfg.lora_r:
+        policy = apply_lora(policy, lora_options(cfg))
+    if cfg.lora_r and not cfg.ref:
+        ref = AdapterDisabled(policy)
+    else:
+        ref = freeze(load_causal_lm(cfg.ref or cfg.policy, device, dtype))
+    reward_model = freeze(ScalarHeadModel.from_pretrained(cfg.reward, device, dtype))
+    value_model = ScalarHeadModel.from_pretrained(cfg.value or cfg.reward, device, dtype) if with_value else None
+    if cfg.lora_r and value_model is not None:
+        value_model.backbone = apply_lora(value_model.backbone, lora_options(cfg), causal_lm=False)
+    if cfg.fsdp:
+        for m in (policy, ref, reward_model, value_model):
+            if m is not None:
+                dist.fsdp_shard(m)
+    return policy, ref, reward_model, value_model
+
+
+def per_rank(n: int, what: str) -> int:
+    """A global count split evenly over the ranks."""
+    if n % dist.world_size():
+        raise ValueError(f"{what} ({n}) must be a multiple of the number of processes ({dist.world_size()})")
+    return n // dist.world_size()
+
+
 def setup_rl(cfg: RLConfig, with_value: bool) -> RLSetup:
     from .world.judge import GoldJudge
 
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    dist.check_fsdp(cfg)
+    device, dtype = dist.init(resolve_device(cfg.device)), resolve_dtype(cfg.dtype)
     if cfg.kl_estimator not in ("k1", "k3"):
         raise ValueError(f"kl_estimator must be 'k1' or 'k3', not {cfg.kl_estimator!r}")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
@@ -192,31 +246,34 @@ def setup_rl(cfg: RLConfig, with_value: bool) -> RLSetup:
     lines: list[int] = []
     prompts = read_prompts(cfg.prompts, lines)
     ptx_texts = read_texts(cfg.ptx_data) if cfg.ptx_coef > 0 else None
+    per_rank(cfg.batch_size, "batch_size")
     tokenizer = load_tokenizer(cfg.policy)
-    policy = load_causal_lm(cfg.policy, device, dtype)
-    ref = freeze(load_causal_lm(cfg.ref or cfg.policy, device, dtype))
-    reward_model = freeze(ScalarHeadModel.from_pretrained(cfg.reward, device, dtype))
-    value_model = ScalarHeadModel.from_pretrained(cfg.value or cfg.reward, device, dtype) if with_value else None
+    policy, ref, reward_model, value_model = load_rl_models(cfg, device, dtype, with_value)
     max_prompt = context_length(policy) - cfg.max_new_tokens
     try:
         ids = encode_prompts(tokenizer, prompts, max_prompt, cfg.truncate_prompts)
     except PromptTooLong as e:
         raise DataError(cfg.prompts, lines[e.index], str(e), "prompt") from None
-    ptx = TextStream(ptx_texts, tokenizer, context_length(policy), cfg.seed + 7) if ptx_texts else None
+    seed = dist.rank_seed(cfg.seed)  # each rank its own samples, prompt order and ptx text (rank 0: cfg.seed)
+    ptx = TextStream(ptx_texts, tokenizer, context_length(policy), seed + 7) if ptx_texts else None
     judge = GoldJudge.from_world(cfg.judge) if cfg.judge and (Path(cfg.judge) / "judge.json").is_file() else None
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    return RLSetup(cfg, device, tokenizer, policy, ref, reward_model, value_model,
-                   PromptStream(prompts, ids, cfg.seed), ptx, judge, gen)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return RLSetup(cfg, device, tokenizer, policy, ref, reward_model, value_model, PromptStream(prompts, ids, seed),
+                   ptx, judge, gen, train_policy=dist.wrap(policy, cfg.fsdp),
+                   train_value=dist.wrap(value_model, cfg.fsdp) if value_model is not None else None,
+                   lockstep=cfg.fsdp and dist.active())
 
 
 def rollout_metrics(r: Rollout) -> dict:
-    """Per-iteration statistics of a batch of experience."""
+    """Per-iteration statistics of a batch of experience, over every rank's rollouts."""
     mask = r.mask
-    out = {"reward": float(r.scores.mean()), "reward_std": float(r.scores.std()),
-           "kl": float(((r.logprobs - r.ref_logprobs) * mask).sum(1).mean()),
-           "response_length": float(mask.sum(1).mean()), "eos_rate": float(r.batch.ended.float().mean())}
+    scores, seq_kl, lengths, ended = dist.gather_rows(r.scores, ((r.logprobs - r.ref_logprobs) * mask).sum(1),
+                                                      mask.sum(1), r.batch.ended)
+    out = {"reward": float(scores.mean()), "reward_std": float(scores.std()), "kl": float(seq_kl.mean()),
+           "response_length": float(lengths.mean()), "eos_rate": float(ended.float().mean())}
     if r.gold is not None:
-        out["gold_reward"] = sum(r.gold) / len(r.gold)
+        gold = [g for part in dist.gather_objects(r.gold) for g in part]
+        out["gold_reward"] = sum(gold) / len(gold)
     return out
 
 
@@ -230,6 +287,7 @@ def ptx_step_loss(policy, ptx: TextStream, n: int, coef: float, device) -> torch
     return ptx_loss(lp, mask[:, 1:].float(), coef)
 
 
-def save_policy(policy, tokenizer, out: Path) -> None:
-    policy.save_pretrained(str(out), safe_serialization=True)
+def save_policy(policy, tokenizer, out: Path, state_dict: dict | None = None) -> None:
+    """A loadable HF directory: LoRA adapters merged (and kept in OUT/lora_adapter), FSDP shards gathered."""
+    save_causal_lm(policy, out, state_dict)
     tokenizer.save_pretrained(str(out))

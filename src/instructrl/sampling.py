@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import context_length, position_ids_from_mask
+from . import distributed as dist
+from .models import context_length, position_ids_from_mask, position_kwargs
 
 
 class PromptTooLong(ValueError):
@@ -70,13 +71,18 @@ class SampleBatch:
         return self.prompt_ids.shape[1] + self.response_mask.sum(1).clamp(min=1) - 1
 
 
-@torch.inference_mode()
 def sample(model, prompt_ids: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
-           temperature: float = 1.0, generator: torch.Generator | None = None) -> SampleBatch:
+           temperature: float = 1.0, generator: torch.Generator | None = None, lockstep: bool = False) -> SampleBatch:
     """Autoregressive sampling with a KV cache: one forward call per new token, no other per-token Python work.
 
-    temperature 0 means greedy decoding.
+    temperature 0 means greedy decoding. `lockstep`: every process decodes until all processes are done, for
+    sharded (FSDP) models whose every forward call is a collective.
     """
+    with dist.inference(lockstep):
+        return _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, generator, lockstep)
+
+
+def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, generator, lockstep) -> SampleBatch:
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, pad_id, device)
     if ids.shape[1] + max_new_tokens > context_length(model):
@@ -87,10 +93,12 @@ def sample(model, prompt_ids: list[list[int]], *, eos_id: int, pad_id: int, max_
     out_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pos = position_ids_from_mask(mask)
+    with_pos = bool(position_kwargs(model, mask))
     attn = mask
     step_ids, past = ids, None
     for t in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+        out = model(input_ids=step_ids, attention_mask=attn, past_key_values=past, use_cache=True,
+                    **({"position_ids": pos} if with_pos else {}))
         past = out.past_key_values
         logits = out.logits[:, -1].float()
         if temperature > 0:
@@ -102,7 +110,7 @@ def sample(model, prompt_ids: list[list[int]], *, eos_id: int, pad_id: int, max_
         out_ids[:, t] = torch.where(live, nxt, torch.full_like(nxt, pad_id))
         out_mask[:, t] = live.long()
         done = done | (nxt == eos_id)
-        if bool(done.all()):
+        if dist.all_true(bool(done.all())) if lockstep else bool(done.all()):
             break
         step_ids = out_ids[:, t:t + 1]
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)

@@ -1,0 +1,96 @@
+"""Peak memory of PPO with LoRA (reference = the policy with adapters off) vs a full reference model.
+
+    python benchmarks/lora_memory.py [--n-layer 4 --n-embd 256 --vocab 2000 --iterations 3] [--dir DIR]
+
+Builds a small embedded world and a random GPT-2 of the given size (saved to disk; the reward and value models
+start from it with a fresh head), then runs each variant in a fresh Python process and reads its peak RSS
+(`ru_maxrss`, as every run's summary.json reports it). Every process imports the same modules (peft included), and
+a baseline process that only imports and loads the tokenizer gives the fixed cost. This script itself imports no
+torch and builds the model in a child too: Linux hands a parent's peak RSS on to the `ru_maxrss` of a child it
+spawns, so a heavy parent would raise every measurement to its own peak.
+
+  full           full fine-tuning, reference = a second frozen copy (the default without LoRA)
+  lora+full-ref  LoRA on policy and value, reference = a separate frozen copy (--ref pointing at the policy)
+  lora           LoRA on policy and value, reference = the policy with its adapters off (no second copy)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = """
+import json, sys, torch, peft
+torch.set_num_threads(1)
+from instructrl.ppo import PPOConfig, train_ppo
+from instructrl.models import load_tokenizer
+from instructrl.utils import peak_rss_mb
+kw = json.loads(sys.argv[1])
+if kw.pop("baseline", False):
+    load_tokenizer(kw["policy"])
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+else:
+    s = train_ppo(PPOConfig(**kw))
+    print(json.dumps({"peak_rss_mb": s["peak_rss_mb"], "seconds": s["seconds"]}))
+"""
+
+
+def build(d: Path, a) -> None:
+    """World + tokenizer + random GPT-2 of the asked size, saved as an HF directory (run in a child process)."""
+    from instructrl.data import read_texts
+    from instructrl.models import build_tiny_model, count_parameters, tiny_gpt_config, train_tokenizer
+    from instructrl.world import WorldConfig, generate_world
+
+    generate_world(d / "world", WorldConfig(seed=0, n_corpus=3000, n_corpus_val=100, n_demos=50,
+                                            n_prompts_train=200, n_prompts_eval=10))
+    tok = train_tokenizer(read_texts(d / "world" / "corpus.jsonl"), a.vocab)
+    model = build_tiny_model(tiny_gpt_config(len(tok), tok.eos_token_id, tok.pad_token_id, n_layer=a.n_layer,
+                                             n_embd=a.n_embd, n_head=max(1, a.n_embd // 64)))
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    print(f"model: {a.n_layer} layers, width {a.n_embd}, vocab {len(tok)}: {count_parameters(model) / 1e6:.2f} M "
+          f"parameters ({count_parameters(model) * 4 / 2**20:.1f} MiB in float32)")
+
+
+def run(kw: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--n-embd", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=2000)
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp directory)")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)  # the child that builds
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
+    if a.build_only:
+        return build(a.dir, a)
+    d = a.dir or Path(tempfile.mkdtemp(prefix="lora_memory_"))
+    subprocess.run([sys.executable, __file__, *sys.argv[1:], "--dir", str(d), "--build-only"], check=True)
+    model = d / "model"
+    common = dict(policy=str(model), reward=str(model), prompts=str(d / "world" / "prompts_train.jsonl"),
+                  episodes=a.iterations * a.batch_size, batch_size=a.batch_size, minibatch_size=a.batch_size // 2,
+                  max_new_tokens=16, progress=False, device="cpu")
+    variants = {"full": {}, "lora+full-ref": {"lora_r": a.lora_r, "ref": str(model)}, "lora": {"lora_r": a.lora_r}}
+    base = run({**common, "baseline": True})["peak_rss_mb"]
+    print(f"baseline (imports + tokenizer): {base:.0f} MiB")
+    print(f"{'variant':<15}{'peak RSS MiB':>14}{'over baseline':>15}{'seconds':>10}")
+    for name, extra in variants.items():
+        r = run({**common, **extra, "out": str(d / f"out-{name}")})
+        print(f"{name:<15}{r['peak_rss_mb']:>14.0f}{r['peak_rss_mb'] - base:>15.0f}{r['seconds']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

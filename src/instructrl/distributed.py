@@ -1,0 +1,259 @@
+"""Several processes on torch.distributed, launched by `torchrun`: data parallel (DDP) by default, FSDP opt-in.
+
+`torchrun --nproc_per_node N -m instructrl.cli sft …` starts N copies of a command; `init` joins them into one
+process group from the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
+NCCL on GPUs, gloo on CPUs. Without torchrun (WORLD_SIZE unset or 1) nothing here touches torch.distributed and
+every helper is the identity, so a single process computes bit for bit what it computed before.
+
+The contract the training steps keep:
+  * a global batch of B examples is split B/N per rank, and every loss is normalised by global counts, so N ranks
+    × B/N give the gradients of 1 rank × B (DDP averages gradients over ranks);
+  * RL ranks sample their own rollouts (seed + rank · SEED_STRIDE) and reduce every statistic that spans the batch
+    (advantage whitening, the KL the controller sees, logged metrics);
+  * only rank 0 writes: outputs, logs, metrics, checkpoints (which carry every rank's random state).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+
+SEED_STRIDE = 100_003  # rank r seeds its random streams with seed + r · SEED_STRIDE (rank 0: the seed itself)
+
+
+# --- the process group -------------------------------------------------------------------------------------------
+def init(device: torch.device) -> torch.device:
+    """Join the process group torchrun describes, when WORLD_SIZE > 1; a no-op otherwise.
+
+    Returns this process's device: cuda:LOCAL_RANK on GPUs (one GPU per process), else `device` unchanged.
+    Rank 0 alone writes outputs, so the others may wait on it for a while: the timeout is generous.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+        atexit.register(_shutdown)
+    return device
+
+
+def _shutdown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def active() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        tdist.barrier()
+
+
+def rank_seed(seed: int) -> int:
+    """Each rank's seed for its own random streams (sampling, prompt order, ptx text)."""
+    return seed + SEED_STRIDE * rank()
+
+
+# --- reductions ----------------------------------------------------------------------------------------------------
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a new tensor; the input itself in a single process)."""
+    if not active():
+        return t
+    out = t.detach().clone()
+    tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(t) / world_size() if active() else t
+
+
+def all_true(flag: bool) -> bool:
+    """True when `flag` is true on every rank."""
+    if not active():
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return bool(t.item() == 0)
+
+
+def sync_finite(t: torch.Tensor) -> torch.Tensor:
+    """`t` in a single process; with several, a scalar that is NaN when `t` is non-finite on any rank. The
+    non-finite guard then skips (or stops) on every rank alike: one rank skipping a backward that the others run
+    would leave DDP's gradient all-reduce waiting forever."""
+    if not active():
+        return t
+    bad = torch.tensor([0.0 if bool(torch.isfinite(t).all()) else 1.0], device=_comm_device())
+    tdist.all_reduce(bad, op=tdist.ReduceOp.SUM)
+    return torch.tensor(float("nan") if bad.item() else 0.0)
+
+
+def mean_dict(stats: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over ranks (every rank holds the same keys: its share of the same minibatches)."""
+    if not active() or not stats:
+        return stats
+    keys = sorted(stats)
+    t = all_reduce_mean(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=_comm_device()))
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def sum_floats(*xs: float) -> list[float]:
+    """Python numbers summed over ranks (float64)."""
+    if not active():
+        return list(xs)
+    t = all_reduce_sum(torch.tensor(xs, dtype=torch.float64, device=_comm_device()))
+    return t.tolist()
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) variance of the masked entries of `x` over every rank's rows, for whitening with
+    global statistics. In one process: exactly `masked_mean` / `masked_var`."""
+    from .losses import masked_mean, masked_var
+
+    if not active():
+        return masked_mean(x, mask), masked_var(x, mask)
+    n = all_reduce_sum(mask.sum()).clamp(min=1)
+    mean = all_reduce_sum((x * mask).sum()) / n
+    var = all_reduce_sum((((x - mean) ** 2) * mask).sum()) / n
+    return mean, var
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable, in memory only), in rank order."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor's rows from every rank, concatenated in rank order (ranks may hold different numbers of rows;
+    one collective for all of them). In one process: the tensors themselves."""
+    if not active():
+        return tensors
+    parts = gather_objects(tuple(t.detach().cpu() for t in tensors))
+    return tuple(torch.cat([p[i] for p in parts]).to(t.device) for i, t in enumerate(tensors))
+
+
+def gather_cat(t: torch.Tensor) -> torch.Tensor:
+    return gather_rows(t)[0]
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# --- data and models -----------------------------------------------------------------------------------------------
+def shard(items: list) -> list:
+    """This rank's share of a global batch: items rank, rank + N, rank + 2N, …"""
+    return items[rank()::world_size()] if active() else items
+
+
+def local_batch(batch: list) -> tuple[list, bool]:
+    """This rank's share of a global batch. A rank left without examples runs the first one with weight 0, so it
+    still joins the gradient all-reduce. Returns (examples, whether they count)."""
+    mine = shard(batch)
+    return (mine, True) if mine else (batch[:1], False)
+
+
+def eval_share(items: list, model: nn.Module) -> tuple[list, bool]:
+    """What this rank evaluates, and whether its results must then be reduced: its share, or everything when the
+    model is FSDP-sharded (each forward is a collective, so all ranks must run the same batches)."""
+    return (items, False) if is_sharded(model) else (shard(items), active())
+
+
+def check_fsdp(cfg) -> None:
+    if getattr(cfg, "fsdp", False) and (cfg.lora_r or cfg.save_every or cfg.resume):
+        raise ValueError("--fsdp is basic support: it cannot be combined with LoRA, --save-every or --resume")
+
+
+def wrap(model: nn.Module, fsdp: bool = False) -> nn.Module:
+    """The module to run training forwards through: DDP (gradients averaged over ranks after backward), or the
+    model itself — in one process, or when it was sharded in place by `fsdp_shard`. Only trainable parameters
+    are synchronised (LoRA: the adapters). Sampling and other no-grad passes use the unwrapped model, so ranks
+    may take different numbers of decoding steps without a collective in between."""
+    if not active() or fsdp:
+        return model
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = next(model.parameters()).device
+    # no buffer broadcast before every forward (newer torch renamed the switch)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
+    return DDP(model, device_ids=[dev] if dev.type == "cuda" else None, **{no_sync: False})
+
+
+def fsdp_shard(model: nn.Module) -> nn.Module:
+    """FSDP (torch's `fully_shard`), basic support: each transformer block (the model's `_no_split_modules`) and then
+    the whole model are sharded over the ranks in place. Every forward is then a collective: RL samples in
+    lockstep. Checkpoints are refused; the final save gathers a full state dict (`full_state_dict`)."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not active():
+        return model
+    blocks = set(getattr(model, "_no_split_modules", None) or
+                 getattr(getattr(model, "backbone", None), "_no_split_modules", None) or [])
+    for m in model.modules():
+        if type(m).__name__ in blocks:
+            fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def inference(lockstep: bool):
+    """inference_mode, or no_grad for FSDP-sharded models: FSDP reuses its all-gather buffers across calls, and
+    tensors made under inference mode cannot be written to outside it."""
+    return torch.no_grad() if lockstep else torch.inference_mode()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def full_state_dict(model: nn.Module) -> dict | None:
+    """A sharded model's whole state dict (a collective: every rank calls it; on CPU); None for other models,
+    whose own `save_pretrained` is used."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextlib.contextmanager
+def output_dir(out: str | os.PathLike):
+    """Rank 0: `atomic_dir(out)` (a temp directory renamed to OUT when complete). Other ranks: None, and nothing
+    is created. Every rank leaves only once OUT is complete, so a next step on any rank can read it."""
+    from .utils import atomic_dir
+
+    if is_main():
+        with atomic_dir(out) as tmp:
+            yield Path(tmp)
+    else:
+        yield None
+    barrier()
