@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/compare_trl.py --protocol P --rounds 3 --arms ours,ours+fast,trl
     .venv/bin/python benchmarks/compare_trl.py --protocol P --arms ours:bf16,trl:bf16      # bf16 variants
 
-Arms: `ours` (ppo_bench.py run), `ours+P1+P2` (ppo_bench.py run --patch P1,P2, see ppo_patches.py),
+Arms: `ours` (ppo_bench.py run), `ours@DIR` (the same with PPO_BENCH_SRC=DIR: a frozen copy of an older src/), `ours+P1+P2` (ppo_bench.py run --patch P1,P2, see ppo_patches.py),
 `trl` (trl_ppo_bench.py in the TRL venv, --trl-python). A `:bf16` suffix runs ours with bf16 autocast (float32
 weights) and TRL with bf16=True; `:bf16dtype` runs ours with the models loaded in bfloat16 (`--dtype bfloat16`);
 `trl:bf16env` also sets ACCELERATE_MIXED_PRECISION=bf16 (without it TRL's PPOTrainer stays in float32 on CPU).
@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def cmd_for(arm: str, a) -> list[str]:
+    arm = arm.partition("@")[0]
     name, _, variant = arm.partition(":")
     common = ["--dir", a.dir, "--response", str(a.response), "--batch", str(a.batch), "--iters", str(a.iters),
               "--warmup", str(a.warmup), "--threads", str(a.threads)]
@@ -44,8 +45,9 @@ def cmd_for(arm: str, a) -> list[str]:
     raise SystemExit(f"unknown arm {arm}")
 
 
-def run(cmd: list[str]) -> dict:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+def run(cmd: list[str], src: str = "") -> dict:
+    env = {**os.environ, **({"PPO_BENCH_SRC": src} if src else {})}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -76,7 +78,7 @@ def main() -> None:
         order = arms if rnd % 2 == 0 else arms[::-1]        # A B, B A, A B ... (balances drift in the load)
         for arm in order:
             t0 = time.time()
-            r = run(cmd_for(arm, a))
+            r = run(cmd_for(arm, a), arm.partition("@")[2])
             r["arm"], r["round"] = arm, rnd
             res[arm].append(r)
             if a.json:

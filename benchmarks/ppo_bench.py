@@ -110,6 +110,7 @@ def cmd_setup(a) -> None:
     assert tok.eos_token_id != tok.pad_token_id
     cfg = tiny_gpt_config(len(tok), tok.eos_token_id, tok.pad_token_id, n_layer=MODEL["n_layer"],
                           n_embd=MODEL["n_embd"], n_head=MODEL["n_head"], n_positions=MODEL["n_positions"])
+    cfg.activation_function = "gelu_new"                  # GPT2Config's own default: the protocol's model as is
     policy = build_tiny_model(cfg, seed=0)
     policy.save_pretrained(str(d / "policy"), safe_serialization=True)
     tok.save_pretrained(str(d / "policy"))
@@ -124,6 +125,7 @@ def cmd_setup(a) -> None:
     cfg_cls = tiny_gpt_config(len(tok), tok.eos_token_id, tok.pad_token_id, n_layer=MODEL["n_layer"],
                               n_embd=MODEL["n_embd"], n_head=MODEL["n_head"], n_positions=MODEL["n_positions"])
     cfg_cls.num_labels = 1
+    cfg_cls.activation_function = "gelu_new"
     cls = GPT2ForSequenceClassification(cfg_cls)
     sd = {f"transformer.{k}": v for k, v in rm.backbone.state_dict().items()}
     sd["score.weight"] = rm.head.weight.detach().clone()
@@ -454,9 +456,9 @@ def cmd_suite(a) -> None:
     configs = [("P", 64, 32, []), ("P-long", 64, 96, [])]
     if a.bf16:
         configs += [("P bf16 (dtype)", 64, 32, ["--dtype", "bfloat16"]), ("P bf16 (autocast)", 64, 32, ["--autocast"])]
-    if a.scaling:
-        configs += [(f"B{b} R{r}", b, r, []) for b in (32, 64, 128) for r in (32, 64, 96) if (b, r) not in
-                    ((64, 32), (64, 96))]
+    if a.scaling:       # response 32/64/96 at batch 64, batch 32/64/128 at response 32 (--grid: all 9)
+        pairs = [(b, r) for b in (32, 64, 128) for r in (32, 64, 96)] if a.grid else [(64, 64), (32, 32), (128, 32)]
+        configs += [(f"B{b} R{r}", b, r, []) for b, r in pairs if (b, r) not in ((64, 32), (64, 96))]
     print("times: process CPU time with --threads 1 (wall time in column 'wall'), wall time otherwise; tok/s = "
           "batch x response / s per iteration; gentok/s = the same over the generation phase; floor% = minimum "
           "FLOPs of the phase / its time / the matmul rate above (float32, or bfloat16 for bf16 rows)")
@@ -605,6 +607,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--scaling", action="store_true")
+    p.add_argument("--grid", action="store_true", help="with --scaling: the full 3 x 3 grid of batch x response")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--patch", default="")
     p.add_argument("--json", default=None)

@@ -101,7 +101,7 @@ def test_sft_rm_ppo_on_architecture(build, world_dir, rankings, tmp_path):
                         prompts=str(world_dir / "prompts_train.jsonl"), episodes=16, batch_size=8, minibatch_size=4,
                         ppo_epochs=2, max_new_tokens=8, **run))
     recs = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert len(recs) == 2 and recs[0]["kl"] == 0.0
+    assert len(recs) == 2 and abs(recs[0]["kl"]) < 1e-4
     assert recs[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
     for key in ("policy_loss", "value_loss", "reward"):
         assert all(math.isfinite(r[key]) for r in recs), key

@@ -176,7 +176,7 @@ def test_ppo_two_ranks_single_writer_and_exact_resume(tiny_sft_dir, tiny_rm_dir,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a-checkpoints", "audited.py"]
     recs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 3 and recs[-1]["episodes"] == 48
-    assert recs[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5) and recs[0]["kl"] == 0.0
+    assert recs[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5) and abs(recs[0]["kl"]) < 1e-4
     ckpt = tmp_path / "a-checkpoints" / "step-00000001"
     assert sorted(p.name for p in ckpt.iterdir()) == ["metrics.jsonl", "model.policy.safetensors",
                                                       "model.value.safetensors", "optimizer.safetensors",

@@ -62,7 +62,7 @@ def test_only_lora_parameters_get_gradients(ppo_kw, tmp_path):
 def test_ppo_with_lora_trains_and_saves_merged(ppo_kw, tiny_sft_dir, world_dir, tmp_path):
     train_ppo(PPOConfig(out=str(tmp_path / "ppo"), ptx_coef=0.5, ptx_data=str(world_dir / "corpus.jsonl"), **ppo_kw))
     recs = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert recs[0]["kl"] == 0.0 and recs[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(recs[0]["kl"]) < 1e-4 and recs[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert recs[1]["kl"] != 0.0  # the adapters moved the policy away from the reference
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")  # merged: a plain HF directory
     assert (tmp_path / "ppo" / "lora_adapter" / "adapter_config.json").is_file()

@@ -16,7 +16,7 @@ import torch
 from . import distributed as dist
 from .data import DataError, read_prompts, read_texts
 from .losses import kl_k1, kl_k3, shaped_rewards
-from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, context_length, freeze, load_causal_lm,
+from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, base_model, bos_prefix, context_length, freeze, load_causal_lm,
                      load_tokenizer, lora_options, save_causal_lm, token_logprobs)
 from .sampling import PromptTooLong, SampleBatch, decode_responses, encode_prompts, sample
 from .utils import resolve_device, resolve_dtype
@@ -83,12 +83,9 @@ class Rollout:
 
 
 def response_logprobs(model, batch: SampleBatch, temperature: float, with_entropy: bool = False):
-    """Log-probs of the response tokens only: [B, R] (and entropy)."""
-    P = batch.prompt_ids.shape[1]
-    out = token_logprobs(model, batch.input_ids, batch.attention_mask, temperature, with_entropy)
-    if with_entropy:
-        return out[0][:, P - 1:], out[1][:, P - 1:]
-    return out[:, P - 1:]
+    """Log-probs of the response tokens only: [B, R] (and entropy); the unembedding runs on those R positions."""
+    return token_logprobs(model, batch.input_ids, batch.attention_mask, temperature, with_entropy,
+                          last=batch.response_ids.shape[1])
 
 
 def response_values(value_model: ScalarHeadModel, batch: SampleBatch) -> torch.Tensor:
@@ -111,7 +108,13 @@ def _rollout(policy, ref, reward_model, value_model, tokenizer, prompts, prompt_
                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator,
                    lockstep=lockstep)
     mask = batch.response_mask.float()
-    logprobs = response_logprobs(policy, batch, cfg.temperature) * mask
+    # log π_old: in float32 the sampler's own log-probs of the tokens it drew (same weights, dropout off, same
+    # temperature) equal a full forward pass to ~1e-6 (tests/test_rl.py), so that pass is skipped. In bf16/fp16 the
+    # KV-cache and full-sequence numerics differ by ~1e-2: recompute, so the first PPO ratio stays 1.
+    if getattr(base_model(policy), "dtype", None) == torch.float32:
+        logprobs = batch.logprobs * mask
+    else:
+        logprobs = response_logprobs(policy, batch, cfg.temperature) * mask
     ref_logprobs = response_logprobs(ref, batch, cfg.temperature) * mask
     values = response_values(value_model, batch) * mask if value_model is not None else None
     scores = reward_model.score(batch.input_ids, batch.attention_mask, batch.last_index)

