@@ -14,17 +14,18 @@ Protocol P (every number below is fixed by the protocol, see `PROTOCOLS`):
               clip 0.2, value clip 0.2, c_v 0.1, gamma 1, lambda 0.95, float32, torch.set_num_threads(2)
 P-long: the same with 96-token responses.
 
-How it is timed. Each iteration runs OUR code, unchanged: `instructrl.rollout.make_rollout` (sample -> policy,
-ref, value log-prob/value passes -> reward score -> shaped rewards -> decode) and `instructrl.ppo.ppo_update`
+How it is timed. Each iteration runs OUR code, unchanged: `instructrl.rollout.make_rollout` (sample -> ref
+log-prob pass (the policy's too in bf16), value pass -> reward score -> shaped rewards -> decode) and `instructrl.ppo.ppo_update`
 (GAE, whitening, 4 x 4 clipped updates), exactly as `train_ppo` calls them. The phases are timed by wrapping the
 module-level names make_rollout looks up at call time (`instructrl.rollout.sample`, `.response_logprobs`,
 `.response_values`) and the reward model's `score` method with timers; nothing is reimplemented.
   generation = time inside `sample`
-  scoring    = the rest of make_rollout: policy + ref log-prob passes, value pass, reward pass, KL/shaping/decode
+  scoring    = the rest of make_rollout: ref (+ policy in bf16) log-prob passes, value pass, reward pass,
+               KL/shaping/decode
   training   = `ppo_update`
 
 No stop token. make_rollout takes EOS from `tokenizer.eos_token_id`; we hand it a tokenizer proxy whose
-eos_token_id is -1, an id that `torch.multinomial` can never return, so `sample` never stops early and every
+eos_token_id is -1, an id that the sampler can never return, so `sample` never stops early and every
 iteration generates exactly batch x response tokens (EOS id 0 may be sampled, as an ordinary token, like TRL
 with stop_token=None). Side effect: no row "ends", so make_rollout replaces every score with
 missing_eos_penalty; the reward model is still run (and timed) exactly as usual, only its output is discarded.
@@ -366,8 +367,8 @@ def iteration_flops(B: int, P: int, R: int, epochs: int = 4) -> dict:
       scoring     the three passes the protocol needs: ref log-probs, values, reward, each over the full
                   prompt+response sequence (P+R tokens); ref's lm_head only at the R response positions.
                   ref 2 N_body B (P+R) + 2 V d B R ; value 2 (N_body + d) B (P+R) ; reward 2 N_body B (P+R)
-                  (+ attention, causal, per pass). Our loop also recomputes the policy log-probs
-                  (one more ref-sized pass, `score_policy`); it is NOT in the floor: the sampler already had them.
+                  (+ attention, causal, per pass). The policy's log-probs are not in the floor: the sampler already
+                  had them (before issue 8 our loop recomputed them: one more ref-sized pass, `score_policy`).
       training    per epoch, forward + backward = 3 x forward, for policy (body + lm_head at R positions) and value
                   over B (P+R) tokens: 6 N_body B (P+R) + 6 V d B R + 6 (N_body+d) B (P+R) (+ 3 x attention).
     """
@@ -475,7 +476,8 @@ def cmd_suite(a) -> None:
         m = r["median"]
         tot = m["cpu_total"] if r["threads"] == 1 else m["total"]
         print(f"\n{name}: minimum GFLOP per iteration: gen {f['generation'] / 1e9:.1f}, scoring {f['scoring'] / 1e9:.1f} "
-              f"(+{f['score_policy_extra'] / 1e9:.1f} our extra policy pass), training {f['training'] / 1e9:.1f}, "
+              f"(a policy pass, if the code under test makes one: +{f['score_policy_extra'] / 1e9:.1f}), "
+              f"training {f['training'] / 1e9:.1f}, "
               f"total {f['total'] / 1e9:.1f}; floor time at {rates['float32'] / 1e9:.0f} GFLOP/s = "
               f"{f['total'] / rates['float32']:.2f} s vs measured {tot:.2f} s")
         print("   scoring split (s): " + ", ".join(f"{k[6:]} {m[k]:.3f}" for k in m if k.startswith("score_")))

@@ -6,7 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +36,10 @@ AUDITED = textwrap.dedent("""
         elif event in EVENTS and args and path_of(args[0]):
             writes.append([event, path_of(args[0])])
     sys.addaudithook(hook)
-    atexit.register(lambda: print("WRITES " + json.dumps({"rank": int(os.environ["RANK"]), "writes": writes})))
+    def report():  # one file per rank: torchrun interleaves the ranks' stdout, even within a line
+        with open(os.path.join(os.environ["REPORT_DIR"], "writes.%s.json" % os.environ["RANK"]), "w") as f:
+            json.dump({"rank": int(os.environ["RANK"]), "writes": writes}, f)
+    atexit.register(report)
     runpy.run_module("instructrl.cli", run_name="__main__", alter_sys=True)
 """)
 
@@ -93,8 +98,9 @@ def torchrun(*args, env=None, timeout=240):
 def audited_cli(tmp_path, *args):
     script = tmp_path / "audited.py"
     script.write_text(AUDITED)
-    p = torchrun(script, *args, env={"WATCH_DIR": str(tmp_path)})
-    reports = [json.loads(x[len("WRITES "):]) for x in p.stdout.splitlines() if x.startswith("WRITES ")]
+    with tempfile.TemporaryDirectory() as report_dir:  # outside the watched directory
+        torchrun(script, *args, env={"WATCH_DIR": str(tmp_path), "REPORT_DIR": report_dir})
+        reports = [json.loads(p.read_text()) for p in sorted(Path(report_dir).glob("writes.*.json"))]
     return {r["rank"]: r["writes"] for r in reports}
 
 

@@ -149,3 +149,27 @@ def test_ppo_and_pg_train_end_to_end(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_p
     load_causal_lm(tmp_path / "ppo")           # the policy is a loadable HF directory
     s = train_pg(PGConfig(out=str(tmp_path / "pg"), baseline="loo", samples_per_prompt=4, **common))
     assert s["episodes"] == 32 and (tmp_path / "pg" / "model.safetensors").is_file()
+
+
+def test_frozen_models_hold_no_gradients_or_optimizer_state(tiny_sft_dir, tiny_rm_dir, world_dir):
+    """After a PPO update only the policy and the value model have gradients and Adam state [issue 8: memory]."""
+    from instructrl.checkpoint import NonFiniteGuard
+    from instructrl.models import trainable_parameters
+    from instructrl.ppo import PPOConfig, ppo_update
+    from instructrl.rollout import setup_rl
+
+    cfg = PPOConfig(policy=str(tiny_sft_dir), reward=str(tiny_rm_dir), prompts=str(world_dir / "prompts_train.jsonl"),
+                    out="", batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=8, progress=False,
+                    device="cpu")
+    s = setup_rl(cfg, with_value=True)
+    params = trainable_parameters(s.policy) + trainable_parameters(s.value_model)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    prompts, ids = s.prompts.next(cfg.batch_size)
+    r = make_rollout(s.policy, s.ref, s.reward_model, s.value_model, s.tokenizer, prompts, ids, cfg, cfg.beta,
+                     s.generator)
+    ppo_update(s, r, cfg, optimizer, params, torch.Generator().manual_seed(0), NonFiniteGuard("ppo", 3), 1)
+    for frozen in (s.ref, s.reward_model):
+        assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+    stateful = {id(p) for p in optimizer.state}
+    assert stateful == {id(p) for p in params} and len(params) > 0
+    assert not stateful & {id(p) for m in (s.ref, s.reward_model) for p in m.parameters()}
