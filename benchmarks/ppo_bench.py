@@ -282,7 +282,6 @@ def cmd_run(a) -> None:
         import ppo_patches
         ppo_patches.apply(patches, s, cfg)
 
-    import instructrl.ppo as PPO
     import instructrl.rollout as R
     from instructrl.utils import peak_rss_mb
 
@@ -549,7 +548,6 @@ def cmd_profile(a) -> None:
         sys.path.insert(0, str(HERE))
         import ppo_patches
         ppo_patches.apply(patches, s, cfg)
-    import instructrl.ppo as PPO
     import instructrl.rollout as R
 
     if a.autocast:

@@ -1,6 +1,5 @@
 """The RL and ranking math against float64 references written independently here, with plain loops."""
 import math
-from itertools import combinations
 
 import pytest
 import torch

@@ -93,7 +93,7 @@ def test_pads_carry_no_kl_no_advantage(rollout_parts):
 
 def test_first_minibatch_ratio_is_one(rollout_parts):
     """Recomputing log-probs on a trimmed minibatch with gradients on reproduces the rollout's to 1e-5."""
-    tok, policy = rollout_parts[0], rollout_parts[1]
+    policy = rollout_parts[1]
     r = rollout(rollout_parts)
     rows = torch.arange(8)
     mb, cols = trim(r.batch, rows)

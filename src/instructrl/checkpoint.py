@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
-from .models import trainable_state
+from .models import trainable_parameters, trainable_state
 from .utils import fsync_tree
 
 
@@ -53,6 +53,27 @@ class NonFiniteGuard:
                 return False
         self.bad = 0
         return True
+
+    def step(self, step: int, optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float,
+             **also: torch.Tensor) -> tuple[bool, torch.Tensor | float]:
+        """One guarded optimizer step: skip it when the loss (or anything in `also`) is not finite on any rank,
+        else backward, clip the gradient norm, and skip it when that norm is not finite. Every rank decides alike,
+        so DDP's all-reduce in backward never waits for a rank that skipped. Returns (stepped, grad norm).
+
+        `params`: the parameters to clip, or a module whose trainable ones are taken after backward (FSDP swaps
+        a module's parameter objects between its sharded and unsharded forms around forward and backward)."""
+        optimizer.zero_grad(set_to_none=True)
+        if not self.ok(step, **also, loss=dist.sync_finite(loss.detach())):
+            return False, float("nan")
+        loss.backward()
+        if isinstance(params, torch.nn.Module):
+            params = trainable_parameters(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if not self.ok(step, grad_norm=grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            return False, grad_norm
+        optimizer.step()
+        return True, grad_norm
 
 
 # --- state to and from safetensors + JSON ------------------------------------------------------------------------

@@ -82,11 +82,8 @@ def train_pg(cfg: PGConfig) -> dict:
                                     cfg.ptx_coef, s.device)
                 loss = loss + ptx
                 rec_ptx = {"ptx_loss": ptx.item() / cfg.ptx_coef}
-            optimizer.zero_grad(set_to_none=True)
-            if guard.ok(it + 1, reward=dist.sync_finite(r.scores), loss=dist.sync_finite(loss.detach())):
-                loss.backward()
-                if guard.ok(it + 1, grad_norm=torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)):
-                    optimizer.step()  # the one gradient step this batch of samples gets
+            # the one gradient step this batch of samples gets
+            guard.step(it + 1, optimizer, loss, params, cfg.max_grad_norm, reward=dist.sync_finite(r.scores))
             episodes += cfg.batch_size
             rec = {"iteration": it + 1, "episodes": episodes, "beta": beta, **rollout_metrics(r),
                    **dist.mean_dict({"policy_loss": loss.item(), "entropy": masked_mean(entropy.detach(), mask).item(),

@@ -43,7 +43,7 @@ def _fmt(v):
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
-    from .evaluate import EvalConfig, evaluate
+    from .evaluate import evaluate
     from .pg import train_pg
     from .ppo import train_ppo
     from .pretrain import pretrain

@@ -67,15 +67,9 @@ def ppo_update(s, r, cfg: PPOConfig, optimizer, params, shuffle: torch.Generator
                 ptx = ptx_step_loss(s.train_policy, s.ptx, max(1, cfg.ptx_batch_size // dist.world_size()),
                                     cfg.ptx_coef, s.device)
                 loss = loss + ptx
-            optimizer.zero_grad(set_to_none=True)
-            if not guard.ok(it, loss=dist.sync_finite(loss.detach())):
+            stepped, _ = guard.step(it, optimizer, loss, params, cfg.max_grad_norm)
+            if not stepped:
                 continue
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not guard.ok(it, grad_norm=grad_norm):
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            optimizer.step()
             rec = {"policy_loss": pl.item(), "value_loss": vl.item(), "entropy": masked_mean(entropy.detach(), m).item(),
                    **{k: float(x) for k, x in {**pstats, **vstats}.items()}}
             if ptx is not None:

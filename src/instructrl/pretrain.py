@@ -4,11 +4,9 @@ Users with their own checkpoint skip this: any Hugging Face causal-LM directory 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -108,11 +106,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             batch = train_blocks[st["order"][st["pos"]: st["pos"] + cfg.batch_size]]
             st["pos"] += cfg.batch_size
             loss = lm_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            if guard.ok(step + 1, loss=loss.detach()):
-                loss.backward()
-                if guard.ok(step + 1, grad_norm=torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
-                    opt.step()
+            guard.step(step + 1, opt, loss, model, 1.0)
             sched.step()
             rec = {"step": step + 1, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
             if (step + 1) % 100 == 0 or step + 1 == cfg.steps:

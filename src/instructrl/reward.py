@@ -219,11 +219,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             raw = _raw_rewards(train_model, tokenizer, batch, max_len, cfg.truncate_prompts, device, cfg.data)
             groups = [r.groups for r in batch]
             loss = rm_loss(raw, groups, counts)
-            opt.zero_grad(set_to_none=True)
-            if guard.ok(step + 1, loss=dist.sync_finite(loss.detach())):
-                loss.backward()
-                if guard.ok(step + 1, grad_norm=torch.nn.utils.clip_grad_norm_(params, 1.0)):
-                    opt.step()
+            guard.step(step + 1, opt, loss, params, 1.0)
             sched.step()
             c, t = pairwise_accuracy(raw.detach(), groups) if counts else (0, 0)
             c, t = dist.sum_floats(c, t)

@@ -159,15 +159,9 @@ def sft(cfg: SFTConfig) -> dict:
             batch, counts = dist.local_batch([train[i] for i in rows])
             ids, mask, lm = (t.to(device) for t in collate_right(batch, pad))
             loss = sft_loss(train_model, ids, mask, lm if counts else lm * 0)
-            opt.zero_grad(set_to_none=True)
             st["step"] += 1
             step = st["step"]
-            gn = float("nan")
-            if guard.ok(step, loss=dist.sync_finite(loss.detach())):
-                loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.max_grad_norm)
-                if guard.ok(step, grad_norm=gn):
-                    opt.step()
+            _, gn = guard.step(step, opt, loss, model, cfg.max_grad_norm)
             sched.step()
             rec = {"step": step, "epoch": epoch, "loss": dist.all_reduce_mean(loss.detach()).item(),
                    "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}
