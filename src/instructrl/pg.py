@@ -94,7 +94,7 @@ def train_pg(cfg: PGConfig) -> dict:
             if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < iterations:
                 ckpt.save(it + 1, models, optimizer, None, generators, metrics=log.lines,
                           state={"beta": beta, "episodes": episodes, "prompt_order": s.prompts.order})
-            bar.set_postfix(reward=f"{rec['reward']:.2f}", kl=f"{rec['kl']:.2f}")
+            bar.set_postfix(reward=f"{rec['reward']:.2f}", kl=f"{rec['kl']:.2f}", refresh=False)
         log.close()
         s.policy.eval()
         full_policy = dist.full_state_dict(s.policy)

@@ -137,7 +137,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 ckpt.save(it + 1, models, optimizer, None, generators, metrics=log.lines,
                           state={"beta": beta, "episodes": episodes, "prompt_order": s.prompts.order})
             bar.set_postfix(reward=f"{rec['reward']:.2f}", kl=f"{rec['kl']:.2f}",
-                            **({"gold": f"{rec['gold_reward']:.2f}"} if "gold_reward" in rec else {}))
+                            **({"gold": f"{rec['gold_reward']:.2f}"} if "gold_reward" in rec else {}), refresh=False)
         log.close()
         s.policy.eval()
         full_policy, full_value = dist.full_state_dict(s.policy), dist.full_state_dict(s.value_model)

@@ -115,7 +115,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             st["step"] = step + 1
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 ckpt.save(step + 1, {"model": model}, opt, sched, {"data": g}, state=st, metrics=log.lines)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", refresh=False)
         log.close()
         val = eval_loss(model, val_blocks)
         model.save_pretrained(str(tmp), safe_serialization=True)

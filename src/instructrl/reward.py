@@ -228,7 +228,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             st["step"] = step + 1
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
                 ckpt.save(step + 1, {"model": model}, opt, sched, {"shuffle": rng}, state=st, metrics=log.lines)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         model.eval()
         held_out = evaluate_rankings(model, tokenizer, val, cfg, device) if val else {}
 

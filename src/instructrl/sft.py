@@ -178,7 +178,7 @@ def sft(cfg: SFTConfig) -> dict:
                 ckpt.save(step, {"model": model, "best": best or model}, opt, sched, {"shuffle": rng},
                           state=st, metrics=log.lines)
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", val=f"{st['best']:.3f}")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", val=f"{st['best']:.3f}", refresh=False)
         bar.close()
         log.close()
         if best is not None:  # keep the weights with the best validation loss
