@@ -173,3 +173,23 @@ def test_frozen_models_hold_no_gradients_or_optimizer_state(tiny_sft_dir, tiny_r
     stateful = {id(p) for p in optimizer.state}
     assert stateful == {id(p) for p in params} and len(params) > 0
     assert not stateful & {id(p) for m in (s.ref, s.reward_model) for p in m.parameters()}
+
+
+def test_rl_refuses_temperature_zero(tiny_sft_dir, tiny_rm_dir, world_dir):
+    """Log-probs are taken at the sampling temperature: T = 0 would divide by zero, so it is refused up front."""
+    from instructrl.ppo import PPOConfig
+    from instructrl.rollout import setup_rl
+
+    cfg = PPOConfig(policy=str(tiny_sft_dir), reward=str(tiny_rm_dir), prompts=str(world_dir / "prompts_train.jsonl"),
+                    out="", temperature=0.0, device="cpu")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        setup_rl(cfg, with_value=True)
+
+
+def test_pretrain_refuses_torchrun(monkeypatch, tmp_path):
+    from instructrl.pretrain import PretrainConfig, pretrain
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="single process"):
+        pretrain(PretrainConfig(corpus=str(tmp_path / "c.jsonl"), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()

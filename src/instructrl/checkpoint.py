@@ -63,6 +63,7 @@ class NonFiniteGuard:
         `params`: the parameters to clip, or a module whose trainable ones are taken after backward (FSDP swaps
         a module's parameter objects between its sharded and unsharded forms around forward and backward)."""
         optimizer.zero_grad(set_to_none=True)
+        also = {k: dist.sync_finite(torch.as_tensor(v)) for k, v in also.items()}
         if not self.ok(step, **also, loss=dist.sync_finite(loss.detach())):
             return False, float("nan")
         loss.backward()

@@ -6,8 +6,10 @@ NCCL on GPUs, gloo on CPUs. Without torchrun (WORLD_SIZE unset or 1) nothing her
 every helper is the identity, so a single process computes bit for bit what it computed before.
 
 The contract the training steps keep:
-  * a global batch of B examples is split B/N per rank, and every loss is normalised by global counts, so N ranks
-    × B/N give the gradients of 1 rank × B (DDP averages gradients over ranks);
+  * a global batch of B examples is split B/N per rank; SFT and RM losses are normalised by global counts, so N
+    ranks × B/N give the gradients of 1 rank × B (DDP averages gradients over ranks). PPO/PG losses are per-rank
+    token means that DDP averages: the same as one process when the ranks hold equally many response tokens,
+    a slightly different token weighting otherwise;
   * RL ranks sample their own rollouts (seed + rank · SEED_STRIDE) and reduce every statistic that spans the batch
     (advantage whitening, the KL the controller sees, logged metrics);
   * only rank 0 writes: outputs, logs, metrics, checkpoints (which carry every rank's random state).

@@ -8,7 +8,8 @@ Per iteration [IG, LHP, N+]:
 
 Under torchrun each rank samples batch_size / N rollouts and updates on minibatch_size / N of them at a time;
 advantages are whitened with the statistics of all ranks, gradients are averaged (DDP), and the KL the controller
-sees is the global one. batch_size and minibatch_size stay global: N ranks take the same optimizer steps as one.
+sees is the global one. batch_size and minibatch_size stay global: N ranks take as many optimizer steps as one
+(each loss is a per-rank token mean, averaged over ranks by DDP).
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ Users with their own checkpoint skip this: any Hugging Face causal-LM directory 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -71,6 +72,9 @@ def eval_loss(model, blocks: torch.Tensor, batch_size: int = 64) -> float:
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train the whole model and race on OUT
+        raise ValueError("pretrain runs in a single process (the embedded default takes minutes); "
+                         "launch it without torchrun")
     t0 = time.time()
     set_seed(cfg.seed)
     texts = read_texts(cfg.corpus)

@@ -223,12 +223,12 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             sched.step()
             c, t = pairwise_accuracy(raw.detach(), groups) if counts else (0, 0)
             c, t = dist.sum_floats(c, t)
-            log.log({"step": step + 1, "loss": dist.all_reduce_mean(loss.detach()).item(), "accuracy": c / max(1, t),
-                     "lr": sched.get_last_lr()[0]})
+            global_loss = dist.all_reduce_mean(loss.detach()).item()
+            log.log({"step": step + 1, "loss": global_loss, "accuracy": c / max(1, t), "lr": sched.get_last_lr()[0]})
             st["step"] = step + 1
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
                 ckpt.save(step + 1, {"model": model}, opt, sched, {"shuffle": rng}, state=st, metrics=log.lines)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.set_postfix(loss=f"{global_loss:.3f}", refresh=False)
         model.eval()
         held_out = evaluate_rankings(model, tokenizer, val, cfg, device) if val else {}
 

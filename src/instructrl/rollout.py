@@ -242,6 +242,9 @@ def setup_rl(cfg: RLConfig, with_value: bool) -> RLSetup:
 
     dist.check_fsdp(cfg)
     device, dtype = dist.init(resolve_device(cfg.device)), resolve_dtype(cfg.dtype)
+    if not cfg.temperature > 0:
+        raise ValueError(f"temperature must be > 0 for RL (log-probs are taken at the sampling temperature), "
+                         f"not {cfg.temperature}")
     if cfg.kl_estimator not in ("k1", "k3"):
         raise ValueError(f"kl_estimator must be 'k1' or 'k3', not {cfg.kl_estimator!r}")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
