@@ -1,10 +1,12 @@
 """World determinism, save/load round trips, SFT's prompt masking and determinism by seed."""
 import hashlib
 
+import pytest
 import torch
 
 from instructrl.data import collate_right, encode_example, read_demos
-from instructrl.models import ScalarHeadModel, load_causal_lm, load_tokenizer, nll_loss, token_logprobs
+from instructrl.models import ScalarHeadModel, load_causal_lm, load_tokenizer, token_logprobs
+from instructrl.sft import sft_nll
 from instructrl.world import GoldJudge, WorldConfig, generate_world
 
 
@@ -73,7 +75,7 @@ def test_sft_loss_ignores_prompt_targets(tiny_lm_dir, world_dir):
     ids, mask, loss_mask = collate_right(ex, tok.pad_token_id)
     lp = token_logprobs(model, ids, mask)
     lp.retain_grad()
-    nll_loss(lp, loss_mask).backward()
+    sft_nll(lp, loss_mask).backward()
     for i, (seq, n_prompt) in enumerate(ex):
         assert (lp.grad[i, : n_prompt - 1] == 0).all()               # targets that are prompt tokens
         assert (lp.grad[i, n_prompt - 1: len(seq) - 1] != 0).all()   # response tokens, EOS included
@@ -91,7 +93,9 @@ def test_sft_loss_unchanged_when_prompt_targets_change(tiny_lm_dir, world_dir):
         lp = token_logprobs(model, ids, mask)
     changed = lp.clone()
     changed[loss_mask == 0] = -123.0
-    assert nll_loss(lp, loss_mask).item() == nll_loss(changed, loss_mask).item()
+    assert sft_nll(lp, loss_mask).item() == sft_nll(changed, loss_mask).item()
+    reference = -lp.double()[loss_mask == 1].mean().item()  # float64 mean over the response tokens
+    assert sft_nll(lp, loss_mask).item() == pytest.approx(reference, rel=1e-6)
 
 
 def test_sft_is_deterministic_by_seed(tiny_lm_dir, world_dir, tmp_path):

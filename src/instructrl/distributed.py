@@ -36,7 +36,7 @@ def init(device: torch.device) -> torch.device:
     Returns this process's device: cuda:LOCAL_RANK on GPUs (one GPU per process), else `device` unchanged.
     Rank 0 alone writes outputs, so the others may wait on it for a while: the timeout is generous.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -45,6 +45,11 @@ def init(device: torch.device) -> torch.device:
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
         atexit.register(_shutdown)
     return device
+
+
+def launched() -> bool:
+    """Started by torchrun with more than one process (before or after `init`)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _shutdown() -> None:

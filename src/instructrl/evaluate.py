@@ -11,6 +11,7 @@ import torch
 
 from .data import iter_json_lines, read_prompts, read_texts
 from .models import ScalarHeadModel, context_length, load_causal_lm, load_tokenizer, token_logprobs
+from .rollout import response_logprobs
 from .sampling import decode_responses, encode_prompts, sample
 from .utils import resolve_device, set_seed
 
@@ -127,10 +128,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         texts += decode_responses(tokenizer, batch)
         mask = batch.response_mask.float()
         lengths.append(mask.sum(1))
-        P = batch.prompt_ids.shape[1]
         if ref is not None:
-            lp = token_logprobs(model, batch.input_ids, batch.attention_mask, cfg.temperature)[:, P - 1:]
-            ref_lp = token_logprobs(ref, batch.input_ids, batch.attention_mask, cfg.temperature)[:, P - 1:]
+            lp = response_logprobs(model, batch, cfg.temperature)
+            ref_lp = response_logprobs(ref, batch, cfg.temperature)
             kls.append(((lp - ref_lp) * mask).sum(1))
         if rm is not None:
             scores.append(rm.score(batch.input_ids, batch.attention_mask, batch.last_index))

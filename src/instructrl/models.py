@@ -136,21 +136,17 @@ def base_model(model) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=None)
-def _accepts_position_ids(cls: type) -> bool:
-    return "position_ids" in inspect.signature(cls.forward).parameters
+def _forward_accepts(cls: type, name: str) -> bool:
+    """Whether cls.forward names the argument (`**kwargs` alone does not count)."""
+    return name in inspect.signature(cls.forward).parameters
 
 
 def position_kwargs(model, attention_mask: torch.Tensor) -> dict:
     """`position_ids` from the mask, for models whose forward names that argument. Others (e.g. ALiBi models,
     whose forward rejects unknown keywords) compute positions themselves; `**kwargs` alone does not count."""
-    if _accepts_position_ids(type(base_model(model))):
+    if _forward_accepts(type(base_model(model)), "position_ids"):
         return {"position_ids": position_ids_from_mask(attention_mask)}
     return {}
-
-
-@functools.lru_cache(maxsize=None)
-def _accepts_logits_to_keep(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -165,7 +161,7 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     kwargs = {}
     if last is not None:
         input_ids, attention_mask, targets = input_ids[:, :-1], attention_mask[:, :-1], input_ids[:, -last:]
-        if _accepts_logits_to_keep(type(base_model(model))):
+        if _forward_accepts(type(base_model(model)), "logits_to_keep"):
             kwargs["logits_to_keep"] = last
     else:
         targets = input_ids[:, 1:]
@@ -368,11 +364,6 @@ def save_causal_lm(model, path: str | os.PathLike, state_dict: dict | None = Non
     if state_dict is None and is_lora(model):
         model = merge_lora(model, path)
     model.save_pretrained(str(path), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-
-
-def nll_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood over the masked tokens."""
-    return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
 
 
 __all__ = ["train_tokenizer", "load_tokenizer", "tiny_gpt_config", "build_tiny_model", "load_causal_lm",

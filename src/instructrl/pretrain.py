@@ -5,7 +5,6 @@ Users with their own checkpoint skip this: any Hugging Face causal-LM directory 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -13,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from . import distributed as dist
 from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import read_texts
 from .models import build_tiny_model, count_parameters, tiny_gpt_config, train_tokenizer
@@ -72,7 +72,7 @@ def eval_loss(model, blocks: torch.Tensor, batch_size: int = 64) -> float:
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train the whole model and race on OUT
+    if dist.launched():  # every rank would train the whole model and race on OUT
         raise ValueError("pretrain runs in a single process (the embedded default takes minutes); "
                          "launch it without torchrun")
     t0 = time.time()

@@ -55,12 +55,15 @@ class SFTConfig:
     fsdp: bool = False           # shard the model over the ranks (basic support: no checkpoints, no LoRA)
 
 
-def sft_loss(model, ids, mask, loss_mask) -> torch.Tensor:
+def sft_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Mean NLL over the response tokens of the global batch: this rank's sum / the token count of all ranks,
     × the number of ranks because DDP averages gradients. In one process: the plain masked mean."""
-    loss_mask = loss_mask.to(ids.device)
     n = dist.all_reduce_sum(loss_mask.sum())
-    return -(token_logprobs(model, ids, mask) * loss_mask).sum() / n.clamp(min=1) * dist.world_size()
+    return -(logprobs * loss_mask).sum() / n.clamp(min=1) * dist.world_size()
+
+
+def sft_loss(model, ids, mask, loss_mask) -> torch.Tensor:
+    return sft_nll(token_logprobs(model, ids, mask), loss_mask.to(ids.device))
 
 
 @torch.no_grad()
