@@ -251,6 +251,16 @@ def call_ppo_update(s, r, cfg, optimizer, params, shuffle, it: int = 1) -> dict:
     return PPO.ppo_update(s, r, cfg, optimizer, params, shuffle)
 
 
+def make_optimizer(params, cfg):
+    """The optimizer train_ppo builds (older versions of src/ built plain torch Adam)."""
+    import torch
+    try:
+        from instructrl.utils import adam
+    except ImportError:
+        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+    return adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+
+
 def autocast_forwards(s) -> None:
     """bf16 autocast around each model's forward only (float32 weights, Adam states and all PPO math stay float32;
     token_logprobs and ScalarHeadModel return float32). The backward of an autocast forward runs in the dtypes
@@ -290,7 +300,7 @@ def cmd_run(a) -> None:
     s.policy.train()
     s.value_model.train()
     params = [p for p in s.policy.parameters()] + [p for p in s.value_model.parameters()]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+    optimizer = make_optimizer(params, cfg)
     if patches:
         optimizer = ppo_patches.make_optimizer(patches, params, cfg) or optimizer
     shuffle = torch.Generator().manual_seed(cfg.seed + 1)
@@ -555,7 +565,7 @@ def cmd_profile(a) -> None:
     s.policy.train()
     s.value_model.train()
     params = [p for p in s.policy.parameters()] + [p for p in s.value_model.parameters()]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+    optimizer = make_optimizer(params, cfg)
     if patches:
         optimizer = ppo_patches.make_optimizer(patches, params, cfg) or optimizer
     shuffle = torch.Generator().manual_seed(1)

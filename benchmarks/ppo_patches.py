@@ -17,6 +17,8 @@ Other experiments:
   sdpa_fp32       with bf16 autocast, run scaled_dot_product_attention in float32 (CPU's bf16 flash attention is
                   slow, its backward especially).
   attn_eager      load-time choice attn_implementation="eager" (matmul + softmax attention) for every model.
+Switches that undo what src/ now does, to measure a change on its own:
+  plain_adam      torch.optim.Adam without fused=True.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 ALL = ["value_drop_last", "fused_adam", "sampler_ktk"]
-EXTRA = ["gelu_sigmoid", "compile", "sdpa_fp32", "attn_eager"]
+EXTRA = ["gelu_sigmoid", "compile", "sdpa_fp32", "attn_eager", "plain_adam"]
 
 
 def expand(names: list[str]) -> list[str]:
@@ -154,4 +156,6 @@ def make_optimizer(names, params, cfg):
     names = expand(names)
     if "fused_adam" in names:
         return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, fused=True)
+    if "plain_adam" in names:
+        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
     return None

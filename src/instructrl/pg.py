@@ -20,7 +20,7 @@ from .checkpoint import Checkpointer, NonFiniteGuard
 from .models import trainable_parameters
 from .rollout import (RLConfig, make_rollout, per_rank, ptx_step_loss, response_logprobs, rollout_metrics,
                       save_policy, setup_rl)
-from .utils import MetricsLog, checkpoint_dir, peak_rss_mb, set_seed, write_json
+from .utils import MetricsLog, adam, checkpoint_dir, peak_rss_mb, set_seed, write_json
 
 
 @dataclass
@@ -51,7 +51,7 @@ def train_pg(cfg: PGConfig) -> dict:
     prompts_per_rank = per_rank(cfg.batch_size // k, "batch_size / samples_per_prompt")
     s.policy.train()
     params = trainable_parameters(s.policy)
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+    optimizer = adam(params, lr=cfg.lr, eps=cfg.adam_eps)
     guard = NonFiniteGuard("pg", cfg.max_nonfinite)
     iterations = max(1, cfg.episodes // cfg.batch_size)
     ckpt = Checkpointer(checkpoint_dir(cfg.out), cfg.keep_checkpoints)

@@ -26,7 +26,7 @@ from .checkpoint import Checkpointer, NonFiniteGuard
 from .models import trainable_parameters
 from .rollout import (RLConfig, make_rollout, per_rank, ptx_step_loss, response_logprobs, response_values,
                       rollout_metrics, save_policy, setup_rl, trim)
-from .utils import MetricsLog, checkpoint_dir, peak_rss_mb, set_seed, write_json
+from .utils import MetricsLog, adam, checkpoint_dir, peak_rss_mb, set_seed, write_json
 
 
 @dataclass
@@ -101,7 +101,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     s.policy.train()
     s.value_model.train()
     params = trainable_parameters(s.policy) + trainable_parameters(s.value_model)
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+    optimizer = adam(params, lr=cfg.lr, eps=cfg.adam_eps)
     shuffle = torch.Generator().manual_seed(cfg.seed + 1)
     guard = NonFiniteGuard("ppo", cfg.max_nonfinite)
     iterations = max(1, cfg.episodes // cfg.batch_size)

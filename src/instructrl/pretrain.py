@@ -16,7 +16,7 @@ from . import distributed as dist
 from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import read_texts
 from .models import build_tiny_model, count_parameters, tiny_gpt_config, train_tokenizer
-from .utils import MetricsLog, atomic_dir, checkpoint_dir, peak_rss_mb, set_seed, write_json
+from .utils import MetricsLog, adam, atomic_dir, checkpoint_dir, peak_rss_mb, set_seed, write_json
 
 
 @dataclass
@@ -90,8 +90,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = adam([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+               decoupled_weight_decay=True, lr=cfg.lr, betas=(0.9, 0.95))
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.steps)
     g = torch.Generator().manual_seed(cfg.seed)
     guard = NonFiniteGuard("pretrain", cfg.max_nonfinite)

@@ -24,7 +24,7 @@ from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import DataError, Ranking, collate_right, encode_example, read_demos, read_rankings
 from .losses import pairwise_accuracy, ranking_loss
 from .models import ScalarHeadModel, apply_lora, context_length, load_tokenizer, lora_options, trainable_parameters
-from .utils import MetricsLog, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, write_json
+from .utils import MetricsLog, adam, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, write_json
 
 
 @dataclass
@@ -196,7 +196,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         dist.fsdp_shard(model)
     train_model = dist.wrap(model, cfg.fsdp)  # training forwards (gradients averaged over ranks)
     params = trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = adam(params, decoupled_weight_decay=True, lr=cfg.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps), steps)
     guard = NonFiniteGuard("rm", cfg.max_nonfinite)
     ckpt = Checkpointer(checkpoint_dir(cfg.out), cfg.keep_checkpoints)

@@ -22,7 +22,7 @@ from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import DataError, collate_right, encode_example, read_demos
 from .models import (apply_lora, context_length, load_causal_lm, load_tokenizer, lora_options, save_causal_lm,
                      token_logprobs, trainable_parameters, trainable_state)
-from .utils import MetricsLog, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, write_json
+from .utils import MetricsLog, adam, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, write_json
 
 
 @dataclass
@@ -127,7 +127,7 @@ def sft(cfg: SFTConfig) -> dict:
     if cfg.fsdp:
         dist.fsdp_shard(model)
     train_model = dist.wrap(model, cfg.fsdp)  # training forwards (gradients averaged over ranks)
-    opt = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adam(trainable_parameters(model), decoupled_weight_decay=True, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     pad = tokenizer.pad_token_id
     guard = NonFiniteGuard("sft", cfg.max_nonfinite)
