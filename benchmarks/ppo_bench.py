@@ -583,7 +583,15 @@ def cmd_profile(a) -> None:
     with profile(activities=[ProfilerActivity.CPU], record_shapes=a.shapes) as prof:
         one()
     kw = {"group_by_input_shape": True} if a.shapes else {}
-    print(prof.key_averages(**kw).table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=50))
+    averages = prof.key_averages(**kw)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=50))
+    # The matmul bound: matrix multiplies run near this machine's peak rate, so the time they take is what an
+    # iteration would still take if every other op (attention kernels, GELU, norms, Adam, copies, Python) were free.
+    matmul_ops = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+    self_us = {e.key: e.self_cpu_time_total for e in averages}
+    total, mm = sum(self_us.values()) / 1e6, sum(self_us.get(k, 0.0) for k in matmul_ops) / 1e6
+    print(f"matmul ops ({', '.join(matmul_ops)}): {mm:.2f} s of {total:.2f} s profiled ({100 * mm / total:.0f} %); "
+          f"with every other op free the iteration would take {mm:.2f} s, {total / mm:.2f}x faster than profiled")
     if a.trace:
         prof.export_chrome_trace(a.trace)
 

@@ -24,7 +24,8 @@ from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import DataError, Ranking, collate_right, encode_example, read_demos, read_rankings
 from .losses import pairwise_accuracy, ranking_loss
 from .models import ScalarHeadModel, apply_lora, context_length, load_tokenizer, lora_options, trainable_parameters
-from .utils import MetricsLog, adam, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, write_json
+from .utils import (MetricsLog, adam, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed,
+                    write_json)
 
 
 @dataclass

@@ -22,7 +22,8 @@ from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import DataError, collate_right, encode_example, read_demos
 from .models import (apply_lora, context_length, load_causal_lm, load_tokenizer, lora_options, save_causal_lm,
                      token_logprobs, trainable_parameters, trainable_state)
-from .utils import MetricsLog, adam, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, write_json
+from .utils import (MetricsLog, adam, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed,
+                    write_json)
 
 
 @dataclass

@@ -75,15 +75,20 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = True):
 
 def adam(params, decoupled_weight_decay: bool = False, **kw) -> torch.optim.Optimizer:
     """Adam (AdamW with decoupled_weight_decay), fused into one kernel per step where torch has that kernel for
-    these tensors (CPU and CUDA; measured 1.1x on a whole PPO iteration, issue 8): the unfused loop runs ~8 small
-    ops per parameter tensor. `params`: tensors or param-group dicts, as for torch.optim."""
+    these tensors (CPU and CUDA): the unfused loop runs ~8 small ops per parameter tensor (2-3 % of PPO's training
+    phase at benchmark protocol P, README). `params`: tensors or param-group dicts, as for torch.optim."""
     params = list(params)
     tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     fusable = bool(tensors) and len({p.device for p in tensors}) == 1 \
         and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
                 and type(p.data) is torch.Tensor for p in tensors)
     cls = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
-    return cls(params, fused=fusable, **kw)
+    if fusable:
+        try:
+            return cls(params, fused=True, **kw)
+        except RuntimeError:  # torch < 2.4 has no fused kernel for CPU tensors
+            pass
+    return cls(params, **kw)
 
 
 def set_seed(seed: int) -> None:
