@@ -45,7 +45,8 @@ Sub-commands (all take --dir, default $PPO_BENCH_DIR or /tmp/instructrl_ppo_benc
   suite       P, P-long, floor, scaling table (each config a fresh subprocess)
   floor       matmul rate of this machine and the FLOP formula
   generate    our sampler vs transformers generate (alternating, same process)
-  profile     torch.profiler over one iteration (after warm-up), top ops by self CPU time
+  profile     torch.profiler over one iteration (after warm-up), top ops by self CPU time, and the matmul bound
+  adam-ab     plain vs fused Adam alternating in one process (training-phase time of each)
 
     .venv/bin/python benchmarks/ppo_bench.py setup
     .venv/bin/python benchmarks/ppo_bench.py suite               # P, P-long (+floor fractions)
@@ -596,6 +597,38 @@ def cmd_profile(a) -> None:
         prof.export_chrome_trace(a.trace)
 
 
+def cmd_adam_ab(a) -> None:
+    """Plain vs fused Adam in ONE process, alternating per iteration (A B B A ...): the robust comparison on a
+    shared machine, where separate processes of the same binary differ by up to ~8 %. Both optimizers hold their
+    own state over the same parameters; each iteration's rollout comes from the current policy, as in training."""
+    import torch
+
+    import instructrl.rollout as R
+
+    torch.set_num_threads(a.threads)
+    s, cfg = build(a)
+    s.policy.train()
+    s.value_model.train()
+    params = list(s.policy.parameters()) + list(s.value_model.parameters())
+    opts = {"plain": torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps),
+            "fused": torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, fused=True)}
+    shuffle = torch.Generator().manual_seed(cfg.seed + 1)
+    tok = NoStopTokenizer(s.tokenizer)
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    for it in range(a.warmup + a.iters):
+        name = ("plain", "fused", "fused", "plain")[it % 4]
+        prompts, ids = s.prompts.next(cfg.batch_size)
+        r = R.make_rollout(s.policy, s.ref, s.reward_model, s.value_model, tok, prompts, ids, cfg, cfg.beta,
+                           s.generator, None)
+        t0 = time.perf_counter()
+        call_ppo_update(s, r, cfg, opts[name], params, shuffle, it + 1)
+        if it >= a.warmup:
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        print(f"{name:6s} Adam: training phase median {statistics.median(ts):.3f} s over {len(ts)} iterations "
+              f"{[round(x, 2) for x in ts]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -607,7 +640,7 @@ def main() -> None:
 
     p = common(sub.add_parser("setup"))
     p.add_argument("--force", action="store_true")
-    for name in ("run", "profile"):
+    for name in ("run", "profile", "adam-ab"):
         p = common(sub.add_parser(name))
         p.add_argument("--batch", type=int, default=BASE["batch"])
         p.add_argument("--response", type=int, default=BASE["response"])
@@ -637,6 +670,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     a = ap.parse_args()
     {"setup": cmd_setup, "run": cmd_run, "suite": cmd_suite, "floor": cmd_floor, "generate": cmd_generate,
+     "adam-ab": cmd_adam_ab,
      "profile": cmd_profile}[a.cmd](a)
 
 
