@@ -51,3 +51,12 @@ def test_adam_falls_back_to_the_loop_where_no_fused_kernel_applies():
     params[0].grad = torch.ones(3, dtype=torch.float64)
     opt.step()
     torch.testing.assert_close(params[0].detach(), torch.full((3,), -1e-3, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_adam_takes_generators_as_torch_optim_does():
+    model = torch.nn.Linear(3, 2)
+    opt = adam({"params": model.parameters(), "lr": 1e-3} for _ in range(1))
+    assert opt.defaults["fused"] is True
+    assert [p for g in opt.param_groups for p in g["params"]] == list(model.parameters())
+    opt2 = adam(model.parameters(), lr=1e-3)
+    assert len(opt2.param_groups[0]["params"]) == 2

@@ -77,7 +77,7 @@ def adam(params, decoupled_weight_decay: bool = False, **kw) -> torch.optim.Opti
     """Adam (AdamW with decoupled_weight_decay), fused into one kernel per step where torch has that kernel for
     these tensors (CPU and CUDA): the unfused loop runs ~8 small ops per parameter tensor (2-3 % of PPO's training
     phase at benchmark protocol P, README). `params`: tensors or param-group dicts, as for torch.optim."""
-    params = list(params)
+    params = [{**g, "params": list(g["params"])} if isinstance(g, dict) else g for g in params]
     tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     fusable = bool(tensors) and len({p.device for p in tensors}) == 1 \
         and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
