@@ -149,6 +149,12 @@ def position_kwargs(model, attention_mask: torch.Tensor) -> dict:
     return {}
 
 
+def cache_argument(model) -> str:
+    """The name of forward's KV-cache argument (and output field): transformers 5.2x renamed `past_key_values` to
+    `cache` and removes the old name in 5.40; older versions and other models know only `past_key_values`."""
+    return "cache" if _forward_accepts(type(base_model(model)), "cache") else "past_key_values"
+
+
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    temperature: float = 1.0, with_entropy: bool = False, last: int | None = None):
     """log π(x_t | x_<t) for t = 1..L-1 (or only the `last` t), in float32 whatever the weights' dtype [pitfall 5].

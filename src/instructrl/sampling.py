@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed as dist
-from .models import context_length, position_ids_from_mask, position_kwargs
+from .models import cache_argument, context_length, position_ids_from_mask, position_kwargs
 
 
 class PromptTooLong(ValueError):
@@ -96,12 +96,13 @@ def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, gene
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pos = position_ids_from_mask(mask)
     with_pos = bool(position_kwargs(model, mask))
+    cache_arg = cache_argument(model)
     attn = mask
     step_ids, past = ids, None
     for t in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=attn, past_key_values=past, use_cache=True,
+        out = model(input_ids=step_ids, attention_mask=attn, use_cache=True, **{cache_arg: past},
                     **({"position_ids": pos} if with_pos else {}))
-        past = out.past_key_values
+        past = getattr(out, cache_arg)
         logits = out.logits[:, -1].float()
         logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
         if temperature > 0:  # Gumbel-max: argmax(log p + G) is a draw from p, at a third of multinomial's cost here
