@@ -150,8 +150,8 @@ def position_kwargs(model, attention_mask: torch.Tensor) -> dict:
 
 
 def cache_argument(model) -> str:
-    """The name of forward's KV-cache argument (and output field): transformers 5.2x renamed `past_key_values` to
-    `cache` and removes the old name in 5.40; older versions and other models know only `past_key_values`."""
+    """The name of forward's KV-cache argument (and output field): recent transformers (5.24 here) call it `cache`
+    and drop the old `past_key_values` in 5.40; older versions and models not yet renamed know only the old name."""
     return "cache" if _forward_accepts(type(base_model(model)), "cache") else "past_key_values"
 
 
