@@ -109,3 +109,20 @@ def test_sft_is_deterministic_by_seed(tiny_lm_dir, world_dir, tmp_path):
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a" / "summary.json").is_file() and (tmp_path / "a" / "metrics.jsonl").is_file()
+
+
+def test_cache_argument_follows_the_forward_signature():
+    """The sampler passes the KV cache as `cache` where forward names it (recent transformers), else under the old
+    name `past_key_values`; `**kwargs` alone does not count."""
+    from instructrl.models import cache_argument
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs):
+            return input_ids
+
+    assert cache_argument(Old()) == "past_key_values"
+    assert cache_argument(New()) == "cache"
