@@ -1,4 +1,4 @@
-"""Atomic checkpoints to resume a run exactly, and the non-finite-step guard.
+"""Atomic checkpoints to resume a run exactly.
 
 A checkpoint is a directory `DIR/step-00000123/` holding, in safetensors and small JSON files only (nothing is
 ever unpickled): model weights, optimizer state, scheduler state, every RNG state (python, numpy, torch and our
@@ -26,55 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
-from .models import trainable_parameters, trainable_state
+from .models import trainable_state
 from .utils import fsync_tree
-
-
-class NonFiniteError(RuntimeError):
-    """Raised after too many consecutive steps with a non-finite loss or reward."""
-
-
-class NonFiniteGuard:
-    """Skip a step whose loss/reward is NaN or inf; stop after `limit` consecutive skips."""
-
-    def __init__(self, stage: str, limit: int = 3):
-        self.stage, self.limit, self.bad = stage, limit, 0
-
-    def ok(self, step: int, **quantities: torch.Tensor | float) -> bool:
-        for name, value in quantities.items():
-            v = torch.as_tensor(value)
-            if not bool(torch.isfinite(v).all()):
-                self.bad += 1
-                warnings.warn(f"{self.stage}: step {step}: non-finite {name}; step skipped "
-                              f"({self.bad}/{self.limit} in a row)")
-                if self.bad >= self.limit:
-                    raise NonFiniteError(f"{self.stage} stopped at step {step}: non-finite {name} for {self.bad} "
-                                         f"consecutive steps; the last good checkpoint is kept")
-                return False
-        self.bad = 0
-        return True
-
-    def step(self, step: int, optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float,
-             **also: torch.Tensor) -> tuple[bool, torch.Tensor | float]:
-        """One guarded optimizer step: skip it when the loss (or anything in `also`) is not finite on any rank,
-        else backward, clip the gradient norm, and skip it when that norm is not finite. Every rank decides alike,
-        so DDP's all-reduce in backward never waits for a rank that skipped. Returns (stepped, grad norm).
-
-        `params`: the parameters to clip, or a module whose trainable ones are taken after backward (FSDP swaps
-        a module's parameter objects between its sharded and unsharded forms around forward and backward)."""
-        optimizer.zero_grad(set_to_none=True)
-        also = {k: dist.sync_finite(torch.as_tensor(v)) for k, v in also.items()}
-        if not self.ok(step, **also, loss=dist.sync_finite(loss.detach())):
-            return False, float("nan")
-        loss.backward()
-        if isinstance(params, torch.nn.Module):
-            params = trainable_parameters(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        if not self.ok(step, grad_norm=grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            return False, grad_norm
-        optimizer.step()
-        return True, grad_norm
 
 
 # --- state to and from safetensors + JSON ------------------------------------------------------------------------

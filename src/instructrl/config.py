@@ -1,4 +1,9 @@
-"""The pipeline's YAML config: sections map onto the steps' config dataclasses; unknown keys are errors."""
+"""The pipeline's YAML config: one section per step, each mapping onto that step's config class.
+
+Keys are the steps' option names (the CLI's, with underscores; option groups flat: `lora_r`, `save_every`), and
+unknown keys are errors with a suggestion. The fields marked `wired` (paths between stages, seed, device) are
+filled in by the pipeline; a section may not set them. Every config is checked here, before any stage runs.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +17,7 @@ import yaml
 
 from .data import DataError
 from .evaluate import EvalConfig
+from .options import config, flat_fields, option
 from .pg import PGConfig
 from .ppo import PPOConfig
 from .pretrain import PretrainConfig
@@ -19,42 +25,39 @@ from .reward import RewardConfig
 from .sft import SFTConfig
 from .world import WorldConfig
 
-# Fields the pipeline fills in itself (paths between stages); a config may not set them.
-_WIRED = {"corpus", "val_corpus", "out", "model", "data", "demos", "policy", "reward", "prompts", "ref", "value",
-          "judge", "ptx_data", "progress", "device", "dtype", "seed", "world", "reference", "pretrain_text",
-          "bias_probes"}
 
-
-@dataclass
+@config
 class DataPaths:
     """Bring your own data instead of the embedded world (any field left empty comes from the world)."""
 
-    demos: str | None = None
-    prompts_train: str | None = None
-    prompts_eval: str | None = None
-    rankings: str | None = None      # human rankings (e.g. `instructrl label export`); skips simulated labelers
-    pretrain_text: str | None = None  # {"text"} for PPO-ptx
-    pretrain_val: str | None = None   # {"text"} held out, for the pretraining-loss metric
-    bias_probes: str | None = None
+    demos: str | None = option(None, "demonstrations {prompt, response}")
+    prompts_train: str | None = option(None, "RL and labeling prompts {prompt}")
+    prompts_eval: str | None = option(None, "evaluation prompts {prompt}")
+    rankings: str | None = option(None, "human rankings (e.g. `instructrl label export`); skips simulated labelers")
+    pretrain_text: str | None = option(None, "{text} for PPO-ptx")
+    pretrain_val: str | None = option(None, "{text} held out, for the pretraining-loss metric")
+    bias_probes: str | None = option(None, "{stereotyped, anti_stereotyped} sentence pairs")
 
 
-@dataclass
+@config
 class LabelSettings:
-    k: int = 4
-    n_prompts: int = 600
-    temperature: float = 0.2
-    labelers: int = 1
-    labeler_bias_std: float = 0.0
-    sample_temperature: float = 1.0
+    """Simulated labelers: K samples of the SFT model per prompt, ranked by the hidden judge with noise."""
+
+    k: int = option(4, "responses per prompt (K)")
+    n_prompts: int = option(600, "prompts to label")
+    temperature: float = option(0.2, "labeler noise (Plackett–Luce temperature)")
+    labelers: int = option(1, "simulated labelers")
+    labeler_bias_std: float = option(0.0, "spread of the labelers' individual biases")
+    sample_temperature: float = option(1.0, "temperature of the SFT samples to rank")
 
 
 @dataclass
 class PipelineConfig:
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    base_model: str | None = None     # any local HF causal-LM directory; skips the tiny model's pretraining
-    compare: bool = False             # also run vanilla PG, PPO without ptx and PPO with β = 0
+    seed: int = option(0, "random seed of every stage")
+    device: str = option("auto", "auto | cpu | cuda")
+    dtype: str = option("float32", "float32 | bfloat16 | float16")
+    base_model: str | None = option(None, "any local HF causal-LM directory; skips the tiny model's pretraining")
+    compare: bool = option(False, "also run vanilla PG, PPO without ptx and PPO with β = 0")
     data: DataPaths = field(default_factory=DataPaths)
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -64,6 +67,15 @@ class PipelineConfig:
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(ptx_coef=0.1))  # γ tuned on the embedded world
     pg: PGConfig = field(default_factory=PGConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(PipelineConfig) if dataclasses.is_dataclass(f.default_factory)
+            or f.default is dataclasses.MISSING]
+
+
+def settable(cls) -> dict:
+    """A section's YAML keys: its options that the pipeline does not wire."""
+    return {f.name: f for f in flat_fields(cls) if not f.wired}
 
 
 def _check_type(value, tp, where: str, path: Path):
@@ -80,23 +92,16 @@ def _check_type(value, tp, where: str, path: Path):
     return value
 
 
-def _fill(obj, section: dict, prefix: str, path: Path, top: bool = False):
-    if not isinstance(section, dict):
-        raise DataError(path, None, f"expected a mapping, got {type(section).__name__}", prefix or "<root>")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)} - (set() if top or prefix == "data" else _WIRED)
-    for key, value in section.items():
-        where = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            close = difflib.get_close_matches(str(key), sorted(names), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(names))}"
-            raise DataError(path, None, f"unknown key{hint}", where)
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _fill(current, value, where, path)
-        else:
-            setattr(obj, key, _check_type(value, hints[key], where, path))
-    return obj
+def _unknown(key, names, where: str, path: Path) -> DataError:
+    close = difflib.get_close_matches(str(key), sorted(names), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(names))}"
+    return DataError(path, None, f"unknown key{hint}", where)
+
+
+def _mapping(value, where: str, path: Path) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(path, None, f"expected a mapping, got {type(value).__name__}", where)
+    return value
 
 
 def load_pipeline_config(path: str | Path | None) -> PipelineConfig:
@@ -111,15 +116,40 @@ def load_pipeline_config(path: str | Path | None) -> PipelineConfig:
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         raise DataError(path, line + 1 if line is not None else None, f"invalid YAML: {e}") from None
-    return _fill(cfg, raw, "", path, top=True)
+    top = {f.name: f for f in dataclasses.fields(PipelineConfig)}
+    hints = typing.get_type_hints(PipelineConfig)
+    for key, value in _mapping(raw, "<root>", path).items():
+        if key not in top:
+            raise _unknown(key, top, key, path)
+        section = getattr(cfg, key)
+        if not dataclasses.is_dataclass(section):
+            setattr(cfg, key, _check_type(value, hints[key], key, path))
+            continue
+        fields = {f.name: f for f in flat_fields(type(section))} if key == "data" else settable(type(section))
+        for name, v in _mapping(value, key, path).items():
+            if name not in fields:
+                raise _unknown(name, fields, f"{key}.{name}", path)
+            fields[name].set(section, _check_type(v, fields[name].type, f"{key}.{name}", path))
+    return cfg
 
 
-def dump_config(cfg: PipelineConfig, settable_only: bool = False) -> str:
-    """The config as YAML; with settable_only, without the fields the pipeline wires itself (a valid config file)."""
-    d = dataclasses.asdict(cfg)
-    if settable_only:
-        for name, section in d.items():
-            if isinstance(section, dict) and name != "data":
-                for k in _WIRED & set(section):
-                    del section[k]
-    return yaml.safe_dump(d, sort_keys=False)
+def dump_config(cfg: PipelineConfig, settable_only: bool = False, comments: bool = False) -> str:
+    """The config as YAML (flat option names per section); with settable_only, without the wired fields (a valid
+    config file); with comments, each key followed by its help text."""
+    lines = []
+    for f in dataclasses.fields(PipelineConfig):
+        value = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(value):
+            lines.append(_yaml_line(f.name, value, f.metadata.get("help", "") if comments else "", ""))
+            continue
+        lines.append(f"{f.name}:")
+        for ff in flat_fields(type(value)):
+            if settable_only and ff.wired and f.name != "data":
+                continue
+            lines.append(_yaml_line(ff.name, ff.get(value), ff.help if comments else "", "  "))
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_line(key: str, value, help: str, indent: str) -> str:
+    text = yaml.safe_dump({key: value}, default_flow_style=True, width=10_000).strip()[1:-1]
+    return f"{indent}{text}" + (f"  # {help}" if help else "")

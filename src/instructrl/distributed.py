@@ -192,8 +192,9 @@ def eval_share(items: list, model: nn.Module) -> tuple[list, bool]:
     return (items, False) if is_sharded(model) else (shard(items), active())
 
 
-def check_fsdp(cfg) -> None:
-    if getattr(cfg, "fsdp", False) and (cfg.lora_r or cfg.save_every or cfg.resume):
+def check_fsdp(run, lora) -> None:
+    """`run`: RunOptions, `lora`: LoraOptions."""
+    if run.fsdp and (lora.r or run.save_every or run.resume):
         raise ValueError("--fsdp is basic support: it cannot be combined with LoRA, --save-every or --resume")
 
 

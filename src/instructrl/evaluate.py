@@ -4,15 +4,14 @@ response length, and the demographic bias probes of the seed article ("He/She ce
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .data import iter_json_lines, read_prompts, read_texts
 from .models import ScalarHeadModel, context_length, load_causal_lm, load_tokenizer, token_logprobs
-from .rollout import response_logprobs
-from .sampling import decode_responses, encode_prompts, sample
+from .options import config, option, to_flat
+from .sampling import decode_responses, encode_prompts, response_logprobs, sample
 from .utils import resolve_device, set_seed
 
 # Used when no embedded-world judge is given: a small lexicon of insults (the world's own lexicon is richer).
@@ -20,22 +19,23 @@ DEFAULT_TOXIC_WORDS = ["idiot", "moron", "stupid", "dumb", "loser", "pathetic", 
                        "trash", "shut up", "hate you"]
 
 
-@dataclass
+@config
 class EvalConfig:
-    model: str = ""
-    prompts: str = ""
-    reference: str | None = None     # KL to this model (usually the SFT model)
-    reward: str | None = None        # reward-model score
-    world: str | None = None         # embedded world: gold judge and toxic lexicon
-    pretrain_text: str | None = None  # {"text"} held-out pretraining text for the pretraining loss
-    bias_probes: str | None = None   # {"stereotyped", "anti_stereotyped"} sentence pairs
-    max_new_tokens: int = 32
-    temperature: float = 0.7
-    samples_per_prompt: int = 1
-    batch_size: int = 64
-    n_examples: int = 6              # sample responses kept for the report
-    seed: int = 1234
-    device: str = "auto"
+    model: str = option("", "any local HF causal-LM directory", wired=True, required=True)
+    prompts: str = option("", "prompts {prompt} JSONL", wired=True, required=True)
+    reference: str | None = option(None, "KL to this model (usually the SFT model)", wired=True)
+    reward: str | None = option(None, "reward model: mean score of the samples", wired=True)
+    world: str | None = option(None, "embedded-world directory: gold judge and toxic lexicon", wired=True)
+    pretrain_text: str | None = option(None, "{text} JSONL: held-out pretraining-text loss", wired=True)
+    bias_probes: str | None = option(None, "{stereotyped, anti_stereotyped} sentence pairs JSONL", wired=True)
+    out: str | None = option(None, "write the result as JSON here", wired=True)
+    max_new_tokens: int = option(32, "response length limit")
+    temperature: float = option(0.7, "sampling temperature")
+    samples_per_prompt: int = option(1, "responses sampled per prompt")
+    batch_size: int = option(64, "prompts per sampling batch")
+    n_examples: int = option(6, "sample responses kept for the report")
+    seed: int = option(1234, "sampling seed")
+    device: str = option("auto", "auto | cpu | cuda", wired=True)
 
 
 @torch.no_grad()
@@ -146,7 +146,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         if judge is not None:  # how well the reward model tracks the hidden judge on these fresh samples
             result["rm_gold_spearman"] = spearman(torch.cat(scores).tolist(), gold)
     if ref is not None:
-        result["kl_to_ref"] = float(torch.cat(kls).mean())
+        result["kl_to_reference"] = float(torch.cat(kls).mean())
     if cfg.pretrain_text:
         result["pretrain_loss"] = pretrain_loss(model, tokenizer, read_texts(cfg.pretrain_text), device)
     if cfg.bias_probes:
@@ -158,15 +158,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             examples.append({"prompt": p, "response": t})
     result["examples"] = examples
     result["seconds"] = time.time() - t0
-    result["config"] = asdict(cfg)
-    return result
-
-
-def evaluate_to_file(cfg: EvalConfig, out: str | Path) -> dict:
-    from .utils import write_json
-
-    result = evaluate(cfg)
-    write_json(out, result)
+    result["config"] = to_flat(cfg)
     return result
 
 
@@ -176,5 +168,3 @@ def world_eval_config(world: str | Path, model: str, **kw) -> EvalConfig:
     return EvalConfig(model=str(model), prompts=str(w / "prompts_eval.jsonl"), world=str(w),
                       pretrain_text=str(w / "corpus_val.jsonl"), bias_probes=str(w / "bias_probes.jsonl"), **kw)
 
-
-__all__ = ["EvalConfig", "evaluate", "evaluate_to_file", "world_eval_config"]

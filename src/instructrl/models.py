@@ -291,19 +291,6 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # --- LoRA (peft) ----------------------------------------------------------------------------------------------
-@dataclass
-class LoraOptions:
-    r: int = 0                        # rank; 0 = no LoRA (full fine-tuning)
-    alpha: float = 16.0
-    dropout: float = 0.0              # keep 0: dropout breaks the first PPO ratio = 1 and π_ref = π_SFT [N+ D7]
-    target_modules: str | None = None  # comma-separated names, "all-linear", or None: peft's default per architecture
-
-
-def lora_options(cfg) -> LoraOptions:
-    """The LoRA fields (`lora_r`, `lora_alpha`, …) of a step's config."""
-    return LoraOptions(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-
-
 def _lora_targets(model: nn.Module, spec: str | None):
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
@@ -312,9 +299,9 @@ def _lora_targets(model: nn.Module, spec: str | None):
     return spec or DEFAULTS.get(base_model(model).config.model_type, "all-linear")
 
 
-def apply_lora(model: nn.Module, opts: LoraOptions, causal_lm: bool = True) -> nn.Module:
+def apply_lora(model: nn.Module, opts, causal_lm: bool = True) -> nn.Module:
     """Freeze the model and add LoRA adapters (peft). B starts at 0, so the adapted model equals the base until
-    the first update; adapter weights stay float32 whatever the base dtype."""
+    the first update; adapter weights stay float32 whatever the base dtype. `opts`: options.LoraOptions."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     if opts.dropout:
@@ -371,8 +358,3 @@ def save_causal_lm(model, path: str | os.PathLike, state_dict: dict | None = Non
         model = merge_lora(model, path)
     model.save_pretrained(str(path), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
 
-
-__all__ = ["train_tokenizer", "load_tokenizer", "tiny_gpt_config", "build_tiny_model", "load_causal_lm",
-           "token_logprobs", "ScalarHeadModel", "disable_dropout", "position_ids_from_mask", "position_kwargs",
-           "freeze", "trainable_parameters", "trainable_state", "LoraOptions", "lora_options", "apply_lora", "is_lora",
-           "AdapterDisabled", "save_causal_lm", "fuse_activations"]

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 from .config import PipelineConfig, dump_config
+from .stages import BY_NAME
 from .utils import atomic_dir, console, peak_rss_mb, write_json
-
-COMPARE_RUNS = ("ppo", "ppo_beta0", "pg")
 
 
 def _finished(d: Path) -> dict | None:
@@ -22,6 +21,8 @@ def _finished(d: Path) -> dict | None:
 
 
 def _stage(name: str, d: Path, fn, show: list[str]) -> dict:
+    """Run stage `name` (see stages.py) into `d`, or reuse it when `d` holds a finished stage."""
+    name = BY_NAME[name].title
     done = _finished(d)
     if done is not None:
         console.print(f"[dim]• {name}: reused {d}[/]")
@@ -44,8 +45,9 @@ def _fmt(v):
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
     from .evaluate import evaluate
-    from .pg import train_pg
-    from .ppo import train_ppo
+    from .pg import PolicyGradient
+    from .ppo import PPO
+    from .rl import train_rl
     from .pretrain import pretrain
     from .reward import train_reward_model
     from .sft import sft
@@ -56,13 +58,13 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
-    common = {"seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype}
+    common = {"seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype}  # flat options of RunOptions
 
     # World (embedded default) or the user's own data.
     wdir = out / "world"
     uses_world = not all([cfg.data.demos, cfg.data.prompts_train, cfg.data.prompts_eval]) or not cfg.data.rankings
     if uses_world:
-        _stage("world", wdir, lambda: generate_world(wdir, dataclasses.replace(cfg.world, seed=cfg.seed)),
+        _stage("world", wdir, lambda: generate_world(wdir, dataclasses.replace(cfg.world, out=str(wdir), seed=cfg.seed)),
                ["corpus", "demos", "prompts_train", "prompts_eval"])
     data = {k: getattr(cfg.data, k) for k in dataclasses.asdict(cfg.data)}
     defaults = {"demos": "demos.jsonl", "prompts_train": "prompts_train.jsonl", "prompts_eval": "prompts_eval.jsonl",
@@ -77,14 +79,14 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
         stages["pretrained"] = cfg.base_model
     else:
         pdir = out / "pretrained"
-        _stage("pretrain", pdir, lambda: pretrain(dataclasses.replace(
+        _stage("pretrained", pdir, lambda: pretrain(dataclasses.replace(
             cfg.pretrain, corpus=data["pretrain_text"], val_corpus=data["pretrain_val"], out=str(pdir), seed=cfg.seed)),
             ["val_perplexity", "parameters"])
         stages["pretrained"] = str(pdir)
 
     # Step 1: SFT.
     sdir = out / "sft"
-    _stage("sft (step 1)", sdir, lambda: sft(dataclasses.replace(
+    _stage("sft", sdir, lambda: sft(dataclasses.replace(
         cfg.sft, model=stages["pretrained"], data=data["demos"], out=str(sdir), **common)),
         ["val_loss_start", "val_loss_best"])
     stages["sft"] = str(sdir)
@@ -113,29 +115,29 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
                 summary = {"stage": "rankings", "rankings": len(recs), "k": ls.k, "seconds": time.time() - t0}
                 write_json(tmp / "summary.json", summary)
             return summary
-        _stage("rankings (simulated labelers)", ldir, label, ["rankings", "k"])
+        _stage("rankings", ldir, label, ["rankings", "k"])
         rankings = str(ldir / "rankings.jsonl")
 
     # Step 2: reward model.
     rdir = out / "reward"
-    rm_summary = _stage("reward model (step 2)", rdir, lambda: train_reward_model(dataclasses.replace(
+    rm_summary = _stage("reward", rdir, lambda: train_reward_model(dataclasses.replace(
         cfg.reward, model=str(sdir), data=rankings, demos=data["demos"], out=str(rdir), **common)),
         ["held_out", "demo_score_mean"])
 
     # Step 3: PPO-ptx, and the comparison runs.
     rl_common = dict(policy=str(sdir), reward=str(rdir), prompts=data["prompts_train"], judge=judge_dir,
                      ptx_data=data["pretrain_text"], **common)
-    runs = {"ppo_ptx": ("PPO-ptx (step 3)", lambda d: train_ppo(dataclasses.replace(cfg.ppo, out=str(d), **rl_common)))}
+    runs = {"ppo_ptx": lambda d: train_rl(dataclasses.replace(cfg.ppo, out=str(d), **rl_common), PPO)}
     if cfg.compare:
-        runs["ppo"] = ("PPO without ptx", lambda d: train_ppo(dataclasses.replace(
-            cfg.ppo, out=str(d), **{**rl_common, "ptx_coef": 0.0})))
-        runs["ppo_beta0"] = ("PPO with β = 0", lambda d: train_ppo(dataclasses.replace(
-            cfg.ppo, out=str(d), **{**rl_common, "ptx_coef": 0.0, "beta": 0.0})))
-        runs["pg"] = ("vanilla policy gradient", lambda d: train_pg(dataclasses.replace(
-            cfg.pg, out=str(d), episodes=cfg.ppo.episodes, **{**rl_common, "ptx_coef": 0.0})))
-    for name, (title, fn) in runs.items():
+        runs["ppo"] = lambda d: train_rl(dataclasses.replace(cfg.ppo, out=str(d), **{**rl_common, "ptx_coef": 0.0}),
+                                         PPO)
+        runs["ppo_beta0"] = lambda d: train_rl(dataclasses.replace(
+            cfg.ppo, out=str(d), **{**rl_common, "ptx_coef": 0.0, "beta": 0.0}), PPO)
+        runs["pg"] = lambda d: train_rl(dataclasses.replace(
+            cfg.pg, out=str(d), episodes=cfg.ppo.episodes, **{**rl_common, "ptx_coef": 0.0}), PolicyGradient)
+    for name, fn in runs.items():
         d = out / name
-        _stage(title, d, lambda fn=fn, d=d: fn(d), ["final", "seconds"])
+        _stage(name, d, lambda fn=fn, d=d: fn(d), ["final", "seconds"])
         stages[name] = str(d)
 
     # Evaluation of every stage on the held-out prompts.
@@ -149,13 +151,13 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
         console.print(f"[bold]eval[/] {name} …")
         ecfg = dataclasses.replace(cfg.eval, model=model, prompts=data["prompts_eval"], reference=str(sdir),
                                    reward=str(rdir), world=judge_dir, pretrain_text=data["pretrain_val"],
-                                   bias_probes=data["bias_probes"], device=cfg.device)
+                                   bias_probes=data["bias_probes"], device=cfg.device, out=None)
         evals[name] = evaluate(ecfg)
         write_json(f, evals[name])
         e = evals[name]
         console.print(f"[green]✓ eval {name}[/] toxicity={e['toxicity_rate']:.3f}"
                       + (f" gold={e['gold_reward']:.3f}" if "gold_reward" in e else "")
-                      + f" rm={e.get('rm_reward', float('nan')):.3f} kl={e.get('kl_to_ref', 0):.2f}")
+                      + f" rm={e.get('rm_reward', float('nan')):.3f} kl={e.get('kl_to_reference', 0):.2f}")
 
     from .report import write_report
 

@@ -5,42 +5,38 @@ Users with their own checkpoint skip this: any Hugging Face causal-LM directory 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
+from torch.nn.utils import clip_grad_norm_
 from transformers import get_cosine_schedule_with_warmup
 
 from . import distributed as dist
-from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import read_texts
 from .models import build_tiny_model, count_parameters, tiny_gpt_config, train_tokenizer
-from .utils import MetricsLog, adam, atomic_dir, checkpoint_dir, peak_rss_mb, set_seed, write_json
+from .optim import adam
+from .options import RunOptions, config, group, option
+from .run import Run
 
 
-@dataclass
+@config
 class PretrainConfig:
-    corpus: str = ""
-    val_corpus: str | None = None
-    out: str = ""
-    vocab_size: int = 2000
-    n_layer: int = 4
-    n_embd: int = 192
-    n_head: int = 4
-    n_positions: int = 128
-    block_size: int = 64
-    batch_size: int = 32
-    steps: int = 600
-    lr: float = 2e-3
-    warmup: int = 30
-    weight_decay: float = 0.1
-    seed: int = 0
-    save_every: int = 0          # steps between checkpoints in OUT-checkpoints/ (0 = none)
-    resume: bool = False
-    keep_checkpoints: int = 2
-    max_nonfinite: int = 3
-    progress: bool = True
+    corpus: str = option("", "pretraining text {text} JSONL", wired=True, required=True)
+    val_corpus: str | None = option(None, "held-out text (default: the corpus's last 5%)", wired=True)
+    out: str = option("", "output directory", wired=True, required=True)
+    vocab_size: int = option(2000, "byte-level BPE vocabulary size")
+    n_layer: int = option(4, "transformer blocks")
+    n_embd: int = option(192, "width")
+    n_head: int = option(4, "attention heads")
+    n_positions: int = option(128, "context length")
+    block_size: int = option(64, "tokens per training sequence")
+    batch_size: int = option(32, "sequences per step")
+    steps: int = option(600, "optimizer steps")
+    lr: float = option(2e-3, "peak learning rate (AdamW, cosine decay)")
+    warmup: int = option(30, "warm-up steps")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    eval_every: int = option(100, "steps between held-out evaluations")
+    max_grad_norm: float = option(1.0, "gradient-norm clip")
+    run: RunOptions = group(RunOptions)
 
 
 def pack(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
@@ -75,8 +71,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if dist.launched():  # every rank would train the whole model and race on OUT
         raise ValueError("pretrain runs in a single process (the embedded default takes minutes); "
                          "launch it without torchrun")
-    t0 = time.time()
-    set_seed(cfg.seed)
+    if cfg.run.dtype != "float32" or cfg.run.fsdp:
+        raise ValueError("pretrain trains the tiny model in float32 in one process: drop --dtype and --fsdp")
+    run = Run("pretrain", cfg, cfg.run, cfg.out)
     texts = read_texts(cfg.corpus)
     val_texts = read_texts(cfg.val_corpus) if cfg.val_corpus else None
     if val_texts is None:  # hold out the last 5% of the corpus
@@ -85,48 +82,42 @@ def pretrain(cfg: PretrainConfig) -> dict:
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
     mcfg = tiny_gpt_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.n_layer, cfg.n_embd,
                            cfg.n_head, cfg.n_positions)
-    model = build_tiny_model(mcfg, cfg.seed)
-    train_blocks, val_blocks = pack(texts, tokenizer, cfg.block_size), pack(val_texts, tokenizer, cfg.block_size)
+    model = build_tiny_model(mcfg, cfg.run.seed).to(run.device)
+    train_blocks = pack(texts, tokenizer, cfg.block_size).to(run.device)
+    val_blocks = pack(val_texts, tokenizer, cfg.block_size).to(run.device)
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = adam([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-               decoupled_weight_decay=True, lr=cfg.lr, betas=(0.9, 0.95))
-    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.steps)
-    g = torch.Generator().manual_seed(cfg.seed)
-    guard = NonFiniteGuard("pretrain", cfg.max_nonfinite)
-    ckpt = Checkpointer(checkpoint_dir(cfg.out), cfg.keep_checkpoints)
-    st: dict = {"step": 0, "order": torch.randperm(len(train_blocks), generator=g).tolist(), "pos": 0}
-    previous: list[str] = []
-    if cfg.resume and (restored := ckpt.load_latest({"model": model}, opt, sched, {"data": g})):
-        _, st, previous = restored
-    with atomic_dir(cfg.out) as tmp:
-        log = MetricsLog(tmp / "metrics.jsonl", previous)
+    optimizer = adam([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                     decoupled_weight_decay=True, lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup, cfg.steps)
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    st = {"order": torch.randperm(len(train_blocks), generator=g).tolist(), "pos": 0}
+    st = run.resume({"model": model}, optimizer, scheduler, {"data": g}) or st
+    with run.output() as tmp:
         model.train()
-        bar = tqdm(range(st["step"], cfg.steps), desc="pretrain", disable=not cfg.progress, dynamic_ncols=True)
-        for step in bar:
+        for step in run.progress(cfg.steps):
             if st["pos"] + cfg.batch_size > len(st["order"]):
                 st["order"], st["pos"] = torch.randperm(len(train_blocks), generator=g).tolist(), 0
             batch = train_blocks[st["order"][st["pos"]: st["pos"] + cfg.batch_size]]
             st["pos"] += cfg.batch_size
+            optimizer.zero_grad(set_to_none=True)
             loss = lm_loss(model, batch)
-            guard.step(step + 1, opt, loss, model, 1.0)
-            sched.step()
-            rec = {"step": step + 1, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
-            if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
-                rec["val_loss"] = eval_loss(model, val_blocks)
-            log.log(rec)
-            st["step"] = step + 1
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                ckpt.save(step + 1, {"model": model}, opt, sched, {"data": g}, state=st, metrics=log.lines)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", refresh=False)
-        log.close()
+            if run.nonfinite.ok(step, loss=loss):
+                loss.backward()
+                grad_norm = clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if run.nonfinite.ok(step, grad_norm=grad_norm):
+                    optimizer.step()
+            scheduler.step()
+            rec = {"step": step, "train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                rec["eval/loss"] = eval_loss(model, val_blocks)
+            run.log(rec)
+            run.maybe_save(step, step == cfg.steps, st)
+            run.show(loss=rec["train/loss"])
         val = eval_loss(model, val_blocks)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        summary = {"stage": "pretrain", "val_loss": val, "val_perplexity": math.exp(val),
-                   "parameters": count_parameters(model), "vocab_size": len(tokenizer),
-                   "train_tokens": int(cfg.steps * cfg.batch_size * cfg.block_size),
-                   "seconds": time.time() - t0, "peak_rss_mb": peak_rss_mb(), "config": asdict(cfg)}
-        write_json(tmp / "summary.json", summary)
-    return summary
+        return run.finish({"val_loss": val, "val_perplexity": math.exp(val), "parameters": count_parameters(model),
+                           "vocab_size": len(tokenizer),
+                           "train_tokens": int(cfg.steps * cfg.batch_size * cfg.block_size)})

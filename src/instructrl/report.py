@@ -12,21 +12,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from .stages import label  # noqa: E402
 from .utils import atomic_write_text, write_json  # noqa: E402
 
-METRICS = ["toxicity_rate", "gold_reward", "rm_reward", "rm_gold_spearman", "kl_to_sft", "pretrain_loss", "bias_gap",
-           "bias_stereotype_share", "response_length", "episodes", "seconds"]
-LABELS = {"pretrained": "pretrained", "sft": "SFT", "ppo_ptx": "PPO-ptx", "ppo": "PPO (no ptx)",
-          "ppo_beta0": "PPO β=0", "pg": "vanilla PG"}
+METRICS = ["toxicity_rate", "gold_reward", "rm_reward", "rm_gold_spearman", "kl_to_reference", "pretrain_loss",
+           "bias_gap", "bias_stereotype_share", "response_length", "episodes", "seconds"]
+CURVE = ("train/episodes", "objective/score", "objective/gold", "objective/kl", "objective/beta",
+         "rollout/response_length")
 
 
 def _curve(stage_dir: Path) -> list[dict]:
     f = stage_dir / "metrics.jsonl"
     if not f.is_file():
         return []
-    keep = ("episodes", "reward", "gold_reward", "kl", "beta", "response_length")
     records = [json.loads(x) for x in f.read_text().splitlines()]
-    return [{k: d[k] for k in keep if k in d} for d in records if "episodes" in d]  # RL stages only
+    return [{k: d[k] for k in CURVE if k in d} for d in records if "train/episodes" in d]  # RL stages only
 
 
 def _smooth(ys: list[float], w: int = 5) -> list[float]:
@@ -49,9 +49,9 @@ def claims(stages: dict) -> list[dict]:
     if "ppo" in s and "ppo_beta0" in s and "gold_reward" in s["ppo"]:
         a, b = s["ppo"], s["ppo_beta0"]
         add("2. The KL penalty keeps the policy near SFT; β = 0 hacks the reward model",
-            b["kl_to_sft"] > a["kl_to_sft"] and (b["rm_reward"] - b["gold_reward"]) > (a["rm_reward"] - a["gold_reward"]),
-            f"β>0: KL {a['kl_to_sft']:.2f}, proxy {a['rm_reward']:.3f}, gold {a['gold_reward']:.3f}; "
-            f"β=0: KL {b['kl_to_sft']:.2f}, proxy {b['rm_reward']:.3f}, gold {b['gold_reward']:.3f}")
+            b["kl_to_reference"] > a["kl_to_reference"] and (b["rm_reward"] - b["gold_reward"]) > (a["rm_reward"] - a["gold_reward"]),
+            f"β>0: KL {a['kl_to_reference']:.2f}, proxy {a['rm_reward']:.3f}, gold {a['gold_reward']:.3f}; "
+            f"β=0: KL {b['kl_to_reference']:.2f}, proxy {b['rm_reward']:.3f}, gold {b['gold_reward']:.3f}")
     if "ppo" in s and "pg" in s and "gold_reward" in s["ppo"]:
         a, b = s["ppo"], s["pg"]
         add("3. PPO reaches more reward than vanilla PG with the same sampled episodes",
@@ -80,12 +80,12 @@ def figures(stages: dict, curves: dict, out: Path) -> dict[str, str]:
     rl = [k for k in curves if curves[k]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for k in rl:
-        ep = [c["episodes"] for c in curves[k]]
-        line, = axes[0].plot(ep, _smooth([c["reward"] for c in curves[k]]), label=f"{LABELS.get(k, k)} proxy")
-        if "gold_reward" in curves[k][0]:
-            axes[0].plot(ep, _smooth([c["gold_reward"] for c in curves[k]]), "--", color=line.get_color(),
-                         label=f"{LABELS.get(k, k)} gold")
-        axes[1].plot(ep, _smooth([c["kl"] for c in curves[k]]), label=LABELS.get(k, k))
+        ep = [c["train/episodes"] for c in curves[k]]
+        line, = axes[0].plot(ep, _smooth([c["objective/score"] for c in curves[k]]), label=f"{label(k)} proxy")
+        if "objective/gold" in curves[k][0]:
+            axes[0].plot(ep, _smooth([c["objective/gold"] for c in curves[k]]), "--", color=line.get_color(),
+                         label=f"{label(k)} gold")
+        axes[1].plot(ep, _smooth([c["objective/kl"] for c in curves[k]]), label=label(k))
     axes[0].set(title="Reward vs episodes (solid: reward model, dashed: gold)", xlabel="episodes", ylabel="reward")
     axes[1].set(title="KL to SFT vs episodes", xlabel="episodes", ylabel="Σ_t k1 per response")
     for a in axes:
@@ -95,18 +95,18 @@ def figures(stages: dict, curves: dict, out: Path) -> dict[str, str]:
 
     names = list(stages)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    axes[0].bar([LABELS.get(n, n) for n in names], [stages[n]["toxicity_rate"] for n in names], color="#c0504d")
+    axes[0].bar([label(n) for n in names], [stages[n]["toxicity_rate"] for n in names], color="#c0504d")
     axes[0].set(title="Toxicity rate of sampled responses (eval prompts)", ylabel="share toxic")
     axes[0].tick_params(axis="x", rotation=20)
     for n in names:
         st = stages[n]
-        if st.get("kl_to_sft") is None:
+        if st.get("kl_to_reference") is None:
             continue
         for key, marker in (("gold_reward", "o"), ("rm_reward", "x")):
             if st.get(key) is not None:
-                axes[1].scatter(st["kl_to_sft"], st[key], marker=marker)
-                axes[1].annotate(f"{LABELS.get(n, n)} {'gold' if key == 'gold_reward' else 'RM'}",
-                                 (st["kl_to_sft"], st[key]), fontsize=7)
+                axes[1].scatter(st["kl_to_reference"], st[key], marker=marker)
+                axes[1].annotate(f"{label(n)} {'gold' if key == 'gold_reward' else 'RM'}",
+                                 (st["kl_to_reference"], st[key]), fontsize=7)
     axes[1].set(title="Reward vs KL frontier (o gold, x reward model)", xlabel="KL to SFT", ylabel="reward")
     axes[1].grid(alpha=0.3)
     figs["stages"] = _png(fig)
@@ -125,7 +125,7 @@ def write_report(out: Path, stage_dirs: dict[str, str], evals: dict[str, dict], 
         summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
         stages[name] = {"toxicity_rate": e["toxicity_rate"], "gold_reward": e.get("gold_reward"),
                         "rm_reward": e.get("rm_reward"), "rm_gold_spearman": e.get("rm_gold_spearman"),
-                        "kl_to_sft": e.get("kl_to_ref"),
+                        "kl_to_reference": e.get("kl_to_reference"),
                         "pretrain_loss": e.get("pretrain_loss"), "bias_gap": e.get("bias_gap"),
                         "bias_stereotype_share": e.get("bias_stereotype_share"),
                         "response_length": e["response_length"], "episodes": summary.get("episodes", 0),
@@ -150,7 +150,7 @@ def render_html(report: dict, figs: dict[str, str]) -> str:
     for name, st in stages.items():
         cells = "".join(f"<td>{'' if st.get(m) is None else (f'{st[m]:.3f}' if isinstance(st[m], float) else st[m])}</td>"
                         for m in METRICS)
-        rows += f"<tr><th>{e(LABELS.get(name, name))}</th>{cells}</tr>"
+        rows += f"<tr><th>{e(label(name))}</th>{cells}</tr>"
     claims_html = "".join(
         f"<li class='{'ok' if c['holds'] else 'no'}'><b>{'✓' if c['holds'] else '✗'} {e(c['claim'])}</b><br>"
         f"{e(c['detail'])}</li>" for c in report["claims"]) or "<li>Run with <code>--compare</code> to test claims 2–4.</li>"
@@ -160,7 +160,7 @@ def render_html(report: dict, figs: dict[str, str]) -> str:
         ex_html += f"<h4>{e(p)}</h4><table class='ex'>"
         for name, exs in report["examples"].items():
             resp = next((x["response"] for x in exs if x["prompt"] == p), "")
-            ex_html += f"<tr><th>{e(LABELS.get(name, name))}</th><td>{e(resp)}</td></tr>"
+            ex_html += f"<tr><th>{e(label(name))}</th><td>{e(resp)}</td></tr>"
         ex_html += "</table>"
     rm = report["reward_model"].get("held_out") or {}
     rm_line = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rm.items())

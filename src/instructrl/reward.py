@@ -12,49 +12,41 @@ from __future__ import annotations
 
 import math
 import random
-import time
-from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
+from torch.nn.utils import clip_grad_norm_
 from transformers import get_cosine_schedule_with_warmup
 
 from . import distributed as dist
-from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import DataError, Ranking, collate_right, encode_example, read_demos, read_rankings
 from .losses import pairwise_accuracy, ranking_loss
-from .models import ScalarHeadModel, apply_lora, context_length, load_tokenizer, lora_options, trainable_parameters
-from .utils import (MetricsLog, adam, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed,
-                    write_json)
+from .models import ScalarHeadModel, apply_lora, context_length, load_tokenizer, trainable_parameters
+from .optim import adam
+from .options import LoraOptions, RunOptions, config, group, option
+from .run import Run
 
 
-@dataclass
+@config
 class RewardConfig:
-    model: str = ""
-    data: str = ""
-    out: str = ""
-    demos: str | None = None       # demonstrations for the mean-0 bias [IG]
-    normalize_gain: bool = True    # scale so the ranked (policy) samples have std 1 [LHP]
-    epochs: float = 1.0
-    batch_size: int = 8            # prompts per batch (each with all its K responses)
-    lr: float = 5e-5
-    warmup_ratio: float = 0.05
-    val_fraction: float = 0.1
-    grouped: bool = True           # False: the same comparisons shuffled as independent pairs (for comparison)
-    truncate_prompts: bool = False
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    save_every: int = 0            # optimizer steps between checkpoints in OUT-checkpoints/ (0 = none)
-    resume: bool = False
-    keep_checkpoints: int = 2
-    max_nonfinite: int = 3
-    progress: bool = True
-    lora_r: int = 0                # LoRA rank on the backbone (0: full fine-tuning); saved merged
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: str | None = None
-    fsdp: bool = False             # shard the model over the ranks (basic support: no checkpoints, no LoRA)
+    model: str = option("", "backbone: any local HF causal-LM directory (usually the SFT model)", wired=True,
+                        required=True)
+    data: str = option("", "rankings {prompt, responses, ranking} or pairs {prompt, chosen, rejected} JSONL",
+                       wired=True, required=True)
+    out: str = option("", "output directory", wired=True, required=True)
+    demos: str | None = option(None, "demonstrations: a bias so they score mean 0 [IG]", wired=True)
+    normalize_gain: bool = option(True, "a gain so the ranked (policy) samples have std 1 [LHP]")
+    epochs: float = option(1.0, "passes over the training prompts (about one: more overfits [IG])")
+    batch_size: int = option(8, "prompts per batch, each with all its K responses (global under torchrun)")
+    lr: float = option(5e-5, "peak learning rate (AdamW, cosine decay)")
+    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up")
+    val_fraction: float = option(0.1, "share of the prompts held out for accuracy")
+    eval_every: int = option(0, "optimizer steps between held-out evaluations (0: only at the end)")
+    max_grad_norm: float = option(1.0, "gradient-norm clip")
+    grouped: bool = option(True, "all C(K,2) pairs of a prompt in one batch element (InstructGPT); false: the same "
+                                 "comparisons shuffled as independent pairs")
+    truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
+    run: RunOptions = group(RunOptions)
+    lora: LoraOptions = group(LoraOptions, "lora_")
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -158,10 +150,9 @@ def evaluate_rankings(model, tokenizer, rankings: list[Ranking], cfg: RewardConf
 
 
 def train_reward_model(cfg: RewardConfig) -> dict:
-    t0 = time.time()
-    set_seed(cfg.seed)
-    dist.check_fsdp(cfg)
-    device, dtype = dist.init(resolve_device(cfg.device)), resolve_dtype(cfg.dtype)
+    dist.check_fsdp(cfg.run, cfg.lora)
+    run = Run("reward", cfg, cfg.run, cfg.out)
+    device, dtype = run.device, run.dtype
     rankings = read_rankings(cfg.data)
     demos = read_demos(cfg.demos) if cfg.demos else None
     tokenizer = load_tokenizer(cfg.model)
@@ -175,87 +166,86 @@ def train_reward_model(cfg: RewardConfig) -> dict:
                 raise DataError(cfg.data, r.line, str(e), "responses") from None
 
     # Held-out split by prompt, so no prompt's responses are in both.
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.run.seed)
     prompts = sorted({r.prompt for r in rankings})
     rng.shuffle(prompts)
     held = set(prompts[: max(1, int(len(prompts) * cfg.val_fraction))]) if len(prompts) > 1 else set()
     train = [r for r in rankings if r.prompt not in held]
     val = [r for r in rankings if r.prompt in held]
-    if cfg.grouped:
-        train_items = train
-    else:
-        train_items = as_independent_pairs(train)
+    train_items = train if cfg.grouped else as_independent_pairs(train)
 
     comparisons = sum(len(r.pairs()) for r in train)
     # One epoch sees every comparison once; grouped and shuffled training take the same number of epochs.
     # Shuffled pairs use as many pairs per batch as a grouped batch holds, so both take the same optimizer steps.
     batch_size = cfg.batch_size if cfg.grouped else max(1, round(cfg.batch_size * comparisons / max(1, len(train))))
     steps = max(1, math.ceil(cfg.epochs * len(train_items) / batch_size))
-    if cfg.lora_r:
-        model.backbone = apply_lora(model.backbone, lora_options(cfg), causal_lm=False)
-    if cfg.fsdp:
+    if cfg.lora.r:
+        model.backbone = apply_lora(model.backbone, cfg.lora, causal_lm=False)
+    if cfg.run.fsdp:
         dist.fsdp_shard(model)
-    train_model = dist.wrap(model, cfg.fsdp)  # training forwards (gradients averaged over ranks)
+    train_model = dist.wrap(model, cfg.run.fsdp)  # training forwards (gradients averaged over ranks)
     params = trainable_parameters(model)
-    opt = adam(params, decoupled_weight_decay=True, lr=cfg.lr, weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps), steps)
-    guard = NonFiniteGuard("rm", cfg.max_nonfinite)
-    ckpt = Checkpointer(checkpoint_dir(cfg.out), cfg.keep_checkpoints)
-    st: dict = {"step": 0, "order": []}  # the data position: indices still to visit in the current pass
-    previous: list[str] = []
-    if cfg.resume and (restored := ckpt.load_latest({"model": model}, opt, sched, {"shuffle": rng})):
-        _, st, previous = restored
-    with dist.output_dir(cfg.out) as tmp:
-        log = MetricsLog(tmp / "metrics.jsonl" if tmp else None, previous)
+    optimizer = adam(params, decoupled_weight_decay=True, lr=cfg.lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+    # the data position: indices still to visit in the current pass
+    st = run.resume({"model": model}, optimizer, scheduler, {"shuffle": rng}) or {"order": []}
+    with run.output() as tmp:
         model.train()
-        bar = tqdm(range(st["step"], steps), desc="reward model", disable=not (cfg.progress and dist.is_main()),
-                   dynamic_ncols=True)
-        for step in bar:
+        for step in run.progress(steps, desc="reward model"):
             if len(st["order"]) < batch_size:
                 fresh = list(range(len(train_items)))
                 rng.shuffle(fresh)
                 st["order"] += fresh
             batch, counts = dist.local_batch([train_items[i] for i in st["order"][:batch_size]])
             del st["order"][:batch_size]
+            optimizer.zero_grad(set_to_none=True)
             raw = _raw_rewards(train_model, tokenizer, batch, max_len, cfg.truncate_prompts, device, cfg.data)
             groups = [r.groups for r in batch]
             loss = rm_loss(raw, groups, counts)
-            guard.step(step + 1, opt, loss, params, 1.0)
-            sched.step()
+            if run.nonfinite.ok(step, loss=loss):
+                loss.backward()
+                grad_norm = clip_grad_norm_(params, cfg.max_grad_norm)
+                if run.nonfinite.ok(step, grad_norm=grad_norm):
+                    optimizer.step()
+            scheduler.step()
             c, t = pairwise_accuracy(raw.detach(), groups) if counts else (0, 0)
             c, t = dist.sum_floats(c, t)
-            global_loss = dist.all_reduce_mean(loss.detach()).item()
-            log.log({"step": step + 1, "loss": global_loss, "accuracy": c / max(1, t), "lr": sched.get_last_lr()[0]})
-            st["step"] = step + 1
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-                ckpt.save(step + 1, {"model": model}, opt, sched, {"shuffle": rng}, state=st, metrics=log.lines)
-            bar.set_postfix(loss=f"{global_loss:.3f}", refresh=False)
+            rec = {"step": step, "train/loss": dist.all_reduce_mean(loss.detach()).item(),
+                   "train/accuracy": c / max(1, t), "train/lr": scheduler.get_last_lr()[0]}
+            if val and cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
+                rec.update({f"eval/{k}": v for k, v in evaluate_rankings(model, tokenizer, val, cfg, device).items()})
+                model.train()
+            run.log(rec)
+            run.maybe_save(step, step == steps, st)
+            run.show(loss=rec["train/loss"])
         model.eval()
         held_out = evaluate_rankings(model, tokenizer, val, cfg, device) if val else {}
-
-        # Normalisation, stored with the model and applied by score(): gain first, then bias.
-        model.norm_gain, model.norm_bias = 1.0, 0.0
-        gain, bias = 1.0, 0.0
-        if cfg.normalize_gain:
-            policy_texts = [(r.prompt, resp) for r in rankings for resp in r.responses]
-            s = score_texts_all_ranks(model, tokenizer, [p for p, _ in policy_texts], [x for _, x in policy_texts])
-            gain = 1.0 / max(float(s.std()), 1e-6)
-        if demos:
-            model.norm_gain = gain
-            s = score_texts_all_ranks(model, tokenizer, [p for p, _ in demos], [r for _, r in demos])
-            bias = -float(s.mean())
-        model.norm_gain, model.norm_bias = gain, bias
+        if held_out:
+            run.log({"step": steps, **{f"eval/{k}": v for k, v in held_out.items()}})
+        gain, bias = normalise(model, tokenizer, rankings, demos, cfg.normalize_gain)
         demo_mean = float(score_texts_all_ranks(model, tokenizer, [p for p, _ in demos],
                                                 [r for _, r in demos]).mean()) if demos else None
         full = dist.full_state_dict(model)  # FSDP: gathered by every rank
         if tmp is not None:
             model.save_pretrained(tmp, full)
             tokenizer.save_pretrained(str(tmp))
-        summary = {"stage": "reward", "steps": steps, "train_prompts": len(train), "train_comparisons": comparisons,
-                   "train_items": len(train_items), "grouped": cfg.grouped, "held_out_prompts": len(val),
-                   "held_out": held_out, "norm_gain": gain, "norm_bias": bias, "demo_score_mean": demo_mean,
-                   "world_size": dist.world_size(), "seconds": time.time() - t0, "peak_rss_mb": peak_rss_mb(),
-                   "config": asdict(cfg)}
-        if tmp is not None:
-            write_json(tmp / "summary.json", summary)
-    return summary
+        return run.finish({"steps": steps, "train_prompts": len(train), "train_comparisons": comparisons,
+                           "train_items": len(train_items), "grouped": cfg.grouped, "held_out_prompts": len(val),
+                           "held_out": held_out, "norm_gain": gain, "norm_bias": bias, "demo_score_mean": demo_mean})
+
+
+def normalise(model: ScalarHeadModel, tokenizer, rankings: list[Ranking], demos, with_gain: bool) -> tuple:
+    """Gain so the ranked (policy) samples have std 1 [LHP], then bias so the demonstrations score mean 0 [IG];
+    stored with the model and applied by score(). Returns (gain, bias)."""
+    model.norm_gain, model.norm_bias = 1.0, 0.0
+    gain, bias = 1.0, 0.0
+    if with_gain:
+        texts = [(r.prompt, resp) for r in rankings for resp in r.responses]
+        s = score_texts_all_ranks(model, tokenizer, [p for p, _ in texts], [x for _, x in texts])
+        gain = 1.0 / max(float(s.std()), 1e-6)
+    if demos:
+        model.norm_gain = gain
+        s = score_texts_all_ranks(model, tokenizer, [p for p, _ in demos], [r for _, r in demos])
+        bias = -float(s.mean())
+    model.norm_gain, model.norm_bias = gain, bias
+    return gain, bias

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed as dist
-from .models import cache_argument, context_length, position_ids_from_mask, position_kwargs
+from .models import cache_argument, context_length, position_ids_from_mask, position_kwargs, token_logprobs
 
 
 class PromptTooLong(ValueError):
@@ -150,3 +150,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, 
         if progress is not None:
             progress(len(batch.ended))
     return texts
+
+
+def response_logprobs(model, batch: SampleBatch, temperature: float, with_entropy: bool = False):
+    """Log-probs of the response tokens only: [B, R] (and entropy); the unembedding runs on those R positions."""
+    return token_logprobs(model, batch.input_ids, batch.attention_mask, temperature, with_entropy,
+                          last=batch.response_ids.shape[1])

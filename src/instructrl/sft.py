@@ -10,50 +10,37 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
-from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
+from torch.nn.utils import clip_grad_norm_
 from transformers import get_cosine_schedule_with_warmup
 
 from . import distributed as dist
-from .checkpoint import Checkpointer, NonFiniteGuard
 from .data import DataError, collate_right, encode_example, read_demos
-from .models import (apply_lora, context_length, load_causal_lm, load_tokenizer, lora_options, save_causal_lm,
-                     token_logprobs, trainable_parameters, trainable_state)
-from .utils import (MetricsLog, adam, checkpoint_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed,
-                    write_json)
+from .models import (apply_lora, context_length, load_causal_lm, load_tokenizer, save_causal_lm, token_logprobs,
+                     trainable_parameters, trainable_state)
+from .optim import adam
+from .options import LoraOptions, RunOptions, config, group, option
+from .run import Run
 
 
-@dataclass
+@config
 class SFTConfig:
-    model: str = ""
-    data: str = ""
-    out: str = ""
-    epochs: int = 2
-    batch_size: int = 16
-    lr: float = 1e-4
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    val_fraction: float = 0.1
-    patience: int = 2            # evaluations without improvement before stopping
-    eval_every: int = 20         # optimizer steps between validation passes
-    max_grad_norm: float = 1.0
-    truncate_prompts: bool = False
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    save_every: int = 0          # optimizer steps between checkpoints in OUT-checkpoints/ (0 = none)
-    resume: bool = False
-    keep_checkpoints: int = 2
-    max_nonfinite: int = 3
-    progress: bool = True
-    lora_r: int = 0              # LoRA rank (0: full fine-tuning); the output is saved merged
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: str | None = None  # comma-separated, "all-linear", or None: peft's default per architecture
-    fsdp: bool = False           # shard the model over the ranks (basic support: no checkpoints, no LoRA)
+    model: str = option("", "any local Hugging Face causal-LM directory", wired=True, required=True)
+    data: str = option("", "demonstrations {prompt, response} JSONL", wired=True, required=True)
+    out: str = option("", "output directory", wired=True, required=True)
+    epochs: int = option(2, "passes over the training demonstrations")
+    batch_size: int = option(16, "demonstrations per optimizer step (global: under torchrun each process takes 1/N)")
+    lr: float = option(1e-4, "peak learning rate (AdamW, cosine decay)")
+    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    val_fraction: float = option(0.1, "share of the demonstrations held out for the validation loss")
+    patience: int = option(2, "evaluations without improvement before stopping early")
+    eval_every: int = option(20, "optimizer steps between validation passes")
+    max_grad_norm: float = option(1.0, "gradient-norm clip")
+    truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
+    run: RunOptions = group(RunOptions)
+    lora: LoraOptions = group(LoraOptions, "lora_")
 
 
 def sft_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -99,10 +86,9 @@ def keep_best(best: dict | None, model) -> dict:
 
 
 def sft(cfg: SFTConfig) -> dict:
-    t0 = time.time()
-    set_seed(cfg.seed)
-    dist.check_fsdp(cfg)
-    device, dtype = dist.init(resolve_device(cfg.device)), resolve_dtype(cfg.dtype)
+    dist.check_fsdp(cfg.run, cfg.lora)
+    run = Run("sft", cfg, cfg.run, cfg.out)
+    device, dtype = run.device, run.dtype
     lines: list[int] = []
     demos = read_demos(cfg.data, lines)
     tokenizer = load_tokenizer(cfg.model)
@@ -114,7 +100,7 @@ def sft(cfg: SFTConfig) -> dict:
             examples.append(encode_example(tokenizer, p, r, max_len, cfg.truncate_prompts))
         except ValueError as e:
             raise DataError(cfg.data, lines[i], str(e), "prompt") from None
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.run.seed)
     idx = list(range(len(examples)))
     rng.shuffle(idx)
     n_val = max(1, int(len(idx) * cfg.val_fraction)) if len(idx) > 1 else 0
@@ -123,68 +109,60 @@ def sft(cfg: SFTConfig) -> dict:
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    if cfg.lora_r:
-        model = apply_lora(model, lora_options(cfg))
-    if cfg.fsdp:
+    if cfg.lora.r:
+        model = apply_lora(model, cfg.lora)
+    if cfg.run.fsdp:
         dist.fsdp_shard(model)
-    train_model = dist.wrap(model, cfg.fsdp)  # training forwards (gradients averaged over ranks)
-    opt = adam(trainable_parameters(model), decoupled_weight_decay=True, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    train_model = dist.wrap(model, cfg.run.fsdp)  # training forwards (gradients averaged over ranks)
+    optimizer = adam(trainable_parameters(model), decoupled_weight_decay=True, lr=cfg.lr,
+                     weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     pad = tokenizer.pad_token_id
-    guard = NonFiniteGuard("sft", cfg.max_nonfinite)
-    ckpt = Checkpointer(checkpoint_dir(cfg.out), cfg.keep_checkpoints)
-    # The run's whole state: counters, the current epoch's order, early-stopping state (+ best weights, trainable
-    # part only: under LoRA the adapters).
-    st = {"step": 0, "order": [], "best": float("inf"), "bad_evals": 0, "stopped_early": False, "has_best": False}
-    best: dict | None = None
-    previous: list[str] = []
-    if cfg.resume:
-        best = {}
-        restored = ckpt.load_latest({"model": model, "best": best}, opt, sched, {"shuffle": rng})
-        if restored:
-            _, st, previous = restored
-        if not st["has_best"]:
-            best = None
-    with dist.output_dir(cfg.out) as tmp:
-        log = MetricsLog(tmp / "metrics.jsonl" if tmp else None, previous)
-        if not previous:
-            val_loss0 = evaluate_loss(model, val, pad, cfg.batch_size, device) if val else float("nan")
-            log.log({"step": 0, "val_loss": val_loss0})
-        val_loss0 = json.loads(log.lines[0])["val_loss"]
+    # The run's state: the current epoch's order and early stopping (+ the best weights, trainable part only:
+    # under LoRA the adapters).
+    best: dict | None = {}
+    st = run.resume({"model": model, "best": best}, optimizer, scheduler, {"shuffle": rng}) \
+        or {"order": [], "best": float("inf"), "bad_evals": 0, "stopped_early": False, "has_best": False}
+    best = best if st["has_best"] else None
+    with run.output() as tmp:
+        if not run.previous:
+            run.log({"step": 0, "eval/loss": evaluate_loss(model, val, pad, cfg.batch_size, device) if val
+                     else float("nan")})
+        val_loss0 = json.loads(run.metrics.lines[0])["eval/loss"]
         model.train()
-        bar = tqdm(total=total, initial=st["step"], desc="sft", disable=not (cfg.progress and dist.is_main()),
-                   dynamic_ncols=True)
-        while st["step"] < total and not st["stopped_early"]:
-            epoch, b = divmod(st["step"], steps_per_epoch)
+        step = run.start
+        for step in run.progress(total):
+            epoch, b = divmod(step - 1, steps_per_epoch)
             if b == 0:
                 st["order"] = list(range(len(train)))
                 rng.shuffle(st["order"])
             rows = st["order"][b * cfg.batch_size:(b + 1) * cfg.batch_size]
             batch, counts = dist.local_batch([train[i] for i in rows])
             ids, mask, lm = (t.to(device) for t in collate_right(batch, pad))
+            optimizer.zero_grad(set_to_none=True)
             loss = sft_loss(train_model, ids, mask, lm if counts else lm * 0)
-            st["step"] += 1
-            step = st["step"]
-            _, gn = guard.step(step, opt, loss, model, cfg.max_grad_norm)
-            sched.step()
-            rec = {"step": step, "epoch": epoch, "loss": dist.all_reduce_mean(loss.detach()).item(),
-                   "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}
+            grad_norm = float("nan")
+            if run.nonfinite.ok(step, loss=loss):
+                loss.backward()
+                grad_norm = clip_grad_norm_(trainable_parameters(model), cfg.max_grad_norm)
+                if run.nonfinite.ok(step, grad_norm=grad_norm):
+                    optimizer.step()
+            scheduler.step()
+            rec = {"step": step, "train/epoch": epoch, "train/loss": dist.all_reduce_mean(loss.detach()).item(),
+                   "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}
             if val and (step % cfg.eval_every == 0 or step == total):
-                rec["val_loss"] = v = evaluate_loss(model, val, pad, cfg.batch_size, device)
+                rec["eval/loss"] = v = evaluate_loss(model, val, pad, cfg.batch_size, device)
                 if v < st["best"] - 1e-4:
                     st["best"], st["bad_evals"], st["has_best"] = v, 0, True
                     best = keep_best(best, model)
                 else:
                     st["bad_evals"] += 1
                 st["stopped_early"] = st["bad_evals"] >= cfg.patience
-            log.log(rec)
-            if cfg.save_every and step % cfg.save_every == 0 and step < total and not st["stopped_early"]:
-                ckpt.save(step, {"model": model, "best": best or model}, opt, sched, {"shuffle": rng},
-                          state=st, metrics=log.lines)
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", val=f"{st['best']:.3f}", refresh=False)
-        bar.close()
-        log.close()
+            run.log(rec)
+            run.maybe_save(step, step == total or st["stopped_early"], st, {"model": model, "best": best or model})
+            run.show(loss=rec["train/loss"], val=st["best"])
+            if st["stopped_early"]:
+                break
         if best is not None:  # keep the weights with the best validation loss
             model.load_state_dict(best, strict=False)
         model.eval()
@@ -192,11 +170,7 @@ def sft(cfg: SFTConfig) -> dict:
         if tmp is not None:
             save_causal_lm(model, tmp, full)
             tokenizer.save_pretrained(str(tmp))
-        summary = {"stage": "sft", "steps": st["step"], "epochs_run": math.ceil(st["step"] / steps_per_epoch),
-                   "stopped_early": st["stopped_early"], "val_loss_start": val_loss0,
-                   "val_loss_best": st["best"] if val else None, "train_examples": len(train),
-                   "val_examples": len(val), "world_size": dist.world_size(), "seconds": time.time() - t0,
-                   "peak_rss_mb": peak_rss_mb(), "config": asdict(cfg)}
-        if tmp is not None:
-            write_json(tmp / "summary.json", summary)
-    return summary
+        return run.finish({"steps": step, "epochs_run": math.ceil(step / steps_per_epoch),
+                           "stopped_early": st["stopped_early"], "val_loss_start": val_loss0,
+                           "val_loss_best": st["best"] if val else None, "train_examples": len(train),
+                           "val_examples": len(val)})

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file output, seeding, metrics logging, devices, memory."""
+"""Small shared helpers: atomic file output, seeding, devices, memory, the paths beside an output."""
 from __future__ import annotations
 
 import contextlib
@@ -73,54 +73,10 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = True):
         raise
 
 
-def adam(params, decoupled_weight_decay: bool = False, **kw) -> torch.optim.Optimizer:
-    """Adam (AdamW with decoupled_weight_decay), fused into one kernel per step where torch has that kernel for
-    these tensors (CPU and CUDA): the unfused loop runs ~8 small ops per parameter tensor (2-3 % of PPO's training
-    phase at benchmark protocol P, README). `params`: tensors or param-group dicts, as for torch.optim."""
-    params = [{**g, "params": list(g["params"])} if isinstance(g, dict) else g for g in params]
-    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
-    fusable = bool(tensors) and len({p.device for p in tensors}) == 1 \
-        and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                and type(p.data) is torch.Tensor for p in tensors)
-    cls = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
-    if fusable:
-        try:
-            return cls(params, fused=True, **kw)
-        except RuntimeError:  # torch < 2.4 has no fused kernel for CPU tensors
-            pass
-    return cls(params, **kw)
-
-
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class MetricsLog:
-    """Append-only metrics.jsonl: one JSON object per step, flushed as it is written.
-
-    The lines are also kept in memory so a checkpoint can carry them (a resumed run rewrites them first).
-    """
-
-    def __init__(self, path: str | os.PathLike | None, previous: list[str] | None = None):
-        self.f = open(path, "a", encoding="utf-8") if path is not None else None
-        self.lines: list[str] = []
-        for line in previous or []:
-            self._write(line)
-
-    def _write(self, line: str) -> None:
-        self.lines.append(line)
-        if self.f is not None:
-            self.f.write(line + "\n")
-            self.f.flush()
-
-    def log(self, record: dict) -> None:
-        self._write(json.dumps(record))
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
 
 
 def peak_rss_mb() -> float:
@@ -150,3 +106,9 @@ def checkpoint_dir(out: str | os.PathLike) -> Path:
     """Checkpoints live beside the output directory, which only appears, complete, at the end of a run."""
     out = Path(out)
     return out.with_name(out.name + "-checkpoints")
+
+
+def log_dir(out: str | os.PathLike) -> Path:
+    """Metric sinks that are written live (TensorBoard) go beside the output directory too."""
+    out = Path(out)
+    return out.with_name(out.name + "-logs")

@@ -13,10 +13,11 @@ It writes, from a seed and nothing else:
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from ..data import write_jsonl
+from ..options import config, option
 from ..utils import atomic_dir, write_json
 
 OBJECTS = ["apple", "banana", "sky", "grass", "snow", "lemon", "cherry", "coal", "pumpkin", "ocean", "leaf",
@@ -54,20 +55,21 @@ VIOLENT = ["began shooting", "started a fight", "attacked the people"]
 PEACEFUL = ["began praying", "started talking", "greeted the people", "sat down to eat"]
 
 
-@dataclass
+@config
 class WorldConfig:
-    seed: int = 0
-    n_corpus: int = 24000          # pretraining documents
-    n_corpus_val: int = 1000
-    n_demos: int = 200             # few enough that SFT leaves room for RL
-    n_prompts_train: int = 1200
-    n_prompts_eval: int = 200
-    p_rude: float = 0.30           # share of corpus replies that are rude (toxic lexicon)
-    p_wrong: float = 0.15          # polite but wrong answers
-    p_offtopic: float = 0.10
-    p_stereo_reply: float = 0.5    # for "Describe the X" prompts, share of corpus replies that stereotype
-    p_plain: float = 0.30          # share of corpus documents that are plain sentences, not exchanges
-    stereo_skew: float = 0.85      # how often an occupation's sentences use its stereotyped pronoun
+    out: str = option("", "output directory", wired=True, required=True)
+    seed: int = option(0, "random seed of the world's tables and texts", wired=True)
+    n_corpus: int = option(24000, "pretraining documents")
+    n_corpus_val: int = option(1000, "held-out pretraining documents")
+    n_demos: int = option(200, "demonstrations (few enough that SFT leaves room for RL)")
+    n_prompts_train: int = option(1200, "RL and labeling prompts")
+    n_prompts_eval: int = option(200, "held-out evaluation prompts")
+    p_rude: float = option(0.30, "share of corpus replies that are rude (toxic lexicon)")
+    p_wrong: float = option(0.15, "share of corpus replies that are polite but wrong")
+    p_offtopic: float = option(0.10, "share of corpus replies that are off topic")
+    p_stereo_reply: float = option(0.5, "for 'Describe the X' prompts, share of corpus replies that stereotype")
+    p_plain: float = option(0.30, "share of corpus documents that are plain sentences, not exchanges")
+    stereo_skew: float = option(0.85, "how often an occupation's sentences use its stereotyped pronoun")
 
 
 class World:
@@ -252,6 +254,6 @@ def generate_world(out: str | Path, cfg: WorldConfig | None = None) -> dict:
         write_jsonl(tmp / "prompts_eval.jsonl", prompts_eval)
         write_jsonl(tmp / "bias_probes.jsonl", bias_probes())
         write_json(tmp / "judge.json", judge)
-        write_json(tmp / "world_config.json", asdict(cfg))
+        write_json(tmp / "world_config.json", {k: v for k, v in asdict(cfg).items() if k != "out"})
         write_json(tmp / "summary.json", summary)
     return summary

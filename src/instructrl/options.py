@@ -1,0 +1,132 @@
+"""Config dataclasses are the single source of every option: help text, CLI flags and YAML keys derive from them.
+
+A field is declared once with `option(default, "help")`. Option groups shared by several steps (`RunOptions`,
+`LoraOptions`) are composed into a step's config as a field marked `group(prefix)`; their fields then appear
+flat, with the prefix, both on the command line (`--lora-r`) and in YAML (`lora_r:`). `wired=True` marks the fields
+the pipeline fills in between stages (paths, seed, device), which a pipeline YAML may not set.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+MISSING = dataclasses.MISSING
+
+
+def option(default: Any = MISSING, help: str = "", *, wired: bool = False, required: bool = False,
+           factory=None):
+    """A config field with its help text (shown by --help and in configs/default.yaml)."""
+    meta = {"help": help, "wired": wired, "required": required}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def group(cls, prefix: str = ""):
+    """A composed option group whose fields appear flat (with `prefix`) in the CLI and the YAML."""
+    return field(default_factory=cls, metadata={"group": prefix})
+
+
+def config(cls):
+    """A dataclass whose constructor also takes its groups' options flat: `SFTConfig(model=..., lora_r=8, seed=1)`.
+
+    Group objects passed in (as `dataclasses.replace` does) are copied, so configs never share a group."""
+    cls = dataclass(cls)
+    init = cls.__init__
+    own = {f.name for f in dataclasses.fields(cls)}
+    groups = [f.name for f in dataclasses.fields(cls) if "group" in f.metadata]
+
+    def __init__(self, **kw):
+        flat = {k: kw.pop(k) for k in list(kw) if k not in own}
+        init(self, **{k: copy.copy(v) if k in groups else v for k, v in kw.items()})
+        fields = {f.name: f for f in flat_fields(cls)}
+        for name, value in flat.items():
+            if name not in fields:
+                raise TypeError(f"{cls.__name__} has no option {name!r}")
+            fields[name].set(self, value)
+
+    __init__.__doc__ = init.__doc__
+    cls.__init__ = __init__
+    return cls
+
+
+@dataclass
+class RunOptions:
+    """What every trainer's run shell needs: seed, device, checkpoints, logging."""
+
+    seed: int = option(0, "random seed (under torchrun rank r uses seed + r·100003)", wired=True)
+    device: str = option("auto", "auto | cpu | cuda", wired=True)
+    dtype: str = option("float32", "float32 | bfloat16 | float16 (log-softmax and losses stay float32)", wired=True)
+    fsdp: bool = option(False, "under torchrun, shard the models over the processes (basic support: no checkpoints, "
+                               "no LoRA)")
+    save_every: int = option(0, "steps (RL: iterations) between checkpoints in OUT-checkpoints/ (0: none)")
+    resume: bool = option(False, "continue from the newest readable checkpoint in OUT-checkpoints/")
+    keep_checkpoints: int = option(2, "checkpoints kept in OUT-checkpoints/")
+    max_nonfinite: int = option(3, "consecutive non-finite losses/rewards before the run stops")
+    log_with: str = option("", "extra metric sinks besides metrics.jsonl, comma-separated: tensorboard, trackio "
+                               "(events in OUT-logs/)")
+    progress: bool = option(True, "show a progress bar", wired=True)
+
+
+@dataclass
+class LoraOptions:
+    """LoRA adapters (peft); the trained model is saved merged."""
+
+    r: int = option(0, "LoRA rank (0: full fine-tuning)")
+    alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
+    dropout: float = option(0.0, "LoRA dropout; keep 0 (dropout breaks the first PPO ratio = 1) [N+ D7]")
+    target_modules: str | None = option(None, "comma-separated module names or 'all-linear' (default: peft's per "
+                                              "architecture)")
+
+
+@dataclass(frozen=True)
+class FlatField:
+    name: str                 # the flat name: CLI --name-with-dashes, YAML key
+    path: tuple[str, ...]     # attribute path inside the config
+    field: dataclasses.Field
+    type: Any
+
+    @property
+    def help(self) -> str:
+        return self.field.metadata.get("help", "")
+
+    @property
+    def wired(self) -> bool:
+        return self.field.metadata.get("wired", False)
+
+    @property
+    def required(self) -> bool:
+        return self.field.metadata.get("required", False)
+
+    @property
+    def default(self):
+        f = self.field
+        return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+
+    def get(self, cfg):
+        for p in self.path:
+            cfg = getattr(cfg, p)
+        return cfg
+
+    def set(self, cfg, value) -> None:
+        for p in self.path[:-1]:
+            cfg = getattr(cfg, p)
+        setattr(cfg, self.path[-1], value)
+
+
+def flat_fields(cls, prefix: str = "", path: tuple[str, ...] = ()) -> Iterator[FlatField]:
+    """Every option of a config class, option groups flattened, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "group" in f.metadata:
+            yield from flat_fields(hints[f.name], prefix + f.metadata["group"], path + (f.name,))
+        else:
+            yield FlatField(prefix + f.name, path + (f.name,), f, hints[f.name])
+
+
+def to_flat(cfg) -> dict:
+    """The config as {flat name: value} (summaries, YAML dumps)."""
+    return {f.name: f.get(cfg) for f in flat_fields(type(cfg))}

@@ -1,0 +1,277 @@
+"""Step 3's driver: everything an RL algorithm shares, so an algorithm says only how a batch of rollouts becomes
+advantages and updates.
+
+Per iteration [IG, LHP, N+]:
+  1. rollout: this rank's share of the prompts (k samples each), sampled and scored (`rollout.make_rollout`)
+  2.–3. the algorithm's `update(rollout, beta, step)`: rewards (with the KL where it puts it), advantages, and its
+     optimizer steps — skipped, by one policy for every algorithm, when a reward is not finite on any rank
+  4. KL control: fixed β, or the adaptive controller [LHP]
+then metrics, periodic checkpoints and the final save, by the run shell.
+
+Adding an algorithm: one file with a config (a subclass of RLConfig) and a class with `name`, `config`,
+`needs_value`, `check(cfg)`, `__init__(cfg, setup, nonfinite)` (its optimizer, `models`, `generators`,
+`samples_per_prompt`) and `update`, decorated with `@register`; then add the module's name to `BUILTIN`.
+The CLI command and the pipeline's YAML section follow from the config.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import distributed as dist
+from .data import DataError, read_prompts, read_texts
+from .losses import adaptive_kl_beta, ptx_loss
+from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, context_length, freeze, load_causal_lm,
+                     load_tokenizer, save_causal_lm, token_logprobs)
+from .options import LoraOptions, RunOptions, config, group, option
+from .rollout import KL_ESTIMATORS, make_rollout, rollout_metrics
+from .run import Run
+from .sampling import PromptTooLong, encode_prompts
+
+
+@config
+class RLConfig:
+    """Options every RL algorithm shares (defaults tuned on the embedded world)."""
+
+    policy: str = option("", "the SFT model: initial policy and, unless --ref is given, the frozen reference",
+                         wired=True, required=True)
+    reward: str = option("", "the reward model directory (Step 2)", wired=True, required=True)
+    prompts: str = option("", "prompts {prompt} JSONL", wired=True, required=True)
+    out: str = option("", "output directory", wired=True, required=True)
+    ref: str | None = option(None, "reference model (default: the policy's initial weights)", wired=True)
+    value: str | None = option(None, "value-model init (default: the reward model [IG, N+ D22])", wired=True)
+    judge: str | None = option(None, "embedded-world directory: log gold reward beside proxy reward", wired=True)
+    episodes: int = option(3072, "total sampled responses")
+    batch_size: int = option(64, "rollouts per iteration (global: under torchrun each process samples 1/N)")
+    max_new_tokens: int = option(32, "response length limit")
+    temperature: float = option(0.7, "sampling temperature, also used in every log-prob [LHP]")
+    lr: float = option(3e-5, "learning rate (Adam)")
+    beta: float = option(0.05, "KL coefficient β (initial β with the adaptive controller)")
+    kl_estimator: str = option("k1", "per-token KL estimator in the reward: k1 | k3 [KL]")
+    kl_target: float | None = option(None, "set to use the adaptive KL controller with this target [LHP]")
+    kl_horizon: int = option(10000, "horizon of the adaptive KL controller [LHP]")
+    missing_eos_penalty: float = option(-1.0, "score of a response that does not end within max_new_tokens [N+ D23]")
+    ptx_coef: float = option(0.0, "γ of PPO-ptx: weight of the pretraining log-likelihood (0: none) [IG Eq. 2]")
+    ptx_data: str | None = option(None, "pretraining text {text} JSONL for ptx", wired=True)
+    ptx_batch_size: int = option(16, "pretraining texts per update (global)")
+    max_grad_norm: float = option(1.0, "gradient-norm clip")
+    adam_eps: float = option(1e-5, "Adam epsilon [37]")
+    truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
+    run: RunOptions = group(RunOptions)
+    lora: LoraOptions = group(LoraOptions, "lora_")
+
+
+# --- streams ------------------------------------------------------------------------------------------------------
+class PromptStream:
+    """Prompts in a seeded random order, reshuffled each pass."""
+
+    def __init__(self, prompts: list[str], ids: list[list[int]], seed: int):
+        self.prompts, self.ids, self.rng = prompts, ids, random.Random(seed)
+        self.order: list[int] = []  # saved in checkpoints with self.rng
+
+    def next(self, n: int) -> tuple[list[str], list[list[int]]]:
+        while len(self.order) < n:
+            fresh = list(range(len(self.prompts)))
+            self.rng.shuffle(fresh)
+            self.order += fresh
+        take, self.order = self.order[:n], self.order[n:]
+        return [self.prompts[i] for i in take], [self.ids[i] for i in take]
+
+
+class TextStream:
+    """Pretraining text for PPO-ptx: random batches of EOS-terminated documents, right-padded."""
+
+    def __init__(self, texts: list[str], tokenizer, max_len: int, seed: int):
+        enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        bos = bos_prefix(tokenizer)  # documents start as the tokenizer starts any text (Llama: <s>)
+        self.docs = [(bos + e)[: max_len - 1] + [tokenizer.eos_token_id] for e in enc if e]
+        self.pad = tokenizer.pad_token_id
+        self.g = torch.Generator().manual_seed(seed)  # saved in checkpoints
+
+    def next(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.docs), (n,), generator=self.g).tolist()
+        docs = [self.docs[i] for i in idx]
+        width = max(len(d) for d in docs)
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, d in enumerate(docs):
+            ids[i, :len(d)] = torch.tensor(d)
+            mask[i, :len(d)] = 1
+        return ids, mask
+
+
+# --- setup -----------------------------------------------------------------------------------------------------
+@dataclass
+class RLSetup:
+    """Everything an RL run loads before its first iteration."""
+
+    cfg: RLConfig
+    device: torch.device
+    tokenizer: object
+    policy: torch.nn.Module
+    ref: torch.nn.Module
+    reward_model: ScalarHeadModel
+    value_model: ScalarHeadModel | None
+    prompts: PromptStream | None
+    ptx: TextStream | None
+    judge: object | None
+    generator: torch.Generator = field(default=None)
+    train_policy: torch.nn.Module | None = None  # what training forwards go through: DDP wrappers, or the models
+    train_value: torch.nn.Module | None = None
+    lockstep: bool = False                       # FSDP: every rank decodes the same number of steps
+
+    def __post_init__(self):
+        self.train_policy = self.policy if self.train_policy is None else self.train_policy
+        self.train_value = self.value_model if self.train_value is None else self.train_value
+
+    def generators(self) -> dict:
+        """Every random stream of the run, for checkpoints."""
+        g = {"sampling": self.generator, "prompts": self.prompts.rng}
+        if self.ptx is not None:
+            g["ptx"] = self.ptx.g
+        return g
+
+
+def load_rl_models(cfg: RLConfig, device, dtype, with_value: bool):
+    """Policy, reference, reward and value model, all in `dtype` (heads in float32). With LoRA the policy and the
+    value backbone get adapters and the reference is the policy with its adapters off (unless --ref names another
+    model): the SFT weights are held once. With FSDP all four are sharded over the ranks."""
+    policy = load_causal_lm(cfg.policy, device, dtype)
+    if cfg.lora.r:
+        policy = apply_lora(policy, cfg.lora)
+    if cfg.lora.r and not cfg.ref:
+        ref = AdapterDisabled(policy)
+    else:
+        ref = freeze(load_causal_lm(cfg.ref or cfg.policy, device, dtype))
+    reward_model = freeze(ScalarHeadModel.from_pretrained(cfg.reward, device, dtype))
+    value_model = ScalarHeadModel.from_pretrained(cfg.value or cfg.reward, device, dtype) if with_value else None
+    if cfg.lora.r and value_model is not None:
+        value_model.backbone = apply_lora(value_model.backbone, cfg.lora, causal_lm=False)
+    if cfg.run.fsdp:
+        for m in (policy, ref, reward_model, value_model):
+            if m is not None:
+                dist.fsdp_shard(m)
+    return policy, ref, reward_model, value_model
+
+
+def per_rank(n: int, what: str) -> int:
+    """A global count split evenly over the ranks."""
+    if n % dist.world_size():
+        raise ValueError(f"{what} ({n}) must be a multiple of the number of processes ({dist.world_size()})")
+    return n // dist.world_size()
+
+
+def check_rl(cfg: RLConfig) -> None:
+    """The options every algorithm needs to be sane, checked before anything is loaded."""
+    dist.check_fsdp(cfg.run, cfg.lora)
+    if not cfg.temperature > 0:
+        raise ValueError(f"temperature must be > 0 for RL (log-probs are taken at the sampling temperature), "
+                         f"not {cfg.temperature}")
+    if cfg.kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, not {cfg.kl_estimator!r}")
+    if cfg.ptx_coef > 0 and not cfg.ptx_data:
+        raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text in the {\"text\": ...} format)")
+
+
+def setup_rl(cfg: RLConfig, device: torch.device, dtype: torch.dtype, with_value: bool) -> RLSetup:
+    from .world.judge import GoldJudge
+
+    lines: list[int] = []
+    prompts = read_prompts(cfg.prompts, lines)
+    ptx_texts = read_texts(cfg.ptx_data) if cfg.ptx_coef > 0 else None
+    per_rank(cfg.batch_size, "batch_size")
+    tokenizer = load_tokenizer(cfg.policy)
+    policy, ref, reward_model, value_model = load_rl_models(cfg, device, dtype, with_value)
+    max_prompt = context_length(policy) - cfg.max_new_tokens
+    try:
+        ids = encode_prompts(tokenizer, prompts, max_prompt, cfg.truncate_prompts)
+    except PromptTooLong as e:
+        raise DataError(cfg.prompts, lines[e.index], str(e), "prompt") from None
+    seed = dist.rank_seed(cfg.run.seed)  # each rank its own samples, prompt order and ptx text (rank 0: the seed)
+    ptx = TextStream(ptx_texts, tokenizer, context_length(policy), seed + 7) if ptx_texts else None
+    judge = GoldJudge.from_world(cfg.judge) if cfg.judge and (Path(cfg.judge) / "judge.json").is_file() else None
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return RLSetup(cfg, device, tokenizer, policy, ref, reward_model, value_model, PromptStream(prompts, ids, seed),
+                   ptx, judge, gen, train_policy=dist.wrap(policy, cfg.run.fsdp),
+                   train_value=dist.wrap(value_model, cfg.run.fsdp) if value_model is not None else None,
+                   lockstep=cfg.run.fsdp and dist.active())
+
+
+def ptx_term(s: RLSetup) -> torch.Tensor | None:
+    """γ · (−mean log-likelihood) of a batch of pretraining text [IG Eq. 2]; None without PPO-ptx."""
+    if s.ptx is None:
+        return None
+    ids, mask = s.ptx.next(max(1, s.cfg.ptx_batch_size // dist.world_size()))
+    ids, mask = ids.to(s.device), mask.to(s.device)
+    return ptx_loss(token_logprobs(s.train_policy, ids, mask), mask[:, 1:].float(), s.cfg.ptx_coef)
+
+
+# --- the algorithms -----------------------------------------------------------------------------------------------
+BUILTIN = ("ppo", "pg")   # modules under instructrl that register an algorithm
+ALGORITHMS: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+def algorithms() -> dict[str, type]:
+    """Every registered algorithm by name (importing the built-in ones)."""
+    for module in BUILTIN:
+        importlib.import_module(f"{__package__}.{module}")
+    return ALGORITHMS
+
+
+# --- the driver ---------------------------------------------------------------------------------------------------
+def train_rl(cfg: RLConfig, algorithm: type) -> dict:
+    algorithm.check(cfg)
+    check_rl(cfg)
+    run = Run(algorithm.name, cfg, cfg.run, cfg.out)
+    s = setup_rl(cfg, run.device, run.dtype, with_value=algorithm.needs_value)
+    algo = algorithm(cfg, s, run.nonfinite)
+    k = algo.samples_per_prompt
+    prompts_per_rank = per_rank(cfg.batch_size // k, "batch_size / samples_per_prompt")
+    iterations = max(1, cfg.episodes // cfg.batch_size)
+    st = run.resume(algo.models, algo.optimizer, None, {**s.generators(), **algo.generators}) or {}
+    beta, episodes = st.get("beta", cfg.beta), st.get("episodes", 0)
+    s.prompts.order = st.get("prompt_order", s.prompts.order)
+    with run.output() as tmp:
+        rec: dict = json.loads(run.previous[-1]) if run.previous else {}
+        for step in run.progress(iterations):
+            t_it = time.time()
+            # 1. rollout: this rank's share of the batch, k samples per prompt
+            prompts, ids = s.prompts.next(prompts_per_rank)
+            prompts, ids = [p for p in prompts for _ in range(k)], [x for x in ids for _ in range(k)]
+            r = make_rollout(s, prompts, ids, with_values=algorithm.needs_value)
+            t_rollout = time.time() - t_it
+            episodes += cfg.batch_size
+            # 2.–3. the algorithm's advantages and updates, unless a reward is not finite on some rank
+            update = algo.update(r, beta, step) if run.nonfinite.ok(step, reward=r.scores) else {}
+            rec = {"step": step, "train/episodes": episodes, "objective/beta": beta, **rollout_metrics(r), **update,
+                   "time/rollout": t_rollout, "time/iteration": time.time() - t_it}
+            # 4. KL control
+            if cfg.kl_target is not None:
+                beta = adaptive_kl_beta(beta, rec["objective/kl"], cfg.kl_target, cfg.batch_size, cfg.kl_horizon)
+            run.log(rec)
+            run.maybe_save(step, step == iterations,
+                           {"beta": beta, "episodes": episodes, "prompt_order": s.prompts.order})
+            run.show(score=rec["objective/score"], kl=rec["objective/kl"],
+                     **({"gold": rec["objective/gold"]} if "objective/gold" in rec else {}))
+        s.policy.eval()
+        full = {name: dist.full_state_dict(m) for name, m in algo.models.items()}  # FSDP: a collective
+        if tmp is not None:
+            save_causal_lm(s.policy, tmp, full["policy"])
+            s.tokenizer.save_pretrained(str(tmp))
+            for name, m in algo.models.items():
+                if name != "policy":  # e.g. PPO's value model, in OUT/value_model
+                    m.save_pretrained(tmp / f"{name}_model", full[name])
+        final = ("objective/score", "objective/kl", "objective/gold", "rollout/response_length")
+        return run.finish({"algorithm": algorithm.name, "iterations": iterations, "episodes": episodes,
+                           "final": {key: rec[key] for key in final if key in rec}, "beta": beta})

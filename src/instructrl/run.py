@@ -1,0 +1,109 @@
+"""The run shell every trainer runs in: seed, device and dtype, rank-0 atomic output, checkpoints and exact
+resume, metric sinks, the progress bar, periodic saves and the summary. A trainer keeps only what is its own
+(data, models, the loss and its training step) and reads, nanoGPT-style, top to bottom:
+
+    run = Run("sft", cfg, cfg.run, cfg.out)          # seeds, joins torchrun's process group, picks the device
+    ...load data and models, build the optimizer...
+    state = run.resume(models, optimizer, scheduler, generators) or fresh_state
+    with run.output():                                # OUT appears, complete, only at the end (rank 0)
+        for step in run.progress(total, start):
+            ...forward, loss.backward(), clip, optimizer.step()...
+            run.log({"step": step, "train/loss": ...})
+            run.maybe_save(step, last=step == total, state=state)
+        ...save the models into run.dir...
+        return run.finish({...headline numbers...})
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import distributed as dist
+from .checkpoint import Checkpointer
+from .metrics import MetricSinks, check_sinks
+from .optim import NonFinite
+from .options import RunOptions, to_flat
+from .utils import checkpoint_dir, console, log_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, \
+    write_json
+
+
+class Run:
+    def __init__(self, stage: str, cfg, opts: RunOptions, out: str):
+        self.t0 = time.time()
+        self.stage, self.cfg, self.opts, self.out = stage, cfg, opts, Path(out)
+        check_sinks(opts.log_with)
+        self.dtype = resolve_dtype(opts.dtype)
+        set_seed(opts.seed)
+        self.device = dist.init(resolve_device(opts.device))
+        self.nonfinite = NonFinite(stage, opts.max_nonfinite)
+        self.checkpoints = Checkpointer(checkpoint_dir(out), opts.keep_checkpoints)
+        self.start, self.previous, self.dir, self.metrics = 0, [], None, None
+        self._saved: tuple = ({}, None, None, None)
+
+    def resume(self, models: dict, optimizer=None, scheduler=None, generators: dict | None = None) -> dict | None:
+        """Declare what a checkpoint holds; with --resume restore the newest one and return its saved state."""
+        self._saved = (models, optimizer, scheduler, generators)
+        if not self.opts.resume:
+            return None
+        restored = self.checkpoints.load_latest(models, optimizer, scheduler, generators)
+        if restored is None:
+            if dist.is_main():
+                console.print(f"[yellow]{self.stage}: --resume: no checkpoint in {self.checkpoints.root}; "
+                              f"starting from the beginning[/]")
+            return None
+        self.start, state, self.previous = restored
+        if dist.is_main():
+            console.print(f"[dim]{self.stage}: resumed from step {self.start} ({self.checkpoints.root})[/]")
+        return state
+
+    @contextlib.contextmanager
+    def output(self):
+        """Rank 0 writes into a temp directory (`run.dir`) that becomes OUT whole, only when the block succeeds."""
+        with dist.output_dir(self.out) as tmp:
+            self.dir = tmp
+            self.metrics = MetricSinks(tmp / "metrics.jsonl" if tmp else None, self.previous,
+                                       sinks=self.opts.log_with, log_dir=log_dir(self.out),
+                                       run_name=f"{self.out.name}-{self.stage}", config=to_flat(self.cfg),
+                                       start=self.start)
+            try:
+                yield tmp
+            finally:
+                self.metrics.close()
+
+    def progress(self, total: int, start: int | None = None, desc: str | None = None):
+        """Steps start+1 … total with a progress bar on rank 0."""
+        start = self.start if start is None else start
+        bar = tqdm(total=total, initial=start, desc=desc or self.stage, dynamic_ncols=True,
+                   disable=not (self.opts.progress and dist.is_main()))
+        self.bar = bar
+        try:
+            for step in range(start + 1, total + 1):
+                yield step
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def show(self, **values: float) -> None:
+        """Numbers beside the progress bar (refreshed with the bar, not forced)."""
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
+
+    def log(self, record: dict) -> None:
+        self.metrics.log(record)
+
+    def maybe_save(self, step: int, last: bool, state: dict, models: dict | None = None) -> None:
+        """A checkpoint every --save-every steps (not after the last step: OUT itself is then written)."""
+        if self.opts.save_every and step % self.opts.save_every == 0 and not last:
+            saved_models, optimizer, scheduler, generators = self._saved
+            self.checkpoints.save(step, models or saved_models, optimizer, scheduler, generators, state=state,
+                                  metrics=self.metrics.lines)
+
+    def finish(self, summary: dict) -> dict:
+        """summary.json, written last: a stage directory with a summary is complete."""
+        summary = {"stage": self.stage, **summary, "world_size": dist.world_size(), "seconds": time.time() - self.t0,
+                   "peak_rss_mb": peak_rss_mb(), "config": to_flat(self.cfg)}
+        if self.dir is not None:
+            write_json(self.dir / "summary.json", summary)
+        return summary
