@@ -15,14 +15,18 @@ Protocol P (every number below is fixed by the protocol, see `PROTOCOLS`):
 P-long: the same with 96-token responses.
 
 How it is timed. Each iteration runs OUR code, unchanged: `instructrl.rollout.make_rollout` (sample -> ref
-log-prob pass (the policy's too in bf16), value pass -> reward score -> shaped rewards -> decode) and `instructrl.ppo.ppo_update`
-(GAE, whitening, 4 x 4 clipped updates), exactly as `train_ppo` calls them. The phases are timed by wrapping the
-module-level names make_rollout looks up at call time (`instructrl.rollout.sample`, `.response_logprobs`,
-`.response_values`) and the reward model's `score` method with timers; nothing is reimplemented.
+log-prob pass (the policy's too in bf16), value pass -> reward score -> decode) and `instructrl.ppo.PPO.update`
+(KL in the reward, GAE, whitening, 4 x 4 clipped updates), exactly as the RL driver (`instructrl.rl.train_rl`, which
+`train_ppo` runs) calls them. The phases are timed by wrapping the module-level names make_rollout looks up at call
+time (`instructrl.rollout.sample`, `.response_logprobs`, `.response_values`) and the reward model's `score` method
+with timers; nothing is reimplemented.
   generation = time inside `sample`
-  scoring    = the rest of make_rollout: ref (+ policy in bf16) log-prob passes, value pass, reward pass,
-               KL/shaping/decode
-  training   = `ppo_update`
+  scoring    = the rest of make_rollout: ref (+ policy in bf16) log-prob passes, value pass, reward pass, decode
+  training   = `PPO.update` (since the rl.py driver it also shapes the per-token rewards, -beta k_t + score, which
+               make_rollout did before: a few elementwise ops on [B, R] tensors, so "scoring" lost and
+               "training" gained them)
+With PPO_BENCH_SRC pointing at a copy of src/ from before the rl.py driver, the same loop runs through that version's
+`make_rollout(policy, ref, ..., cfg, beta, ...)` and `ppo_update` instead (`PPOLoop`).
 
 No stop token. make_rollout takes EOS from `tokenizer.eos_token_id`; we hand it a tokenizer proxy whose
 eos_token_id is -1, an id that the sampler can never return, so `sample` never stops early and every
@@ -177,14 +181,21 @@ class NoStopTokenizer:
         return getattr(self._tok, name)
 
 
+SEED = 0
+
+
 def build(a):
-    """Load the four models exactly as setup_rl does, and the PPO config of the protocol."""
+    """Load the four models as setup_rl does (no LoRA, no FSDP: two frozen copies beside policy and value), and the
+    PPO config of the protocol. The setup's tokenizer is the NoStopTokenizer, so make_rollout never stops early."""
     import torch
 
     from instructrl.models import ScalarHeadModel, freeze, load_causal_lm, load_tokenizer
     from instructrl.ppo import PPOConfig
-    from instructrl.rollout import PromptStream, RLSetup
     from instructrl.utils import resolve_dtype, set_seed
+    try:
+        from instructrl.rl import PromptStream, RLSetup
+    except ImportError:                         # PPO_BENCH_SRC: a src/ from before the rl.py driver
+        from instructrl.rollout import PromptStream, RLSetup
 
     d = Path(a.dir)
     dtype = resolve_dtype(a.dtype)
@@ -193,8 +204,8 @@ def build(a):
                     beta=BASE["beta"], kl_estimator="k1", ppo_epochs=BASE["ppo_epochs"],
                     minibatch_size=BASE["minibatch"], clip=BASE["clip"], value_clip=BASE["value_clip"],
                     vf_coef=BASE["vf_coef"], gamma=BASE["gamma"], lam=BASE["lam"], dtype=a.dtype, device="cpu",
-                    progress=False, seed=0)
-    set_seed(cfg.seed)
+                    progress=False, seed=SEED)
+    set_seed(SEED)
     device = torch.device("cpu")
     tok = load_tokenizer(cfg.policy)
     policy = load_causal_lm(cfg.policy, device, dtype)
@@ -204,8 +215,8 @@ def build(a):
     pj = json.loads((d / "prompts.json").read_text())
     ids = pj["ids"]
     texts = [tok.decode(x) for x in ids]
-    s = RLSetup(cfg, device, tok, policy, ref, reward_model, value_model, PromptStream(texts, ids, cfg.seed), None, None,
-                torch.Generator(device=device).manual_seed(cfg.seed))
+    s = RLSetup(cfg, device, NoStopTokenizer(tok), policy, ref, reward_model, value_model,
+                PromptStream(texts, ids, SEED), None, None, torch.Generator(device=device).manual_seed(SEED))
     return s, cfg
 
 
@@ -237,8 +248,66 @@ def install_timers(s, timer: Timer):
     s.reward_model.score = t_score
 
 
-def call_ppo_update(s, r, cfg, optimizer, params, shuffle, it: int = 1) -> dict:
-    """ppo_update as train_ppo calls it (newer versions take a NonFiniteGuard and the iteration)."""
+class PPOLoop:
+    """One PPO iteration's two halves, called as the trainer calls them in the src under test:
+      rl.py driver (now)   rollout = make_rollout(s, prompts, ids, with_values=True); update = PPO(cfg, s, NonFinite)
+                           .update(r, beta, step), with the algorithm's own optimizer (optim.adam) and shuffle stream
+      before rl.py         rollout = make_rollout(policy, ref, reward, value, tokenizer, ..., cfg, beta, generator,
+                           judge); update = ppo_update(s, r, cfg, optimizer, params, shuffle[, guard, it])
+    `params` are what the optimizer updates; `optimizer` may be replaced (patches, adam-ab)."""
+
+    def __init__(self, s, cfg):
+        import torch
+
+        import instructrl.ppo as P
+
+        self.s, self.cfg = s, cfg
+        self.algo = None
+        if hasattr(P, "PPO"):
+            from instructrl.optim import NonFinite
+
+            self.algo = P.PPO(cfg, s, NonFinite("ppo", cfg.run.max_nonfinite))   # also sets train() on both models
+            self.params, self._optimizer = self.algo.params, self.algo.optimizer
+        else:
+            s.policy.train()
+            s.value_model.train()
+            self.params = list(s.policy.parameters()) + list(s.value_model.parameters())
+            self._optimizer = legacy_optimizer(self.params, cfg)
+            self.shuffle = torch.Generator().manual_seed(SEED + 1)
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, opt) -> None:
+        self._optimizer = opt
+        if self.algo is not None:
+            self.algo.optimizer = opt
+
+    def rollout(self, prompts: list[str], ids: list[list[int]]):
+        import instructrl.rollout as R
+
+        s, cfg = self.s, self.cfg
+        if self.algo is not None:
+            return R.make_rollout(s, prompts, ids, with_values=True)
+        return R.make_rollout(s.policy, s.ref, s.reward_model, s.value_model, s.tokenizer, prompts, ids, cfg, cfg.beta,
+                              s.generator, s.judge)
+
+    def update(self, r, step: int = 1) -> dict:
+        if self.algo is not None:
+            return self.algo.update(r, self.cfg.beta, step)
+        return legacy_ppo_update(self.s, r, self.cfg, self._optimizer, self.params, self.shuffle, step)
+
+
+def first_ratio(update: dict) -> float:
+    """The first minibatch's mean ratio (1 when log pi_old is right) under its name now or before."""
+    return update.get("policy/first_ratio", update.get("first_ratio", float("nan")))
+
+
+def legacy_ppo_update(s, r, cfg, optimizer, params, shuffle, it: int = 1) -> dict:
+    """ppo_update as train_ppo called it before the rl.py driver (later versions took a NonFiniteGuard and the
+    iteration)."""
     import inspect
 
     import instructrl.ppo as PPO
@@ -252,8 +321,8 @@ def call_ppo_update(s, r, cfg, optimizer, params, shuffle, it: int = 1) -> dict:
     return PPO.ppo_update(s, r, cfg, optimizer, params, shuffle)
 
 
-def make_optimizer(params, cfg):
-    """The optimizer train_ppo builds (older versions of src/ built plain torch Adam)."""
+def legacy_optimizer(params, cfg):
+    """The optimizer train_ppo built before the rl.py driver (utils.adam; older versions: plain torch Adam)."""
     import torch
     try:
         from instructrl.utils import adam
@@ -298,14 +367,9 @@ def cmd_run(a) -> None:
 
     timer = Timer()
     install_timers(s, timer)
-    s.policy.train()
-    s.value_model.train()
-    params = [p for p in s.policy.parameters()] + [p for p in s.value_model.parameters()]
-    optimizer = make_optimizer(params, cfg)
+    loop = PPOLoop(s, cfg)
     if patches:
-        optimizer = ppo_patches.make_optimizer(patches, params, cfg) or optimizer
-    shuffle = torch.Generator().manual_seed(cfg.seed + 1)
-    tok = NoStopTokenizer(s.tokenizer)
+        loop.optimizer = ppo_patches.make_optimizer(patches, loop.params, cfg) or loop.optimizer
     if a.autocast:
         autocast_forwards(s)
     recs = []
@@ -313,10 +377,9 @@ def cmd_run(a) -> None:
     for it in range(a.warmup + a.iters):
         t0, c0 = time.perf_counter(), time.process_time()
         prompts, ids = s.prompts.next(cfg.batch_size)
-        r = R.make_rollout(s.policy, s.ref, s.reward_model, s.value_model, tok, prompts, ids, cfg, cfg.beta,
-                           s.generator, s.judge)
+        r = loop.rollout(prompts, ids)
         t1, c1 = time.perf_counter(), time.process_time()
-        upd = call_ppo_update(s, r, cfg, optimizer, params, shuffle, it + 1)
+        upd = loop.update(r, it + 1)
         R.rollout_metrics(r)
         t2, c2 = time.perf_counter(), time.process_time()
         ph = timer.take()
@@ -328,14 +391,15 @@ def cmd_run(a) -> None:
                "cpu_scoring": (c1 - c0) - ph.get("cpu_generation", 0.0), "cpu_training": c2 - c1,
                **{k: v for k, v in ph.items() if k.startswith("score_")},
                "score_other": (t1 - t0) - ph.get("generation", 0.0) - score,
-               "first_ratio": upd.get("first_ratio", float("nan")), "loadavg": loadavg()}
+               "first_ratio": first_ratio(upd), "loadavg": loadavg()}
         recs.append(rec)
         if a.verbose:
             print(json.dumps(rec), file=sys.stderr, flush=True)
     meas = recs[a.warmup:]
     med = {k: statistics.median(r[k] for r in meas) for k in meas[0] if isinstance(meas[0][k], float)}
     out = {"batch": cfg.batch_size, "prompt": BASE["prompt"], "response": cfg.max_new_tokens, "dtype": a.dtype,
-           "autocast": bool(a.autocast), "patches": patches, "threads": a.threads, "iters": a.iters,
+           "autocast": bool(a.autocast), "patches": patches, "loop": "rl" if loop.algo is not None else "legacy",
+           "threads": a.threads, "iters": a.iters,
            "warmup": a.warmup, "median": med, "min_total": min(r["total"] for r in meas),
            "all_total": [round(r["total"], 3) for r in meas], "all_cpu": [round(r["cpu_total"], 3) for r in meas], "peak_rss_mb": peak_rss_mb(),
            "loadavg_start": la0, "loadavg_end": loadavg(), "wall": time.perf_counter() - t_setup}
@@ -559,26 +623,21 @@ def cmd_profile(a) -> None:
         sys.path.insert(0, str(HERE))
         import ppo_patches
         ppo_patches.apply(patches, s, cfg)
-    import instructrl.rollout as R
-
     if a.autocast:
         autocast_forwards(s)
-    s.policy.train()
-    s.value_model.train()
-    params = [p for p in s.policy.parameters()] + [p for p in s.value_model.parameters()]
-    optimizer = make_optimizer(params, cfg)
+    loop = PPOLoop(s, cfg)
     if patches:
-        optimizer = ppo_patches.make_optimizer(patches, params, cfg) or optimizer
-    shuffle = torch.Generator().manual_seed(1)
-    tok = NoStopTokenizer(s.tokenizer)
+        loop.optimizer = ppo_patches.make_optimizer(patches, loop.params, cfg) or loop.optimizer
+    step = 0
 
     def one():
+        nonlocal step
+        step += 1
         prompts, ids = s.prompts.next(cfg.batch_size)
         with record_function("## make_rollout"):
-            r = R.make_rollout(s.policy, s.ref, s.reward_model, s.value_model, tok, prompts, ids, cfg, cfg.beta,
-                               s.generator, None)
-        with record_function("## ppo_update"):
-            call_ppo_update(s, r, cfg, optimizer, params, shuffle)
+            r = loop.rollout(prompts, ids)
+        with record_function("## update"):
+            loop.update(r, step)
 
     one()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=a.shapes) as prof:
@@ -603,25 +662,20 @@ def cmd_adam_ab(a) -> None:
     own state over the same parameters; each iteration's rollout comes from the current policy, as in training."""
     import torch
 
-    import instructrl.rollout as R
-
     torch.set_num_threads(a.threads)
     s, cfg = build(a)
-    s.policy.train()
-    s.value_model.train()
-    params = list(s.policy.parameters()) + list(s.value_model.parameters())
+    loop = PPOLoop(s, cfg)
+    params = loop.params
     opts = {"plain": torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps),
             "fused": torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, fused=True)}
-    shuffle = torch.Generator().manual_seed(cfg.seed + 1)
-    tok = NoStopTokenizer(s.tokenizer)
     times: dict[str, list[float]] = {k: [] for k in opts}
     for it in range(a.warmup + a.iters):
         name = ("plain", "fused", "fused", "plain")[it % 4]
         prompts, ids = s.prompts.next(cfg.batch_size)
-        r = R.make_rollout(s.policy, s.ref, s.reward_model, s.value_model, tok, prompts, ids, cfg, cfg.beta,
-                           s.generator, None)
+        r = loop.rollout(prompts, ids)
+        loop.optimizer = opts[name]
         t0 = time.perf_counter()
-        call_ppo_update(s, r, cfg, opts[name], params, shuffle, it + 1)
+        loop.update(r, it + 1)
         if it >= a.warmup:
             times[name].append(time.perf_counter() - t0)
     for name, ts in times.items():

@@ -8,7 +8,7 @@ without autograd (models.token_logprobs), Gumbel-max sampling (sampling.sample).
 Measured and left out (no gain or a loss at protocol P, 1 thread; see the README's performance section):
   value_drop_last run the value model on input_ids[:, :-1] (the last position's value is discarded anyway).
   fused_adam      torch.optim.Adam(fused=True): no gain with 1 thread, but -2 to -3 % of the training phase with
-                  the protocol's 2 threads (`ppo_bench.py adam-ab`), so src/ now uses it (utils.adam);
+                  the protocol's 2 threads (`ppo_bench.py adam-ab`), so src/ now uses it (optim.adam);
                   `plain_adam` undoes it.
   sampler_ktk     the sampler asks for logits_to_keep=1 in the prefill.
   fast            all three.
@@ -115,7 +115,7 @@ def apply(names: list[str], s, cfg) -> None:
             ids, am = batch.input_ids[:, :-1], batch.attention_mask[:, :-1]
             return value_model(ids, am)[:, P - 1:]
 
-        R.response_values = PPO.response_values = response_values
+        R.response_values = PPO.response_values = response_values   # what make_rollout and PPO.update call
 
     if "compile" in names:
         compile_models(s, cfg)

@@ -88,12 +88,12 @@ def test_sft_rm_ppo_on_architecture(build, world_dir, rankings, tmp_path):
     run = dict(progress=False, device="cpu")
     sft(SFTConfig(model=str(base), data=str(world_dir / "demos.jsonl"), out=str(tmp_path / "sft"), epochs=1,
                   batch_size=32, lr=1e-3, **run))
-    assert finite_metric(tmp_path / "sft" / "metrics.jsonl", "loss")
+    assert finite_metric(tmp_path / "sft" / "metrics.jsonl", "train/loss")
     AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
 
     train_reward_model(RewardConfig(model=str(tmp_path / "sft"), data=str(rankings), out=str(tmp_path / "rm"),
                                     demos=str(world_dir / "demos.jsonl"), batch_size=8, **run))
-    assert finite_metric(tmp_path / "rm" / "metrics.jsonl", "loss")
+    assert finite_metric(tmp_path / "rm" / "metrics.jsonl", "train/loss")
     rm = ScalarHeadModel.from_pretrained(tmp_path / "rm")
     assert math.isfinite(rm.norm_gain) and math.isfinite(rm.norm_bias)
 
@@ -101,9 +101,9 @@ def test_sft_rm_ppo_on_architecture(build, world_dir, rankings, tmp_path):
                         prompts=str(world_dir / "prompts_train.jsonl"), episodes=16, batch_size=8, minibatch_size=4,
                         ppo_epochs=2, max_new_tokens=8, **run))
     recs = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert len(recs) == 2 and abs(recs[0]["kl"]) < 1e-4
-    assert recs[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
-    for key in ("policy_loss", "value_loss", "reward"):
+    assert len(recs) == 2 and abs(recs[0]["objective/kl"]) < 1e-4
+    assert recs[0]["policy/first_ratio"] == pytest.approx(1.0, abs=1e-5)
+    for key in ("policy/loss", "value/loss", "objective/score"):
         assert all(math.isfinite(r[key]) for r in recs), key
     AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")
     ScalarHeadModel.from_pretrained(tmp_path / "ppo" / "value_model")
@@ -112,7 +112,7 @@ def test_sft_rm_ppo_on_architecture(build, world_dir, rankings, tmp_path):
 def test_ppo_in_bfloat16_on_cpu(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path):
     """bf16 weights in all four models (heads float32), log-probs and losses in float32: finite losses and a first
     ratio of 1 within bf16 resolution (the minibatch pass pads differently from the rollout pass)."""
-    from instructrl.rollout import load_rl_models
+    from instructrl.rl import load_rl_models
 
     cfg = PPOConfig(policy=str(tiny_sft_dir), reward=str(tiny_rm_dir), prompts=str(world_dir / "prompts_train.jsonl"),
                     out=str(tmp_path / "ppo"), episodes=32, batch_size=16, minibatch_size=8, max_new_tokens=12,
@@ -125,10 +125,10 @@ def test_ppo_in_bfloat16_on_cpu(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path):
     train_ppo(cfg)
     recs = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2
-    for key in ("policy_loss", "value_loss", "entropy", "reward", "kl"):
+    for key in ("policy/loss", "value/loss", "policy/entropy", "objective/score", "objective/kl"):
         assert all(math.isfinite(r[key]) for r in recs), key
-    assert recs[0]["first_ratio"] == pytest.approx(1.0, abs=2e-2)
-    assert recs[0]["first_approx_kl"] < 1e-3
+    assert recs[0]["policy/first_ratio"] == pytest.approx(1.0, abs=2e-2)
+    assert recs[0]["policy/first_approx_kl"] < 1e-3
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "ppo").dtype == torch.bfloat16
 
 

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from instructrl.models import ScalarHeadModel, load_causal_lm, load_tokenizer
 from instructrl.ppo import PPOConfig, train_ppo
-from instructrl.rollout import load_rl_models, response_logprobs
+from instructrl.rl import load_rl_models
+from instructrl.sampling import response_logprobs
 from instructrl.sampling import encode_prompts, sample
 
 LORA = dict(lora_r=4, lora_alpha=8.0)
@@ -62,8 +63,8 @@ def test_only_lora_parameters_get_gradients(ppo_kw, tmp_path):
 def test_ppo_with_lora_trains_and_saves_merged(ppo_kw, tiny_sft_dir, world_dir, tmp_path):
     train_ppo(PPOConfig(out=str(tmp_path / "ppo"), ptx_coef=0.5, ptx_data=str(world_dir / "corpus.jsonl"), **ppo_kw))
     recs = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert abs(recs[0]["kl"]) < 1e-4 and recs[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
-    assert recs[1]["kl"] != 0.0  # the adapters moved the policy away from the reference
+    assert abs(recs[0]["objective/kl"]) < 1e-4 and recs[0]["policy/first_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert recs[1]["objective/kl"] != 0.0  # the adapters moved the policy away from the reference
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")  # merged: a plain HF directory
     assert (tmp_path / "ppo" / "lora_adapter" / "adapter_config.json").is_file()
     before, after = load_file(tiny_sft_dir / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")

@@ -1,8 +1,8 @@
-"""utils.adam (the fused kernel where torch has one) against Adam/AdamW written out in float64."""
+"""optim.adam (the fused kernel where torch has one) against Adam/AdamW written out in float64."""
 import pytest
 import torch
 
-from instructrl.utils import adam
+from instructrl.optim import adam
 
 
 def adam_ref(p0, grads, lr, betas, eps, weight_decay, decoupled):

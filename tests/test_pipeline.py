@@ -66,14 +66,14 @@ def test_pipeline_report_structure(tiny_run):
     stages = report["stages"]
     assert set(stages) == {"pretrained", "sft", "ppo_ptx", "ppo", "ppo_beta0", "pg"}
     for st in stages.values():
-        for key in ("toxicity_rate", "gold_reward", "rm_reward", "kl_to_sft", "pretrain_loss", "bias_gap",
+        for key in ("toxicity_rate", "gold_reward", "rm_reward", "kl_to_reference", "pretrain_loss", "bias_gap",
                     "episodes", "seconds"):
             assert key in st and st[key] is not None, key
-    assert stages["sft"]["kl_to_sft"] == 0.0
+    assert stages["sft"]["kl_to_reference"] == 0.0
     assert stages["ppo_ptx"]["episodes"] == 256
     # RL moved the reward it optimises up: last iterations vs first ones, on its own rollouts.
     for run in ("ppo_ptx", "ppo_beta0", "pg"):
-        rewards = [c["reward"] for c in report["curves"][run]]
+        rewards = [c["objective/score"] for c in report["curves"][run]]
         assert len(rewards) == 8
         assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, (run, rewards)
     assert len(report["claims"]) == 4 and all("detail" in c for c in report["claims"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-TIMING = {"seconds", "seconds_rollout"}
+TIMING = {"time/iteration", "time/rollout"}
 
 
 def cli(*args):
@@ -85,7 +85,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(tiny_sft_dir, tiny_rm
 
 def test_nan_reward_stops_the_run_and_keeps_the_last_checkpoint(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path,
                                                                 monkeypatch):
-    from instructrl.checkpoint import NonFiniteError
+    from instructrl.optim import NonFiniteError
     from instructrl.models import ScalarHeadModel, load_causal_lm
     from instructrl.ppo import PPOConfig, train_ppo
 

@@ -6,8 +6,9 @@ import torch
 
 from instructrl.losses import gae, masked_whiten
 from instructrl.models import ScalarHeadModel, freeze, load_causal_lm, load_tokenizer
-from instructrl.rollout import RLConfig, make_rollout, response_logprobs, trim
-from instructrl.sampling import encode_prompts, sample
+from instructrl.rl import RLConfig, RLSetup
+from instructrl.rollout import kl_in_reward, make_rollout, trim
+from instructrl.sampling import encode_prompts, response_logprobs, sample
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +25,19 @@ def rollout_parts(tiny_sft_dir, tiny_rm_dir, world_dir):
     return tok, policy, ref, rm, value, prompts, ids
 
 
+def run_rollout(cfg, tok, policy, ref, rm, value, prompts, ids, beta, seed):
+    """A rollout with its PPO/PG-style shaped rewards and per-token k1 attached (as .rewards and .kl)."""
+    s = RLSetup(cfg, torch.device("cpu"), tok, policy, ref, rm, value, None, None, None,
+                torch.Generator().manual_seed(seed))
+    r = make_rollout(s, prompts, ids, with_values=value is not None)
+    r.rewards, r.kl = kl_in_reward(r, beta, "k1"), (r.logprobs - r.ref_logprobs) * r.mask
+    return r
+
+
 def rollout(parts, beta=0.05, seed=0, **kw):
     tok, policy, ref, rm, value, prompts, ids = parts
-    cfg = RLConfig(max_new_tokens=20, temperature=0.7, **kw)
-    return make_rollout(policy, ref, rm, value, tok, prompts, ids, cfg, beta, torch.Generator().manual_seed(seed))
+    return run_rollout(RLConfig(max_new_tokens=20, temperature=0.7, **kw), tok, policy, ref, rm, value, prompts, ids,
+                       beta, seed)
 
 
 def test_kl_of_policy_to_itself_is_zero(rollout_parts):
@@ -113,8 +123,7 @@ def test_sampling_gives_non_negative_mean_kl(tiny_sft_dir, tiny_lm_dir, world_di
     rm = freeze(ScalarHeadModel.from_pretrained(tiny_sft_dir))
     prompts = read_prompts(world_dir / "prompts_train.jsonl")[:128]
     ids = encode_prompts(tok, prompts, 100)
-    r = make_rollout(policy, ref, rm, None, tok, prompts, ids, RLConfig(max_new_tokens=20, temperature=1.0), 0.05,
-                     torch.Generator().manual_seed(0))
+    r = run_rollout(RLConfig(max_new_tokens=20, temperature=1.0), tok, policy, ref, rm, None, prompts, ids, 0.05, 0)
     seq_kl = (r.kl * r.mask).sum(1)
     assert seq_kl.mean().item() > 0
 
@@ -141,11 +150,13 @@ def test_ppo_and_pg_train_end_to_end(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_p
                             ptx_data=str(world_dir / "corpus.jsonl"), kl_target=1.0, **common))
     recs = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and s["episodes"] == 32
-    for key in ("reward", "gold_reward", "kl", "beta", "policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy",
-                "response_length", "ratio_mean", "ptx_loss", "episodes", "seconds"):
+    for key in ("objective/score", "objective/gold", "objective/kl", "objective/beta", "policy/loss", "value/loss",
+                "policy/clipfrac", "policy/approx_kl", "policy/entropy", "rollout/response_length", "policy/ratio_mean",
+                "ptx/loss", "train/episodes", "time/iteration", "time/rollout"):
         assert key in recs[0], key
-    assert recs[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5) and recs[0]["first_approx_kl"] < 1e-10
-    assert recs[1]["beta"] != recs[0]["beta"]  # the adaptive controller moved β
+    assert recs[0]["policy/first_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert recs[0]["policy/first_approx_kl"] < 1e-10
+    assert recs[1]["objective/beta"] != recs[0]["objective/beta"]  # the adaptive controller moved β
     load_causal_lm(tmp_path / "ppo")           # the policy is a loadable HF directory
     s = train_pg(PGConfig(out=str(tmp_path / "pg"), baseline="loo", samples_per_prompt=4, **common))
     assert s["episodes"] == 32 and (tmp_path / "pg" / "model.safetensors").is_file()
@@ -153,21 +164,18 @@ def test_ppo_and_pg_train_end_to_end(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_p
 
 def test_frozen_models_hold_no_gradients_or_optimizer_state(tiny_sft_dir, tiny_rm_dir, world_dir):
     """After a PPO update only the policy and the value model have gradients and Adam state [issue 8: memory]."""
-    from instructrl.checkpoint import NonFiniteGuard
-    from instructrl.models import trainable_parameters
-    from instructrl.ppo import PPOConfig, ppo_update
-    from instructrl.rollout import setup_rl
+    from instructrl.optim import NonFinite
+    from instructrl.ppo import PPO, PPOConfig
+    from instructrl.rl import setup_rl
 
     cfg = PPOConfig(policy=str(tiny_sft_dir), reward=str(tiny_rm_dir), prompts=str(world_dir / "prompts_train.jsonl"),
                     out="", batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=8, progress=False,
                     device="cpu")
-    s = setup_rl(cfg, with_value=True)
-    params = trainable_parameters(s.policy) + trainable_parameters(s.value_model)
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    s = setup_rl(cfg, torch.device("cpu"), torch.float32, with_value=True)
+    ppo = PPO(cfg, s, NonFinite("ppo"))
+    params, optimizer = ppo.params, ppo.optimizer
     prompts, ids = s.prompts.next(cfg.batch_size)
-    r = make_rollout(s.policy, s.ref, s.reward_model, s.value_model, s.tokenizer, prompts, ids, cfg, cfg.beta,
-                     s.generator)
-    ppo_update(s, r, cfg, optimizer, params, torch.Generator().manual_seed(0), NonFiniteGuard("ppo", 3), 1)
+    ppo.update(make_rollout(s, prompts, ids, with_values=True), cfg.beta, 1)
     for frozen in (s.ref, s.reward_model):
         assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
     stateful = {id(p) for p in optimizer.state}
@@ -177,13 +185,12 @@ def test_frozen_models_hold_no_gradients_or_optimizer_state(tiny_sft_dir, tiny_r
 
 def test_rl_refuses_temperature_zero(tiny_sft_dir, tiny_rm_dir, world_dir):
     """Log-probs are taken at the sampling temperature: T = 0 would divide by zero, so it is refused up front."""
-    from instructrl.ppo import PPOConfig
-    from instructrl.rollout import setup_rl
+    from instructrl.ppo import PPOConfig, train_ppo
 
     cfg = PPOConfig(policy=str(tiny_sft_dir), reward=str(tiny_rm_dir), prompts=str(world_dir / "prompts_train.jsonl"),
                     out="", temperature=0.0, device="cpu")
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        setup_rl(cfg, with_value=True)
+        train_ppo(cfg)
 
 
 def test_pretrain_refuses_torchrun(monkeypatch, tmp_path):
