@@ -1,5 +1,5 @@
 """Evaluation of any causal LM: toxicity, gold and reward-model score, KL to a reference, pretraining-text loss,
-response length, and the demographic bias probes of the seed article ("He/She celebrated").
+response length, and the demographic bias probes of [RLHF-intro] ("He/She celebrated").
 """
 from __future__ import annotations
 

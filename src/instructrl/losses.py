@@ -1,4 +1,4 @@
-"""The pure math of RLHF: each function reads like the equation it cites (see shared/design/rlhf-reference.md).
+"""The pure math of RLHF: each function reads like the equation it cites (tags: docs/references.md).
 
 Shapes: [B, T] tensors over response tokens with a 0/1 `mask` (1 = real token, EOS included; 0 = PAD after EOS).
 Nothing here touches models, files or global state.

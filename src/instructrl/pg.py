@@ -1,4 +1,4 @@
-"""Step 3 with vanilla policy gradient: the baseline the theory starts from (the seed article's Figure 5).
+"""Step 3 with vanilla policy gradient: the baseline the theory starts from ([RLHF-intro], its Figure 4).
 
 Per iteration the driver (`rl.py`) samples k responses per prompt; this file takes ONE gradient step on
 −mean_t((G_t − b) · log π_θ(y_t|s_t)) with the KL in the reward, and the samples are discarded. b is the batch

@@ -34,7 +34,7 @@ def _smooth(ys: list[float], w: int = 5) -> list[float]:
 
 
 def claims(stages: dict) -> list[dict]:
-    """The seed's four claims as checks on the measured numbers (absent runs are reported as not measured)."""
+    """The four claims of [RLHF-intro] and [IG] as checks on the measured numbers (absent runs are reported as not measured)."""
     s = stages
     out = []
 
@@ -174,7 +174,7 @@ h4{{font-family:monospace;white-space:pre-wrap;margin-bottom:0}}</style></head><
 training time is in the <i>seconds</i> column), peak memory {report['peak_rss_mb']:.0f} MiB.
 Metrics on held-out evaluation prompts. KL is Σ_t log π/π_SFT per sampled response.</p>
 <div class="wide"><table><tr><th>stage</th>{head}</tr>{rows}</table></div>
-<h2>The seed's claims</h2><ul>{claims_html}</ul>
+<h2>The claims of the RLHF article and InstructGPT</h2><ul>{claims_html}</ul>
 <h2>Reward model (held-out prompts)</h2><p>{e(rm_line)}</p>
 <h2>Training curves</h2><img alt="reward and KL curves" src="data:image/png;base64,{figs['curves']}">
 <h2>Stages</h2><img alt="toxicity and frontier" src="data:image/png;base64,{figs['stages']}">

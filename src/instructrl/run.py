@@ -99,6 +99,7 @@ class Run:
             saved_models, optimizer, scheduler, generators = self._saved
             self.checkpoints.save(step, models or saved_models, optimizer, scheduler, generators, state=state,
                                   metrics=self.metrics.lines)
+            self.metrics.flush()
 
     def finish(self, summary: dict) -> dict:
         """summary.json, written last: a stage directory with a summary is complete."""
