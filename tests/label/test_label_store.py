@@ -147,12 +147,25 @@ def test_export_of_an_empty_database_is_an_empty_file(tmp_path):
 
 
 def test_lease_commits_skip_fsync_but_connections_return_durable(tmp_path):
-    """Leases commit with synchronous=NORMAL; every pooled connection must be back to FULL for rankings."""
+    """Leases commit with synchronous=NORMAL; every pooled connection must be back to FULL for rankings, also
+    after concurrent leases (the settings are restored on the very connection that was relaxed)."""
     db = str(tmp_path / "db.sqlite")
-    (task,) = store.enqueue_tasks(db, ["p"], [["a", "b"]])
+    store.enqueue_tasks(db, [f"p{i}" for i in range(100)], [["a", "b"]] * 100)
     engine = store.open_store(db)
-    lid = store.labeler_for_token(engine, store.add_labeler(engine, "ann")).id
-    assert store.next_task(engine, lid, max_labelers=1).id == task
-    with engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    ids = [store.labeler_for_token(engine, store.add_labeler(engine, f"l{i}")).id for i in range(8)]
+
+    def lease(lid):
+        for _ in range(20):
+            assert store.next_task(engine, lid, max_labelers=3, lease_seconds=0) is not None
+
+    threads = [threading.Thread(target=lease, args=(lid,)) for lid in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    conns = [engine.connect() for _ in range(12)]  # more than were ever open at once: every pooled one
+    assert [c.exec_driver_sql("PRAGMA synchronous").scalar() for c in conns] == [2] * 12  # FULL
+    assert {c.exec_driver_sql("PRAGMA busy_timeout").scalar() for c in conns} == {30000}
+    for c in conns:
+        c.close()
     engine.dispose()

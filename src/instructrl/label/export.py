@@ -81,7 +81,9 @@ def compute_stats(db) -> dict:
                 flag_kinds[f["flag"]] += 1
         with Session(engine) as s:
             n_tasks = s.scalar(select(func.count()).select_from(store.Task))
-            skips = Counter(dict(s.execute(select(store.Skip.labeler_id, func.count()).group_by(store.Skip.labeler_id)).all()))
+            skips = Counter(dict(s.execute(select(store.Answer.labeler_id, func.count())
+                                           .where(store.Answer.kind == store.SKIPPED)
+                                           .group_by(store.Answer.labeler_id)).all()))
             for lid, name in s.execute(select(store.Labeler.id, store.Labeler.name)):
                 names[lid] = name
     agree_all, tau_all = [], []
