@@ -112,14 +112,15 @@ def test_export_is_readable_rankings_and_stats_measure_agreement(tmp_path):
     _rank(engine, a, t1, [[0], [1], [2]], [{"index": 2, "flag": "toxic"}])
     _rank(engine, b, t1, [[0], [2], [1]])
     _rank(engine, c, t1, [[0], [1], [2]])
-    _rank(engine, a, t2, [[1, 0]])
+    _rank(engine, a, t2, [[1], [0]])
     store.skip_task(engine, b, t2)
 
     out = tmp_path / "rankings.jsonl"
-    assert export_rankings(db, out) == 4
+    assert export_rankings(db, out) == (4, 0)
     records = read_rankings(out)
     assert [(r.extra["labeler"], r.extra["task_id"], r.groups) for r in records] == [
-        ("ann", t1, [[0], [1], [2]]), ("ben", t1, [[0], [2], [1]]), ("cy", t1, [[0], [1], [2]]), ("ann", t2, [[1, 0]])]
+        ("ann", t1, [[0], [1], [2]]), ("ben", t1, [[0], [2], [1]]), ("cy", t1, [[0], [1], [2]]),
+        ("ann", t2, [[1], [0]])]
     first = records[0]
     assert first.prompt == "p1" and first.responses == ["a", "b", "c"]
     assert first.extra["flags"] == [{"index": 2, "flag": "toxic"}] and first.extra["labeler_id"] == a
@@ -142,7 +143,7 @@ def test_export_of_an_empty_database_is_an_empty_file(tmp_path):
     with pytest.raises(store.StoreError, match="no database at"):
         export_rankings(db, out)  # a mistyped path must not become a new empty database
     store.open_store(db).dispose()
-    assert export_rankings(db, out) == 0
+    assert export_rankings(db, out) == (0, 0)
     assert out.read_text() == ""
 
 
