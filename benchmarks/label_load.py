@@ -94,12 +94,14 @@ class Server:
 
 
 def random_ranking(rng: random.Random, k: int, tie_p: float = 0.2) -> list:
-    """A random order of 0..k-1, in canonical form (singletons as ints), sometimes with ties."""
+    """A random order of 0..k-1, in canonical form (singletons as ints), sometimes with ties, never all tied."""
     order = list(range(k))
     rng.shuffle(order)
     groups = [[order[0]]]
     for i in order[1:]:
         (groups[-1].append(i) if rng.random() < tie_p else groups.append([i]))
+    if len(groups) == 1:  # all tied: the app refuses a ranking that compares nothing
+        groups.append([groups[0].pop()])
     return [g[0] if len(g) == 1 else g for g in groups]
 
 
