@@ -173,11 +173,11 @@ def read_rankings(path) -> list[Ranking]:
     return [parse_ranking_record(o, path, n) for n, o in iter_json_lines(path)]
 
 
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    """Write records atomically: a temp file in the same directory, fsync, rename."""
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict], overwrite: bool = True) -> None:
+    """Write records atomically: a temp file in the same directory, fsync, rename (see atomic_write_text)."""
     from .utils import atomic_write_text
 
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), overwrite)
 
 
 # --- tokenisation and collation shared by SFT and the reward model ------------------------------------------

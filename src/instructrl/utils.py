@@ -6,6 +6,7 @@ import json
 import os
 import random
 import resource
+import secrets
 import shutil
 import sys
 import tempfile
@@ -18,17 +19,26 @@ from rich.console import Console
 console = Console(stderr=True, soft_wrap=True)  # messages stay one greppable line
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to a temp file beside `path`, fsync it, then rename over `path`."""
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> None:
+    """Write text to a temp file beside `path`, fsync it, then rename it over `path`.
+
+    overwrite=False links it to `path` instead, which fails with FileExistsError if `path` exists, even if another
+    process creates it meanwhile. The file gets the mode the umask gives any new file (mkstemp would force 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

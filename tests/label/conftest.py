@@ -1,6 +1,9 @@
-"""Shared fixtures for the labeling app: a seeded SQLite database, tokens, an API client."""
+"""Shared fixtures for the labeling app: a seeded SQLite database, tokens, an API client, a live server."""
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -41,3 +44,28 @@ def make_client(seeded):
     yield make
     for c in clients:
         c.close()
+
+
+@pytest.fixture
+def serve_live():
+    """serve_live(app) -> base URL of the app under uvicorn in a thread, on a socket already bound to a free port."""
+    import uvicorn
+
+    running = []
+
+    def serve(app) -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.02)
+        running.append((server, thread, sock))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield serve
+    for server, thread, sock in running:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

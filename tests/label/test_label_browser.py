@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 
 import pytest
 
@@ -22,27 +19,15 @@ pytestmark = [pytest.mark.browser,
 
 
 @pytest.fixture
-def live(tmp_path):
-    """The app under uvicorn in a thread, on a socket already bound to a free port."""
-    import uvicorn
-
+def live(tmp_path, serve_live):
+    """The app under uvicorn over three tasks: (db, token, base URL)."""
     from instructrl.label.app import create_app
 
     db = str(tmp_path / "label.db")
     enqueue_tasks(db, ["Drag me", "Use the keys", "Hostile output"],
                   [["alpha", "beta", "gamma"], ["one", "two", "three"], XSS])
     token = add_labeler(db, "alice")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(db, max_labelers_per_task=3), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield db, token, f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    yield db, token, serve_live(create_app(db, max_labelers_per_task=3))
 
 
 def order(page) -> list[str]:

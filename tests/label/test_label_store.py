@@ -112,14 +112,15 @@ def test_export_is_readable_rankings_and_stats_measure_agreement(tmp_path):
     _rank(engine, a, t1, [[0], [1], [2]], [{"index": 2, "flag": "toxic"}])
     _rank(engine, b, t1, [[0], [2], [1]])
     _rank(engine, c, t1, [[0], [1], [2]])
-    _rank(engine, a, t2, [[1, 0]])
+    _rank(engine, a, t2, [[1], [0]])
     store.skip_task(engine, b, t2)
 
     out = tmp_path / "rankings.jsonl"
-    assert export_rankings(db, out) == 4
+    assert export_rankings(db, out) == (4, 0)
     records = read_rankings(out)
     assert [(r.extra["labeler"], r.extra["task_id"], r.groups) for r in records] == [
-        ("ann", t1, [[0], [1], [2]]), ("ben", t1, [[0], [2], [1]]), ("cy", t1, [[0], [1], [2]]), ("ann", t2, [[1, 0]])]
+        ("ann", t1, [[0], [1], [2]]), ("ben", t1, [[0], [2], [1]]), ("cy", t1, [[0], [1], [2]]),
+        ("ann", t2, [[1], [0]])]
     first = records[0]
     assert first.prompt == "p1" and first.responses == ["a", "b", "c"]
     assert first.extra["flags"] == [{"index": 2, "flag": "toxic"}] and first.extra["labeler_id"] == a
@@ -142,17 +143,30 @@ def test_export_of_an_empty_database_is_an_empty_file(tmp_path):
     with pytest.raises(store.StoreError, match="no database at"):
         export_rankings(db, out)  # a mistyped path must not become a new empty database
     store.open_store(db).dispose()
-    assert export_rankings(db, out) == 0
+    assert export_rankings(db, out) == (0, 0)
     assert out.read_text() == ""
 
 
 def test_lease_commits_skip_fsync_but_connections_return_durable(tmp_path):
-    """Leases commit with synchronous=NORMAL; every pooled connection must be back to FULL for rankings."""
+    """Leases commit with synchronous=NORMAL; every pooled connection must be back to FULL for rankings, also
+    after concurrent leases (the settings are restored on the very connection that was relaxed)."""
     db = str(tmp_path / "db.sqlite")
-    (task,) = store.enqueue_tasks(db, ["p"], [["a", "b"]])
+    store.enqueue_tasks(db, [f"p{i}" for i in range(100)], [["a", "b"]] * 100)
     engine = store.open_store(db)
-    lid = store.labeler_for_token(engine, store.add_labeler(engine, "ann")).id
-    assert store.next_task(engine, lid, max_labelers=1).id == task
-    with engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    ids = [store.labeler_for_token(engine, store.add_labeler(engine, f"l{i}")).id for i in range(8)]
+
+    def lease(lid):
+        for _ in range(20):
+            assert store.next_task(engine, lid, max_labelers=3, lease_seconds=0) is not None
+
+    threads = [threading.Thread(target=lease, args=(lid,)) for lid in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    conns = [engine.connect() for _ in range(12)]  # more than were ever open at once: every pooled one
+    assert [c.exec_driver_sql("PRAGMA synchronous").scalar() for c in conns] == [2] * 12  # FULL
+    assert {c.exec_driver_sql("PRAGMA busy_timeout").scalar() for c in conns} == {30000}
+    for c in conns:
+        c.close()
     engine.dispose()

@@ -1,14 +1,20 @@
 """The ranking web app: a JSON API under /api/ and one static page that uses only that API.
 
-Every /api call carries `Authorization: Bearer <token>`; a missing or unknown token is 401. Handlers are plain
-(sync) functions, so FastAPI runs them in its thread pool and a slow database write never blocks the event loop.
-A write is acknowledged (200/201) only after its transaction has committed.
+Every /api call carries `Authorization: Bearer <token>`; a missing, unknown or revoked token is 401 (looked up on
+every call, so a revocation takes effect at once). Handlers are plain (sync) functions, so FastAPI runs them in its
+thread pool and a slow database write never blocks the event loop. A write is acknowledged (200/201) only after its
+transaction has committed; a database locked for longer than `busy_timeout` is a fast 503 with Retry-After.
+
+A request body over `max_body_bytes` is 413 before it is read (by Content-Length) or as soon as the bytes received
+pass the limit (no or a false Content-Length): one labeler's huge body never stalls the others. JSON with NaN or
+Infinity is 422, and no 422 echoes the request body back.
 
 `GET /api/tasks/next` answers 200 `{"task": null}` when nothing is left for this labeler (rather than 204), so
 that every answer has a JSON body the page and the schema describe the same way.
 """
 from __future__ import annotations
 
+import json
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +23,9 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
@@ -31,6 +39,7 @@ from . import store
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_ID = 2**63 - 1  # the largest id a database integer column holds
 MAX_K = 64
+MAX_LOC_CHARS = 64  # a field name quoted back in a 422 (it may be the client's own key) is cut to this
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
@@ -106,37 +115,116 @@ def _invalid(field: str, message: str) -> HTTPException:
 bearer = HTTPBearer(auto_error=False, description="the labeler's token")
 
 
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
+
+
 def current_labeler(request: Request,
                     cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> store.Labeler:
     """The labeler whose token is in `Authorization: Bearer ...`, else 401.
 
-    Known tokens are remembered per process (labelers are never deleted or renamed), which saves a query on every
-    call; an unknown token is looked up each time, so a labeler added while the server runs works at once.
+    Looked up on every call (one indexed query), never cached: a revoked or deleted labeler is refused at once.
     """
-    if cred is None:
-        raise HTTPException(401, "missing or unknown token", headers={"WWW-Authenticate": "Bearer"})
-    known = request.app.state.known_tokens
-    digest = store.hash_token(cred.credentials)
-    found = known.get(digest)
+    found = None if cred is None else store.labeler_for_token(request.app.state.engine, cred.credentials)
     if found is None:
-        found = store.labeler_for_token(request.app.state.engine, cred.credentials)
-        if found is not None:
-            known[digest] = found
-    if found is None:
-        raise HTTPException(401, "missing or unknown token", headers={"WWW-Authenticate": "Bearer"})
+        raise _unauthorized("missing or unknown token")
+    if found.revoked_at is not None:
+        raise _unauthorized("this token was revoked")
     return found
 
 
 Who = Annotated[store.Labeler, Depends(current_labeler)]
-ERRORS = {401: {"model": Error, "description": "missing or unknown token"}}
+ERRORS = {401: {"model": Error, "description": "missing, unknown or revoked token"},
+          503: {"model": Error, "description": "the database is busy; nothing was saved, retry after Retry-After"}}
+
+
+# --- request bodies: size limit and strict JSON -------------------------------------------------------------
+class BodyTooLarge(HTTPException):
+    """Raised while the body is being received; FastAPI passes HTTPExceptions through its body parsing."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, _too_large(limit), headers={"Connection": "close"})
+
+
+def _too_large(limit: int) -> str:
+    return f"request body larger than {limit} bytes (the server's --max-body-bytes)"
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over `limit` bytes, holding no more than `limit` (and one chunk) of it.
+
+    A declared Content-Length over the limit is refused before the app runs; otherwise the bytes are counted as
+    they arrive. `Connection: close` tells the server to stop reading the rest instead of draining it.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            response = JSONResponse({"detail": _too_large(self.limit)}, 413, headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _no_constant(name: str):
+    """json.loads would read NaN and ±Infinity into floats; they are not JSON."""
+    raise HTTPException(422, [{"loc": ["body"], "msg": f"invalid JSON: {name} is not a JSON number",
+                               "type": "json_invalid"}])
+
+
+class StrictJSONRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_constant=_no_constant)
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict(request: Request):
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+def _short(part):
+    return part if not isinstance(part, str) or len(part) <= MAX_LOC_CHARS else part[:MAX_LOC_CHARS] + "…"
+
+
+def _without_input(error: dict) -> dict:
+    """A validation error without the offending value (pydantic's `input`), which may be the whole body."""
+    msg = error["msg"]
+    if error["type"] == "json_invalid":
+        msg = f"invalid JSON: {error.get('ctx', {}).get('error', 'cannot be parsed')}"
+    return {"loc": [_short(p) for p in error["loc"]], "msg": msg, "type": error["type"]}
 
 
 # --- the app ----------------------------------------------------------------------------------------------
-def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float = 600) -> FastAPI:
-    """The app over the database at `db_url` (schema created now); a task takes at most N rankings."""
+def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float = 600, *, create: bool = True,
+               max_body_bytes: int = store.MAX_BODY_BYTES, busy_timeout: float = 1.0) -> FastAPI:
+    """The app over the database at `db_url` (schema created now; create=False: it must exist); a task takes at
+    most N rankings; a write waits at most `busy_timeout` seconds for a locked database, then is 503."""
     if max_labelers_per_task < 1:
         raise ValueError("max_labelers_per_task must be at least 1")
-    engine = store.open_store(db_url)
+    if max_body_bytes < 1:
+        raise ValueError("max_body_bytes must be at least 1")
+    engine = store.open_store(db_url, create=create, busy_timeout=busy_timeout)
     N = max_labelers_per_task
 
     @asynccontextmanager
@@ -148,7 +236,16 @@ def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float
                   description="Rank K responses per prompt. Every /api call needs `Authorization: Bearer <token>` "
                               "(create one with `instructrl label add-labeler NAME --db URL`).")
     app.state.engine = engine
-    app.state.known_tokens = {}
+    app.router.route_class = StrictJSONRoute
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_req: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": [_without_input(e) for e in exc.errors()]}, status_code=422)
+
+    @app.exception_handler(store.Unauthorized)
+    async def unauthorized(_req: Request, exc: store.Unauthorized):
+        return JSONResponse({"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(store.NotFound)
     async def not_found(_req: Request, exc: store.NotFound):
@@ -168,8 +265,9 @@ def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(OperationalError)
-    async def busy(_req: Request, exc: OperationalError):
-        return JSONResponse({"detail": f"database unavailable, nothing was saved; retry ({exc.orig})"},
+    @app.exception_handler(store.Busy)
+    async def busy(_req: Request, exc: OperationalError | store.Busy):
+        return JSONResponse({"detail": f"database unavailable, nothing was saved; retry ({getattr(exc, 'orig', exc)})"},
                             status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/api/me", response_model=Me, responses=ERRORS, summary="who am I, and my progress")
@@ -185,7 +283,8 @@ def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float
     @app.post("/api/rankings", response_model=RankingOut, status_code=201, summary="submit a ranking",
               responses={**ERRORS, 400: {"model": Error, "description": "the body is not JSON"},
                          404: {"model": Error, "description": "no such task"},
-                         409: {"model": Error, "description": "already ranked by you, or the task is full"}})
+                         409: {"model": Error, "description": "already ranked or skipped by you, or the task is full"},
+                         413: {"model": Error, "description": "the body is larger than the server's limit"}})
     def submit(body: RankingIn, who: Who):
         task = store.get_task(engine, body.task_id)
         k = len(task.responses)
@@ -196,6 +295,8 @@ def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float
             groups = parse_ranking_groups(body.ranking, k, path=f"task {task.id}")
         except DataError as e:
             raise _invalid("ranking", str(e)) from None
+        if len(groups) < 2:  # all tied: no comparison, nothing for a reward model to learn
+            raise _invalid("ranking", f"a ranking must order at least two responses; this one ties all {k}")
         flags = {}
         for f in body.flags:
             if f.index >= k:

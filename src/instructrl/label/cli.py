@@ -1,7 +1,7 @@
 """`instructrl label ...`: fill the task queue from a policy, serve the app, manage labelers, export, stats.
 
-`--db` takes any SQLAlchemy URL, or a file path that becomes a SQLite database. Bad input prints one clear line
-and exits with code 2.
+`--db` takes any SQLAlchemy URL, or a SQLite file path; only add-labeler, enqueue and `serve --create` start a new
+database, so a mistyped path is an error. Bad input prints one clear line and exits with code 2.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ label_app = typer.Typer(help="Human feedback: rank sampled responses in a web ap
 err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable, never wrapped
 out = Console()
 
-Db = Annotated[str, typer.Option("--db", help="SQLAlchemy URL, or a SQLite file path (created if missing)")]
+Db = Annotated[str, typer.Option("--db", help="SQLAlchemy URL, or the path of an existing SQLite file")]
+NewDb = Annotated[str, typer.Option("--db", help="SQLAlchemy URL, or a SQLite file path (created if missing)")]
 
 
 @contextlib.contextmanager
@@ -65,7 +66,7 @@ def sample_candidates(model, tokenizer, prompts: list[str], k: int, *, max_new_t
 @label_app.command()
 def enqueue(policy: Annotated[Path, typer.Option(help="policy model directory")],
             prompts: Annotated[Path, typer.Option(help="prompts JSONL: {\"prompt\": str} per line")],
-            db: Db,
+            db: NewDb,
             k: Annotated[int, typer.Option("--k", help="responses per task")] = 4,
             max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0, batch_size: int = 64,
             device: str = "auto"):
@@ -95,6 +96,9 @@ def enqueue(policy: Annotated[Path, typer.Option(help="policy model directory")]
 def serve(db: Db, host: str = "127.0.0.1", port: int = 8000,
           max_labelers_per_task: Annotated[int, typer.Option(help="rankings collected per task")] = 3,
           lease_seconds: Annotated[float, typer.Option(help="how long a shown task is held for its labeler")] = 600,
+          max_body_bytes: Annotated[int, typer.Option(help="larger request bodies are refused with 413")]
+          = store.MAX_BODY_BYTES,
+          create: Annotated[bool, typer.Option("--create", help="start a new database if none is at --db")] = False,
           access_log: bool = True):
     """Serve the ranking page at / and the JSON API under /api/ (OpenAPI at /openapi.json)."""
     import uvicorn
@@ -102,7 +106,7 @@ def serve(db: Db, host: str = "127.0.0.1", port: int = 8000,
     from .app import create_app
 
     with clean_errors():
-        app = create_app(db, max_labelers_per_task, lease_seconds)
+        app = create_app(db, max_labelers_per_task, lease_seconds, create=create, max_body_bytes=max_body_bytes)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/yellow] serving on {host} over plain HTTP: tokens travel in the clear; "
                   "put an HTTPS reverse proxy in front")
@@ -110,7 +114,7 @@ def serve(db: Db, host: str = "127.0.0.1", port: int = 8000,
 
 
 @label_app.command("add-labeler")
-def add_labeler(name: str, db: Db):
+def add_labeler(name: str, db: NewDb):
     """Create a labeler and print its token (shown this once; only its SHA-256 hash is stored)."""
     with clean_errors():
         token = store.add_labeler(db, name)
@@ -119,13 +123,24 @@ def add_labeler(name: str, db: Db):
 
 
 @label_app.command()
-def export(db: Db, out_path: Annotated[Path, typer.Option("--out", help="rankings JSONL to write")]):
-    """Write every ranking in the rankings JSONL format (atomically)."""
+def revoke(labeler: Annotated[str, typer.Argument(help="the labeler's name, or id")], db: Db):
+    """Revoke a labeler's token: it stops working at once (their rankings stay, and are exported)."""
+    with clean_errors():
+        name, labeler_id, already = store.revoke_labeler(db, labeler)
+    err.print(f"labeler {escape(repr(name))} (id {labeler_id}) " + ("was already revoked" if already else "revoked"))
+
+
+@label_app.command()
+def export(db: Db, out_path: Annotated[Path, typer.Option("--out", help="rankings JSONL to write")],
+           overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False):
+    """Write every ranking in the rankings JSONL format (atomically; never over an existing file by default)."""
     from .export import export_rankings
 
     with clean_errors():
-        n = export_rankings(db, out_path)
+        n, all_tied = export_rankings(db, out_path, overwrite=overwrite)
     err.print(f"wrote {n} rankings to {out_path}" + ("" if n else " [yellow](none yet: the file is empty)[/yellow]"))
+    if all_tied:
+        err.print(f"[yellow]left out {all_tied} rankings that tie all responses (no comparison to learn from)[/yellow]")
 
 
 def _fmt(x) -> str:

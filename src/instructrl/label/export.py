@@ -2,6 +2,8 @@
 
 The export is the reward model's input as is: one line per (labeler, task) ranking, readable by
 `instructrl.data.read_rankings`; the extra fields (labeler, labeler_id, created_at, task_id, flags) ride along.
+A ranking that ties all responses compares nothing; the app refuses those, and the export leaves out any stored
+before it did (and says how many).
 
 Agreement is measured on tasks ranked by two or more labelers, for every pair of their rankings:
   pairwise agreement  the share of response pairs (i, j) both put in the same order (both tied counts as agreeing);
@@ -13,11 +15,12 @@ import itertools
 import math
 import os
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ..data import Ranking, write_jsonl
+from ..data import DataError, Ranking, write_jsonl
 from . import store
 
 
@@ -29,11 +32,21 @@ def export_records(db) -> list[dict]:
             for r, t, l in store.all_rankings(engine)]
 
 
-def export_rankings(db, out: str | os.PathLike) -> int:
-    """Write every ranking to `out` atomically; returns how many were written."""
+def export_rankings(db, out: str | os.PathLike, overwrite: bool = False) -> tuple[int, int]:
+    """Write every ranking that orders something to `out` atomically, never over an existing file unless
+    `overwrite`. Returns (rankings written, all-tied rankings left out); on error nothing is written."""
+    out = Path(out)
+    if out.is_dir():
+        raise DataError(out, None, "is a directory; --out takes a file path")
     records = export_records(db)
-    write_jsonl(out, records)
-    return len(records)
+    kept = [r for r in records if len(r["ranking"]) > 1]
+    try:
+        write_jsonl(out, kept, overwrite)
+    except OSError as e:
+        refused = isinstance(e, FileExistsError) and e.filename2 is not None  # by the final link: `out` exists
+        raise DataError(out, None, "exists; pass --overwrite to replace it" if refused
+                        else f"cannot write it: {e.strerror}: {e.filename}") from None
+    return len(kept), len(records) - len(kept)
 
 
 # --- agreement ------------------------------------------------------------------------------------------
@@ -81,7 +94,9 @@ def compute_stats(db) -> dict:
                 flag_kinds[f["flag"]] += 1
         with Session(engine) as s:
             n_tasks = s.scalar(select(func.count()).select_from(store.Task))
-            skips = Counter(dict(s.execute(select(store.Skip.labeler_id, func.count()).group_by(store.Skip.labeler_id)).all()))
+            skips = Counter(dict(s.execute(select(store.Answer.labeler_id, func.count())
+                                           .where(store.Answer.kind == store.SKIPPED)
+                                           .group_by(store.Answer.labeler_id)).all()))
             for lid, name in s.execute(select(store.Labeler.id, store.Labeler.name)):
                 names[lid] = name
     agree_all, tau_all = [], []

@@ -1,14 +1,17 @@
 """The labeling database: tables, and the few transactions the app and the CLI run on them.
 
 Any SQLAlchemy URL works through the same code; a bare path means a SQLite file. SQLite runs in WAL mode
-(readers never block the one writer) with a busy timeout (writers queue instead of failing) and
-synchronous=FULL, so a ranking acknowledged to a labeler survives a crash of the server or of the machine.
+(readers never block the one writer) with a busy timeout (writers queue for that long, then fail with nothing
+written) and synchronous=FULL, so a ranking acknowledged to a labeler survives a crash of the server or the machine.
 
 Concurrency rules, all enforced inside one transaction so that no interleaving of requests can break them:
-  - a labeler ranks a task at most once (a unique constraint);
+  - a labeler answers a task at most once, by ranking it or by skipping it, never both (the primary key of
+    `answers`, which every ranking and every skip inserts into first);
   - a task gets at most N rankings (a guarded UPDATE of its counter: `n_rankings < N`);
   - a task handed out by `next_task` is leased to that labeler for a while, so concurrent labelers are
-    spread over tasks instead of all racing for the same last slot.
+    spread over tasks instead of all racing for the same last slot;
+  - a revoked or deleted labeler writes nothing (checked after the transaction's first write, when no
+    revocation can commit in between).
 """
 from __future__ import annotations
 
@@ -16,14 +19,15 @@ import contextlib
 import hashlib
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import (JSON, DateTime, Engine, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
-                        delete, event, func, insert, select, update)
+from sqlalchemy import (JSON, DateTime, Engine, ForeignKey, Integer, String, Text, UniqueConstraint, column,
+                        create_engine, delete, event, exists, func, insert, literal, select, table, text, update)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -31,9 +35,10 @@ from sqlalchemy.pool import StaticPool
 
 from ..data import DataError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FLAGS = ("toxic", "harmful", "nonsense")
 MAX_NAME_LEN = 100
+MAX_BODY_BYTES = 1 << 20  # the app's default request limit: a ranking of K = 64 with every flag is a few kB
 
 
 class StoreError(ValueError):
@@ -46,6 +51,14 @@ class NotFound(StoreError):
 
 class Conflict(StoreError):
     pass
+
+
+class Unauthorized(StoreError):
+    """The labeler was revoked or deleted."""
+
+
+class Busy(StoreError):
+    """The database stayed locked by another writer for longer than the busy timeout; nothing was written."""
 
 
 def utcnow() -> datetime:
@@ -82,6 +95,7 @@ class Labeler(Base):
     name: Mapped[str] = mapped_column(String(MAX_NAME_LEN), unique=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 hex; the token itself is never stored
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Task(Base):
@@ -104,11 +118,19 @@ class RankingRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class Skip(Base):
-    __tablename__ = "skips"
+class Answer(Base):
+    """A labeler's one answer to a task: "ranked" (its ranking is in `rankings`) or "skipped".
+
+    Its primary key makes ranking and skipping mutually exclusive in the database itself, whatever the interleaving.
+    """
+    __tablename__ = "answers"
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
     labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), primary_key=True, index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # RANKED or SKIPPED
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+RANKED, SKIPPED = "ranked", "skipped"
 
 
 class Assignment(Base):
@@ -130,32 +152,36 @@ def normalize_url(db: str | Path) -> str:
     return "sqlite:///" + str(Path(db).expanduser().resolve())
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA busy_timeout=30000")  # first: the WAL switch itself may have to wait
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
+def _sqlite_pragmas(busy_timeout: float):
+    def apply(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")  # first: the WAL switch may have to wait
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+    return apply
 
 
-def open_store(db: str | Path, create: bool = True) -> Engine:
-    """An engine with the schema created (idempotent) and its version checked.
+def open_store(db: str | Path, create: bool = True, busy_timeout: float = 30) -> Engine:
+    """An engine with the schema created (idempotent), upgraded to this version and checked.
 
-    create=False refuses a SQLite file that does not exist yet, so that a mistyped path given to a read-only
-    command (export, stats) is an error instead of a new, empty database.
+    create=False refuses a SQLite file that does not exist yet, so that a mistyped path is an error instead of a
+    new, empty database. A SQLite writer waits at most `busy_timeout` seconds for the write lock (held by this
+    process or another), then fails with `Busy` or OperationalError "database is locked"; nothing is written.
     """
     url = normalize_url(db)
     engine_url = make_url(url)
     is_file = engine_url.get_backend_name() == "sqlite" and engine_url.database not in (None, "", ":memory:")
     if not create and is_file and not Path(engine_url.database).is_file():
-        raise StoreError(f"no database at {engine_url.database}")
+        raise StoreError(f"no database at {engine_url.database} "
+                         "(only add-labeler, enqueue and serve --create start a new one)")
     if url.startswith("sqlite"):
         memory = url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url
         kw = ({"poolclass": StaticPool} if memory else {"pool_size": 20, "max_overflow": 20})
         engine = create_engine(url, connect_args={"check_same_thread": False}, **kw)
-        event.listen(engine, "connect", _sqlite_pragmas)
-        _WRITE_LOCKS[engine] = threading.Lock()
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout))
+        _SQLITE_WRITERS[engine] = _Writers(threading.Lock(), busy_timeout)
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)
@@ -163,13 +189,54 @@ def open_store(db: str | Path, create: bool = True) -> Engine:
         found = s.scalar(select(func.max(SchemaVersion.version)))
         if found is None:
             s.add(SchemaVersion(version=SCHEMA_VERSION))
-        elif found > SCHEMA_VERSION:
-            engine.dispose()
-            raise StoreError(f"{url}: schema version {found} is newer than this instructrl ({SCHEMA_VERSION})")
+    if found is not None and found > SCHEMA_VERSION:
+        engine.dispose()
+        raise StoreError(f"{url}: schema version {found} is newer than this instructrl ({SCHEMA_VERSION})")
+    if found is not None and found < SCHEMA_VERSION:
+        _upgrade_from_1(engine)
     return engine
 
 
-_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_LEGACY_SKIPS = table("skips", column("task_id"), column("labeler_id"), column("created_at"))
+
+
+def _upgrade_from_1(engine: Engine) -> None:
+    """Schema 1 → 2: labelers get `revoked_at`; every ranking and skip becomes an answer. Where schema 1 let a
+    labeler both skip and rank a task, the ranking wins. The old `skips` table stays as it was (nothing is lost).
+
+    The new version row goes in first: of two processes upgrading at once, the second fails there (once the first
+    has committed) and goes on with the upgraded database.
+    """
+    answer_columns = ["task_id", "labeler_id", "kind", "created_at"]
+    old = _LEGACY_SKIPS.c
+    try:
+        with writing(engine) as s:
+            s.add(SchemaVersion(version=SCHEMA_VERSION))
+            s.flush()
+            column_type = DateTime(timezone=True).compile(dialect=engine.dialect)
+            s.execute(text(f"ALTER TABLE labelers ADD COLUMN revoked_at {column_type}"))
+            s.execute(insert(Answer).from_select(answer_columns, select(
+                RankingRow.task_id, RankingRow.labeler_id, literal(RANKED), RankingRow.created_at)))
+            answered = exists().where(Answer.task_id == old.task_id, Answer.labeler_id == old.labeler_id)
+            s.execute(insert(Answer).from_select(answer_columns, select(
+                old.task_id, old.labeler_id, literal(SKIPPED), old.created_at).where(~answered)))
+    except IntegrityError:
+        pass  # another process upgraded it meanwhile
+
+
+@dataclass
+class _Writers:
+    lock: threading.Lock
+    busy_timeout: float
+
+
+_SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, _Writers] = weakref.WeakKeyDictionary()
+
+
+def _set_pragmas(conn, busy_timeout: float, synchronous: str) -> None:
+    conn.exec_driver_sql(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")
+    conn.exec_driver_sql(f"PRAGMA synchronous={synchronous}")
+    conn.commit()  # PRAGMAs begin no SQLite transaction; this ends SQLAlchemy's, so the Session starts its own
 
 
 @contextlib.contextmanager
@@ -177,29 +244,35 @@ def writing(engine: Engine, durable: bool = True) -> Iterator[Session]:
     """A write transaction.
 
     On SQLite, writers of this process first queue on a lock: SQLite admits one writer at a time anyway, and its
-    busy handler retries with sleeps of up to 100 ms, which made the latency tail long. `durable=False` commits
-    without an fsync (synchronous=NORMAL, for leases, which a crash may lose at no cost); a process crash still
-    keeps such a commit, and the next durable commit fsyncs the log with it.
+    busy handler retries with sleeps of up to 100 ms, which made the latency tail long. The busy timeout is one
+    deadline for queueing and SQLite's own wait together, so that writers queued behind a locked database all fail
+    one busy timeout after they came, not one after another. `durable=False` commits without an fsync
+    (synchronous=NORMAL, for leases, which a crash may lose at no cost); a process crash still keeps such a commit,
+    and the next durable commit fsyncs the log with it. Both settings are put back on the same connection before
+    it returns to the pool, so no later ranking commits without an fsync.
     """
-    sqlite = engine.dialect.name == "sqlite"
-    relaxed = sqlite and not durable
-    with _WRITE_LOCKS.get(engine) if sqlite else contextlib.nullcontext(), Session(engine) as s:
-        if relaxed:  # outside any SQLite transaction: pysqlite begins one only before INSERT/UPDATE/DELETE
-            s.connection().exec_driver_sql("PRAGMA synchronous=NORMAL")
-        try:
+    writers = _SQLITE_WRITERS.get(engine)
+    if writers is None:
+        with Session(engine) as s, s.begin():
             yield s
-            s.commit()
-        except BaseException:
-            s.rollback()
-            raise
-        finally:
-            if relaxed:
-                conn = s.connection()
+        return
+    start = time.monotonic()
+    if not writers.lock.acquire(timeout=writers.busy_timeout):
+        raise Busy(f"the database stayed busy for {writers.busy_timeout:g} s")
+    try:
+        with engine.connect() as conn:
+            left = max(0.0, writers.busy_timeout - (time.monotonic() - start))
+            _set_pragmas(conn, left, "FULL" if durable else "NORMAL")
+            try:
+                with Session(bind=conn) as s, s.begin():
+                    yield s
+            finally:
                 try:
-                    conn.exec_driver_sql("PRAGMA synchronous=FULL")
-                    s.commit()
-                except Exception:  # never hand a relaxed connection back to the pool
+                    _set_pragmas(conn, writers.busy_timeout, "FULL")
+                except Exception:  # never hand a connection with other settings back to the pool
                     conn.invalidate()
+    finally:
+        writers.lock.release()
 
 
 @contextlib.contextmanager
@@ -232,8 +305,25 @@ def add_labeler(db, name: str) -> str:
 
 
 def labeler_for_token(engine: Engine, token: str) -> Labeler | None:
+    """The token's labeler, revoked or not (the caller tells the two apart), or None."""
     with Session(engine) as s:
         return s.scalar(select(Labeler).where(Labeler.token_hash == hash_token(token)))
+
+
+def revoke_labeler(db, who: str) -> tuple[str, int, bool]:
+    """Revoke a labeler's token at once: by name, or by id when no labeler has that name. Their rankings stay;
+    their lease is released. Returns (name, id, whether it was revoked already)."""
+    with using(db, create=False) as engine, writing(engine) as s:
+        labeler = s.scalar(select(Labeler).where(Labeler.name == who))
+        if labeler is None and who.isdigit():
+            labeler = s.get(Labeler, int(who))
+        if labeler is None:
+            raise NotFound(f"no labeler named {who!r}" + (f" or with id {who}" if who.isdigit() else ""))
+        was_revoked = labeler.revoked_at is not None
+        if not was_revoked:
+            labeler.revoked_at = utcnow()
+        s.execute(delete(Assignment).where(Assignment.labeler_id == labeler.id))
+        return labeler.name, labeler.id, was_revoked
 
 
 def validate_task(prompt, responses, where: str = "<enqueue>", line: int | None = None) -> None:
@@ -260,10 +350,8 @@ def enqueue_tasks(db, prompts: list[str], responses: list[list[str]]) -> list[in
     now = utcnow()
     rows = [{"prompt": p, "responses": list(rs), "n_rankings": 0, "created_at": now} for p, rs in zip(prompts, responses)]
     with using(db) as engine, writing(engine) as s:
-        first = (s.scalar(select(func.max(Task.id))) or 0) + 1
-        s.execute(insert(Task), rows)
-        ids = list(s.scalars(select(Task.id).where(Task.id >= first).order_by(Task.id)))
-    return ids
+        # the ids the database gave these very rows, in their order, whatever other processes insert meanwhile
+        return list(s.scalars(insert(Task).returning(Task.id, sort_by_parameter_order=True), rows))
 
 
 # --- the labeling transactions ----------------------------------------------------------------------------
@@ -284,10 +372,45 @@ def get_task(engine: Engine, task_id: int) -> TaskView:
 
 
 def _open_for(labeler_id: int, max_labelers: int):
-    """SQL condition: the task still takes rankings and this labeler has neither ranked nor skipped it."""
-    ranked = select(RankingRow.id).where(RankingRow.task_id == Task.id, RankingRow.labeler_id == labeler_id)
-    skipped = select(Skip.task_id).where(Skip.task_id == Task.id, Skip.labeler_id == labeler_id)
-    return (Task.n_rankings < max_labelers) & ~ranked.exists() & ~skipped.exists()
+    """SQL condition: the task still takes rankings and this labeler has not answered it (ranked or skipped)."""
+    answered = select(Answer.task_id).where(Answer.task_id == Task.id, Answer.labeler_id == labeler_id)
+    return (Task.n_rankings < max_labelers) & ~answered.exists()
+
+
+def _require_active(s: Session, labeler_id: int) -> None:
+    """Inside a write transaction, after its first write: so no revocation can commit between check and commit."""
+    found = s.execute(select(Labeler.revoked_at).where(Labeler.id == labeler_id)).first()
+    if found is None:
+        raise Unauthorized(f"labeler {labeler_id} does not exist")
+    if found.revoked_at is not None:
+        raise Unauthorized(f"labeler {labeler_id} was revoked: their token no longer works")
+
+
+def _answer(s: Session, labeler_id: int, task_id: int, kind: str) -> None:
+    """Record the labeler's one answer to the task, as the transaction's first write. A second answer, or a
+    missing task or labeler, fails right here with IntegrityError; `_refusal` then says which."""
+    s.execute(insert(Answer).values(task_id=task_id, labeler_id=labeler_id, kind=kind, created_at=utcnow()))
+    _require_active(s, labeler_id)
+
+
+def _answered(engine: Engine, labeler_id: int, task_id: int) -> str | None:
+    with Session(engine) as s:
+        return s.scalar(select(Answer.kind).where(Answer.task_id == task_id, Answer.labeler_id == labeler_id))
+
+
+def _refusal(engine: Engine, labeler_id: int, task_id: int) -> StoreError | None:
+    """Why inserting this labeler's answer to this task failed, read back after the rollback (None: not known)."""
+    kind = _answered(engine, labeler_id, task_id)
+    if kind == RANKED:
+        return Conflict(f"you have already ranked task {task_id}")
+    if kind == SKIPPED:
+        return Conflict(f"you have skipped task {task_id}, so you cannot rank it")
+    with Session(engine) as s:
+        if s.get(Labeler, labeler_id) is None:
+            return Unauthorized(f"labeler {labeler_id} does not exist")
+        if s.get(Task, task_id) is None:
+            return NotFound(f"task {task_id} does not exist")
+    return None
 
 
 def next_task(engine: Engine, labeler_id: int, max_labelers: int, lease_seconds: float = 600) -> TaskView | None:
@@ -302,6 +425,7 @@ def next_task(engine: Engine, labeler_id: int, max_labelers: int, lease_seconds:
     with writing(engine, durable=False) as s:
         # Writing first makes this whole claim one serialised write transaction on SQLite.
         s.execute(delete(Assignment).where(Assignment.labeler_id == labeler_id))
+        _require_active(s, labeler_id)
         leased = (select(func.count()).select_from(Assignment)
                   .where(Assignment.task_id == Task.id, Assignment.expires_at > now).scalar_subquery())
         task = s.scalar(select(Task).where(is_open, Task.n_rankings + leased < max_labelers).order_by(Task.id).limit(1))
@@ -318,47 +442,39 @@ def submit_ranking(engine: Engine, labeler_id: int, task_id: int, groups: list[l
     created = utcnow()
     try:
         with writing(engine) as s:
+            _answer(s, labeler_id, task_id, RANKED)
             bumped = s.execute(update(Task).where(Task.id == task_id, Task.n_rankings < max_labelers)
                                .values(n_rankings=Task.n_rankings + 1)
                                .execution_options(synchronize_session=False)).rowcount
             if bumped == 0:
-                if s.get(Task, task_id) is None:
-                    raise NotFound(f"task {task_id} does not exist")
-                if _has_ranked(s, labeler_id, task_id):
-                    raise Conflict(f"you have already ranked task {task_id}")
                 raise Conflict(f"task {task_id} already has {max_labelers} rankings")
             row = RankingRow(task_id=task_id, labeler_id=labeler_id, ranking=groups, flags=flags, created_at=created)
             s.add(row)
             s.flush()
             s.execute(delete(Assignment).where(Assignment.labeler_id == labeler_id))
             ranking_id = row.id
-    except IntegrityError:
-        raise Conflict(f"you have already ranked task {task_id}") from None
+    except IntegrityError as e:
+        raise (_refusal(engine, labeler_id, task_id) or e) from None
     return ranking_id, created
 
 
-def _has_ranked(s: Session, labeler_id: int, task_id: int) -> bool:
-    return s.scalar(select(RankingRow.id).where(RankingRow.task_id == task_id,
-                                                RankingRow.labeler_id == labeler_id)) is not None
-
-
 def skip_task(engine: Engine, labeler_id: int, task_id: int) -> None:
-    """Mark a task as skipped by this labeler (idempotent); it is not offered to them again."""
-    with writing(engine) as s:
-        s.execute(delete(Assignment).where(Assignment.labeler_id == labeler_id))
-        if s.get(Task, task_id) is None:
-            raise NotFound(f"task {task_id} does not exist")
-        if _has_ranked(s, labeler_id, task_id):
-            raise Conflict(f"you have already ranked task {task_id}")
-        if s.get(Skip, (task_id, labeler_id)) is None:
-            s.add(Skip(task_id=task_id, labeler_id=labeler_id))
+    """Mark a task as skipped by this labeler (idempotent): it is not offered to them again, nor can they rank it."""
+    try:
+        with writing(engine) as s:
+            _answer(s, labeler_id, task_id, SKIPPED)
+            s.execute(delete(Assignment).where(Assignment.labeler_id == labeler_id))
+    except IntegrityError as e:
+        if _answered(engine, labeler_id, task_id) != SKIPPED:  # skipping again changes nothing
+            raise (_refusal(engine, labeler_id, task_id) or e) from None
 
 
 def progress(engine: Engine, labeler_id: int, max_labelers: int) -> dict:
     """done, skipped, and remaining = open tasks this labeler could still rank."""
     with Session(engine) as s:
         done = s.scalar(select(func.count()).select_from(RankingRow).where(RankingRow.labeler_id == labeler_id))
-        skipped = s.scalar(select(func.count()).select_from(Skip).where(Skip.labeler_id == labeler_id))
+        skipped = s.scalar(select(func.count()).select_from(Answer)
+                           .where(Answer.labeler_id == labeler_id, Answer.kind == SKIPPED))
         remaining = s.scalar(select(func.count()).select_from(Task).where(_open_for(labeler_id, max_labelers)))
     return {"done": done, "skipped": skipped, "remaining": remaining}
 
