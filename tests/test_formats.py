@@ -176,6 +176,7 @@ BAD = {  # name: (reader, record, field); the record is line 2 of a JSONL after 
     "message_without_role": (read_demos, {"messages": [{"content": "q"}, assistant("a")]}, "messages"),
     "unknown_role": (read_prompts, {"prompt": [{"role": "robot", "content": "q"}]}, "prompt"),
     "empty_content": (read_demos, {"prompt": [user("q")], "completion": [assistant(" ")]}, "completion"),
+    "content_not_a_string": (read_prompts, {"prompt": [{"role": "user", "content": ["q"]}]}, "prompt"),
     "completion_ends_with_user": (read_demos, {"prompt": [user("q")], "completion": [assistant("a"), user("b")]},
                                   "completion"),
     "conversation_ends_with_user": (read_demos, {"messages": CONV + [user("b")]}, "messages"),

@@ -63,8 +63,8 @@ def _render(tokenizer, messages: list[Message], **kwargs) -> str:
 
 def _special_tokens(tokenizer) -> list[str]:
     """Special tokens, longest first (some templates' end-of-turn tokens are only flagged in added_tokens_decoder)."""
-    added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
-    return sorted(set(added) | set(tokenizer.all_special_tokens), key=len, reverse=True)
+    added = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return sorted({t for t in added | set(tokenizer.all_special_tokens) if t}, key=len, reverse=True)
 
 
 def end_of_turn_text(tokenizer) -> str:
@@ -74,7 +74,8 @@ def end_of_turn_text(tokenizer) -> str:
     if _PROBE not in text:
         raise ValueError("the chat template does not write the assistant's message")
     tail = text[text.rindex(_PROBE) + len(_PROBE):]
-    special = re.search("|".join(map(re.escape, _special_tokens(tokenizer))), tail)
+    specials = "|".join(map(re.escape, _special_tokens(tokenizer)))
+    special = re.search(specials, tail) if specials else None
     tail = tail[:special.end()] if special else tail
     if not tail:
         raise ValueError("the chat template ends an assistant turn with nothing, so a model cannot learn to stop")

@@ -181,8 +181,11 @@ def _transcript(value: Any, path, line, name: str, item: str | None = None) -> P
         if role not in ROLES:
             raise DataError(path, line, f"{at}message {i} has unknown role {role!r} (expected one of "
                                         f"{', '.join(ROLES)})", name)
-        if not isinstance(content, str) or not content.strip():
+        if content is None or isinstance(content, str) and not content.strip():
             raise DataError(path, line, f"{at}message {i} ({role}) has no content", name)
+        if not isinstance(content, str):
+            raise DataError(path, line, f"{at}message {i} ({role}): content must be a string, got "
+                                        f"{type(content).__name__}", name)
         out.append({"role": role, "content": content})
     return out
 
