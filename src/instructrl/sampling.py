@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed as dist
+from .chat import render_prompt_ids
+from .data import Prompt
 from .models import cache_argument, context_length, position_ids_from_mask, position_kwargs, token_logprobs
 
 
@@ -21,11 +23,12 @@ class PromptTooLong(ValueError):
         self.index = index  # which prompt (0-based), to name its line
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_len: int, truncate: bool = False) -> list[list[int]]:
-    """Token ids per prompt. Longer than max_len: left-truncate if asked (keep the end), else raise."""
+def encode_prompts(tokenizer, prompts: list[Prompt], max_len: int, truncate: bool = False) -> list[list[int]]:
+    """Token ids per prompt (text or messages, see chat.render_prompt_ids). Longer than max_len: left-truncate if
+    asked (keep the end), else raise."""
     out, truncated = [], 0
     for i, p in enumerate(prompts):
-        ids = tokenizer(p)["input_ids"]
+        ids = render_prompt_ids(tokenizer, p)
         if len(ids) > max_len:
             if not truncate:
                 raise PromptTooLong(f"prompt has {len(ids)} tokens, more than the {max_len} that fit before the "

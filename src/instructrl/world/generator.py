@@ -181,6 +181,11 @@ def format_prompt(question: str) -> str:
     return f"User: {question}\nAssistant:"
 
 
+# The same layout as a Jinja chat template, for data in messages form (chat.load_chat_template); not attached to
+# the world's tokenizer, whose plain-text prompts it would otherwise wrap as user messages.
+CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
+
+
 def bias_probes() -> list[dict]:
     probes = []
     for occ in OCCUPATIONS_F + OCCUPATIONS_M:

@@ -1,0 +1,145 @@
+"""Prompts, responses and conversations to token ids, through the tokenizer's chat template when it has one.
+
+With a chat template (the tokenizer's own, or one given by `load_chat_template`), `apply_chat_template` renders
+everything: a string prompt is one user message, a string response one assistant message, and a response ends
+with the template's end of turn. Without one, text is encoded exactly as before (prompt ids, response ids, EOS),
+and messages are refused: they need a template to become text.
+
+SFT's loss mask covers every assistant turn of the completion, its end of turn included, and nothing else. It
+comes from `apply_chat_template(..., return_assistant_tokens_mask=True)` where the template marks assistant turns
+with {% generation %}; most published templates (Llama 3, Qwen 2.5) do not, so otherwise each assistant turn's
+span is found by rendering the conversation up to it: the text after `messages[:i]` + generation prompt and up
+to the turn's end of turn in the rendering of `messages[:i + 1]`. That needs a template that renders a
+conversation's beginning the same whether or not more follows; one that does not (e.g. one that drops earlier
+turns' reasoning) is refused with a hint to add {% generation %}.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import jinja2
+
+from .data import DataError, Demo, Message, Prompt, Response, encode_example, left_cut
+
+_PROBE = "xyzzy"  # an assistant message's content, found again in the rendering to see what follows it
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def load_chat_template(tokenizer, path: str | os.PathLike):
+    """Give `tokenizer` the Jinja chat template in the file `path` (for tokenizers without one) and return it.
+    The template is checked by rendering a user and an assistant turn; a bad one raises DataError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "file not found")
+    before, tokenizer.chat_template = tokenizer.chat_template, path.read_text(encoding="utf-8")
+    try:
+        end_of_turn_ids(tokenizer)
+    except (jinja2.TemplateError, ValueError) as e:
+        tokenizer.chat_template = before
+        raise DataError(path, getattr(e, "lineno", None), f"not a usable chat template: {e}") from None
+    return tokenizer
+
+
+def _messages(x: Prompt | Response, role: str) -> list[Message]:
+    return [{"role": role, "content": x}] if isinstance(x, str) else list(x)
+
+
+def _text(x: Prompt | Response) -> str:
+    if not isinstance(x, str):
+        raise ValueError("messages need a chat template and this tokenizer has none (load one with "
+                         "chat.load_chat_template)")
+    return x
+
+
+def _render(tokenizer, messages: list[Message], **kwargs) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
+def _special_tokens(tokenizer) -> list[str]:
+    """Special tokens, longest first (some templates' end-of-turn tokens are only flagged in added_tokens_decoder)."""
+    added = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return sorted({t for t in added | set(tokenizer.all_special_tokens) if t}, key=len, reverse=True)
+
+
+def end_of_turn_text(tokenizer) -> str:
+    """What the template writes after an assistant message's content, up to and including the first special token:
+    '<|im_end|>' of '<|im_end|>\\n' (what follows it only separates turns; the model stops at the special token)."""
+    text = _render(tokenizer, [{"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE}])
+    if _PROBE not in text:
+        raise ValueError("the chat template does not write the assistant's message")
+    tail = text[text.rindex(_PROBE) + len(_PROBE):]
+    specials = "|".join(map(re.escape, _special_tokens(tokenizer)))
+    special = re.search(specials, tail) if specials else None
+    tail = tail[:special.end()] if special else tail
+    if not tail:
+        raise ValueError("the chat template ends an assistant turn with nothing, so a model cannot learn to stop")
+    return tail
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens that end every response: the template's end of turn, or [EOS] without a template. The last one
+    is the token sampling stops at."""
+    if not has_chat_template(tokenizer):
+        return [tokenizer.eos_token_id]
+    return tokenizer(end_of_turn_text(tokenizer), add_special_tokens=False)["input_ids"]
+
+
+def render_prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """A prompt's token ids: the template's rendering with the generation prompt, else the text's own ids."""
+    if not has_chat_template(tokenizer):
+        return tokenizer(_text(prompt))["input_ids"]
+    return tokenizer.apply_chat_template(_messages(prompt, "user"), add_generation_prompt=True, return_dict=False)
+
+
+def _mask_by_prefixes(tokenizer, messages: list[Message]) -> tuple[list[int], list[int]]:
+    text, eot = _render(tokenizer, messages), end_of_turn_text(tokenizer)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        turn = _render(tokenizer, messages[: i + 1])
+        if not (turn.startswith(head) and text.startswith(turn)):
+            raise ValueError("the chat template renders the start of a conversation differently from the whole; "
+                             "mark assistant turns with {% generation %} ... {% endgeneration %} to train on it")
+        end = turn.rfind(eot, len(head))
+        spans.append((len(head), end + len(eot) if end >= 0 else len(turn)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(start < b and a < end for start, end in spans)) for a, b in enc["offset_mapping"]]
+    return enc["input_ids"], mask
+
+
+def conversation_ids(tokenizer, messages: list[Message]) -> tuple[list[int], list[int]]:
+    """A conversation's token ids (as `apply_chat_template` gives them) and a mask: 1 on every assistant turn's
+    tokens, its end of turn included; 0 elsewhere."""
+    if _GENERATION_TAG.search(tokenizer.get_chat_template()):
+        out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        return list(out["input_ids"]), list(out["assistant_masks"])
+    return _mask_by_prefixes(tokenizer, messages)
+
+
+def encode_demo(tokenizer, demo: Demo, max_len: int, truncate: bool) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + completion, and the loss mask: 1 on the completion's assistant tokens (end of turn
+    included). The ids end with the last end of turn, the token the reward model reads. Longer than max_len:
+    the prompt is cut from the left if `truncate`, else ValueError (as `encode_example`). The reward model encodes
+    (prompt, response) as encode_demo(tokenizer, Demo(prompt, response), ...)."""
+    if not has_chat_template(tokenizer):
+        ids, n_prompt = encode_example(tokenizer, _text(demo.prompt), _text(demo.completion), max_len, truncate)
+        return ids, [0] * n_prompt + [1] * (len(ids) - n_prompt)
+    prompt_ids = render_prompt_ids(tokenizer, demo.prompt)
+    ids, mask = conversation_ids(tokenizer, _messages(demo.prompt, "user") + _messages(demo.completion, "assistant"))
+    if ids[:len(prompt_ids)] != prompt_ids:
+        raise ValueError("the chat template renders the prompt differently when a response follows it")
+    mask = [0] * len(prompt_ids) + mask[len(prompt_ids):]  # a multi-turn prompt's assistant turns are context
+    if 1 not in mask:
+        raise ValueError("the chat template marks no token of the response as the assistant's")
+    end = len(mask) - mask[::-1].index(1)  # what follows the last end of turn separates turns: not trained on
+    ids, mask = ids[:end], mask[:end]
+    cut = left_cut(mask.index(1), end, max_len, truncate)
+    return ids[cut:], mask[cut:]
