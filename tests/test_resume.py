@@ -72,13 +72,13 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(tiny_sft_dir, tiny_rm
     # A run that stops after 3 of 4 iterations, with checkpoints at 1, 2 and 3 (the last two kept).
     train_ppo(PPOConfig(out=str(tmp_path / "partial"), save_every=1, **{**kw, "episodes": 64}))
     ckpts = tmp_path / "partial-checkpoints"
-    steps = sorted(p.name for p in ckpts.iterdir())
+    steps = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-"))
     assert steps == ["step-00000002", "step-00000003"]
     newest = ckpts / steps[-1] / "model.policy.safetensors"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train_ppo(PPOConfig(out=str(tmp_path / "partial"), resume=True, **kw))
+        train_ppo(PPOConfig(out=str(tmp_path / "partial"), resume=True, overwrite=True, **kw))  # OUT is finished
     assert any("step-00000003" in str(w.message) and "unreadable" in str(w.message) for w in caught)
     assert same_weights(tmp_path / "ref", tmp_path / "partial")
 

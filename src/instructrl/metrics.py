@@ -80,6 +80,11 @@ class MetricSinks:
         if self.trackio is not None:
             self.trackio.log(values, step=record[STEP])
 
+    def flush(self) -> None:
+        """With a checkpoint: the external sinks hold at least what the checkpoint's lines hold."""
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
         if self.f is not None:
             self.f.close()

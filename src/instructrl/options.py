@@ -63,7 +63,10 @@ class RunOptions:
     fsdp: bool = option(False, "under torchrun, shard the models over the processes (basic support: no checkpoints, "
                                "no LoRA)")
     save_every: int = option(0, "steps (RL: iterations) between checkpoints in OUT-checkpoints/ (0: none)")
-    resume: bool = option(False, "continue from the newest readable checkpoint in OUT-checkpoints/")
+    resume: bool = option(False, "continue from the newest readable checkpoint in OUT-checkpoints/ (of the same "
+                                 "options and inputs)")
+    overwrite: bool = option(False, "replace a finished output of this step in --out (and start afresh over old "
+                                    "checkpoints)")
     keep_checkpoints: int = option(2, "checkpoints kept in OUT-checkpoints/")
     max_nonfinite: int = option(3, "consecutive non-finite losses/rewards before the run stops")
     log_with: str = option("", "extra metric sinks besides metrics.jsonl, comma-separated: tensorboard, trackio "

@@ -16,6 +16,8 @@ resume, metric sinks, the progress bar, periodic saves and the summary. A traine
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +27,8 @@ from . import distributed as dist
 from .checkpoint import Checkpointer
 from .metrics import MetricSinks, check_sinks
 from .optim import NonFinite
-from .options import RunOptions, to_flat
+from .options import RunOptions, flat_fields, to_flat
+from .outputs import OutputLock, check_output, differences, fingerprint
 from .utils import checkpoint_dir, console, log_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, \
     write_json
 
@@ -42,6 +45,28 @@ class Run:
         self.checkpoints = Checkpointer(checkpoint_dir(out), opts.keep_checkpoints)
         self.start, self.previous, self.dir, self.metrics = 0, [], None, None
         self._saved: tuple = ({}, None, None, None)
+        inputs = [f.get(cfg) for f in flat_fields(type(cfg)) if f.wired and f.path[0] != "run" and f.name != "out"]
+        self.inputs = [v for v in inputs if isinstance(v, str) and v]
+        check_output(out, stage, self.inputs, opts.overwrite)
+        self.fingerprint = fingerprint(to_flat(cfg), self.inputs)
+        self._check_checkpoints()
+
+    def _check_checkpoints(self) -> None:
+        """A fresh run never mixes with an earlier run's checkpoints; a resumed one only continues the same run."""
+        root, found = self.checkpoints.root, self.checkpoints.steps()
+        if found and not self.opts.resume:
+            if not self.opts.overwrite:
+                raise ValueError(f"{root} holds checkpoints of an earlier run: pass --resume to continue it, or "
+                                 f"--overwrite to start afresh (they are then replaced)")
+            if dist.is_main():
+                for step_dir in found:
+                    shutil.rmtree(step_dir)
+        saved = root / "fingerprint.json"
+        if found and self.opts.resume and saved.is_file():
+            diff = differences(json.loads(saved.read_text()), self.fingerprint)
+            if diff:
+                raise ValueError(f"--resume: the checkpoints in {root} belong to a run with other settings: "
+                                 f"{'; '.join(diff)}; resume with the same ones, or start afresh with --overwrite")
 
     def resume(self, models: dict, optimizer=None, scheduler=None, generators: dict | None = None) -> dict | None:
         """Declare what a checkpoint holds; with --resume restore the newest one and return its saved state."""
@@ -61,7 +86,15 @@ class Run:
 
     @contextlib.contextmanager
     def output(self):
-        """Rank 0 writes into a temp directory (`run.dir`) that becomes OUT whole, only when the block succeeds."""
+        """Rank 0 writes into a temp directory (`run.dir`) that becomes OUT whole, only when the block succeeds;
+        it holds OUT's lock meanwhile (a second run on the same OUT stops here, before it writes anything)."""
+        lock = OutputLock(self.out).acquire() if dist.is_main() else None
+        with contextlib.ExitStack() as stack:
+            if lock is not None:
+                stack.callback(lock.release)
+            yield from self._output()
+
+    def _output(self):
         with dist.output_dir(self.out) as tmp:
             self.dir = tmp
             self.metrics = MetricSinks(tmp / "metrics.jsonl" if tmp else None, self.previous,
@@ -99,6 +132,8 @@ class Run:
             saved_models, optimizer, scheduler, generators = self._saved
             self.checkpoints.save(step, models or saved_models, optimizer, scheduler, generators, state=state,
                                   metrics=self.metrics.lines)
+            if dist.is_main():
+                write_json(self.checkpoints.root / "fingerprint.json", self.fingerprint)
             self.metrics.flush()
 
     def finish(self, summary: dict) -> dict:
