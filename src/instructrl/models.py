@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast)
 
 transformers.logging.set_verbosity_error()
 
@@ -189,6 +190,8 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 # --- scalar-head model: reward model and value model ----------------------------------------------------
 HEAD_FILE, HEAD_CONFIG = "scalar_head.safetensors", "scalar_head.json"
+REWARD_DIR = (f"a reward model: an instructrl reward directory ({HEAD_FILE} beside the backbone) or a Hugging Face "
+              "sequence classifier with num_labels=1 (as TRL, OpenRLHF and NeMo-RL save)")
 
 
 class ScalarHeadModel(nn.Module):
@@ -196,9 +199,13 @@ class ScalarHeadModel(nn.Module):
 
     forward() gives a value per token (the value model); score() reads the reward at a given token (EOS),
     then applies the stored normalisation: reward = gain · head + bias.
+    `skip_id` (Hugging Face sequence classifiers only): score() reads, as they do, the last token up to
+    `last_index` whose id is not their pad_token_id; that differs from `last_index` only where the id ends a
+    text (PAD == EOS).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear | None = None, bias: float = 0.0, gain: float = 1.0):
+    def __init__(self, backbone: nn.Module, head: nn.Linear | None = None, bias: float = 0.0, gain: float = 1.0,
+                 skip_id: int | None = None):
         super().__init__()
         self.backbone = backbone
         d = head_width(backbone.config)
@@ -208,6 +215,7 @@ class ScalarHeadModel(nn.Module):
             nn.init.zeros_(head.bias)
         self.head = head.to(next(backbone.parameters()).device)
         self.norm_bias, self.norm_gain = float(bias), float(gain)
+        self.skip_id = skip_id
 
     @property
     def config(self):
@@ -222,6 +230,8 @@ class ScalarHeadModel(nn.Module):
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         """Normalised reward read at `last_index` (the EOS / last real token) of each row [B]."""
         raw = self(input_ids, attention_mask)
+        if self.skip_id is not None:
+            last_index = last_token_other_than(input_ids, attention_mask, last_index, self.skip_id)
         picked = raw.gather(1, last_index[:, None]).squeeze(1)
         return self.norm_gain * picked + self.norm_bias
 
@@ -238,24 +248,88 @@ class ScalarHeadModel(nn.Module):
         self.backbone.save_pretrained(str(path), safe_serialization=True,
                                       **({"state_dict": part("backbone.")} if state_dict else {}))
         save_file({k: v.detach().cpu().contiguous() for k, v in part("head.").items()}, str(path / HEAD_FILE))
-        (path / HEAD_CONFIG).write_text(json.dumps({"bias": self.norm_bias, "gain": self.norm_gain}, indent=2))
+        extra = {"skip_id": self.skip_id} if self.skip_id is not None else {}
+        (path / HEAD_CONFIG).write_text(json.dumps({"bias": self.norm_bias, "gain": self.norm_gain, **extra},
+                                                   indent=2))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32) -> "ScalarHeadModel":
-        """From a saved scalar-head directory, or from any causal-LM directory with a fresh head."""
-        path = Path(path)
-        backbone = AutoModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
-        backbone = fuse_activations(disable_dropout(backbone)).to(device)
-        if not (path / HEAD_FILE).is_file():
-            return cls(backbone)
+        """A reward (or value) model: our own directory, or a Hugging Face sequence classifier with one label and
+        its own trained head. Anything else is a ValueError naming what was found: a reward model never gets a
+        fresh random head (`from_backbone` makes one, on purpose)."""
+        path = model_dir(path)
+        if (path / HEAD_FILE).is_file():
+            return cls._from_own_dir(path, device, dtype)
+        return cls._from_sequence_classifier(path, device, dtype)
+
+    @classmethod
+    def from_backbone(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32) -> "ScalarHeadModel":
+        """The backbone of any local model directory (usually the SFT causal LM) with a fresh scalar head
+        [N+ D11]: where reward-model training starts."""
+        return cls(load_backbone(model_dir(path), device, dtype))
+
+    @classmethod
+    def _from_own_dir(cls, path: Path, device, dtype) -> "ScalarHeadModel":
+        backbone = load_backbone(path, device, dtype)
         state = load_file(str(path / HEAD_FILE))
-        head = nn.Linear(state["weight"].shape[1], 1)
+        head = nn.Linear(state["weight"].shape[1], 1, bias="bias" in state)
         head.load_state_dict(state)
         cfg = json.loads((path / HEAD_CONFIG).read_text()) if (path / HEAD_CONFIG).is_file() else {}
-        bias, gain = cfg.get("bias", 0.0), cfg.get("gain", 1.0)
-        if not all(isinstance(x, (int, float)) for x in (bias, gain)):
-            raise ValueError(f"{path / HEAD_CONFIG}: 'bias' and 'gain' must be numbers")
-        return cls(backbone, head, bias, gain)
+        bias, gain, skip_id = cfg.get("bias", 0.0), cfg.get("gain", 1.0), cfg.get("skip_id")
+        if not all(isinstance(x, (int, float)) for x in (bias, gain)) or not isinstance(skip_id, (int, type(None))):
+            raise ValueError(f"{path / HEAD_CONFIG}: 'bias' and 'gain' must be numbers, 'skip_id' an integer")
+        return cls(backbone, head, bias, gain, skip_id)
+
+    @classmethod
+    def _from_sequence_classifier(cls, path: Path, device, dtype) -> "ScalarHeadModel":
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        archs = config.architectures or []
+        found = ", ".join(archs) or f"a {config.model_type} config naming no architecture"
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise ValueError(f"{path}: found {found} and no {HEAD_FILE}, so no trained reward head; expected "
+                             f"{REWARD_DIR}. To train a reward head on this model: instructrl rm --model {path}")
+        if config.num_labels != 1:
+            raise ValueError(f"{path}: found {found} with num_labels={config.num_labels}; expected num_labels=1 "
+                             "(one scalar reward)")
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path), dtype=dtype, use_safetensors=True, local_files_only=True, output_loading_info=True)
+        absent = sorted(info["missing_keys"]) + sorted(k if isinstance(k, str) else k[0]
+                                                       for k in info["mismatched_keys"])
+        if absent:
+            raise ValueError(f"{path}: found {found} whose weights lack or misshape {', '.join(absent[:4])}"
+                             f"{' …' if len(absent) > 4 else ''}; expected trained weights for every parameter "
+                             "(transformers would initialise them at random)")
+        named = classifier_head(model)
+        if named is None:
+            raise ValueError(f"{path}: found {found} whose head is not one linear layer to one output; expected "
+                             "a single linear head (num_labels=1)")
+        if not reads_last_token(model, named[1]):
+            raise ValueError(f"{path}: found {found} whose logits are not its head on the last token's hidden state "
+                             "(a pooled or first-token head, as encoders have); expected a decoder's classifier")
+        backbone = fuse_activations(disable_dropout(model.base_model)).to(device)
+        return cls(backbone, named[1].float(), skip_id=config.get_text_config().pad_token_id)
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """PATH as a local model directory with safetensors weights, else a ValueError saying what is there. Checked
+    here, before transformers sees the path: a missing directory must never turn into a Hub download."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"{path}: {'not a directory' if p.exists() else 'no such directory'}; expected a local "
+                         "model directory (nothing is downloaded)")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{path}: found no config.json; expected a Hugging Face model directory")
+    if not any((p / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth"))
+        found = f"only pickled weights ({', '.join(pickles)}), never loaded" if pickles else "no weights"
+        raise ValueError(f"{path}: found {found}; expected model.safetensors (or model.safetensors.index.json)")
+    return p
+
+
+def load_backbone(path: Path, device, dtype) -> nn.Module:
+    """The transformer under any head (AutoModel drops the head's weights), dropout off."""
+    backbone = AutoModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True)
+    return fuse_activations(disable_dropout(backbone)).to(device)
 
 
 def head_width(config) -> int:
@@ -264,8 +338,34 @@ def head_width(config) -> int:
     return int(getattr(cfg, "word_embed_proj_dim", None) or cfg.hidden_size)
 
 
-def is_scalar_head_dir(path) -> bool:
-    return (Path(path) / HEAD_FILE).is_file()
+def last_token_other_than(input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor,
+                          token_id: int) -> torch.Tensor:
+    """Per row, the last real position up to `last_index` whose id is not `token_id` (else `last_index`): where a
+    Hugging Face sequence classifier reads the unpadded text, finding padding by comparing ids with pad_token_id."""
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+    keep = (input_ids != token_id) & attention_mask.bool() & (pos <= last_index[:, None])
+    return torch.where(keep.any(1), (pos * keep).argmax(1), last_index)
+
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """(name, module) of a Hugging Face sequence classifier's head: its one child with weights beside the backbone,
+    if that is a linear layer to one output (GPT-2, Llama, Qwen2, … call it `score`)."""
+    heads = [(n, m) for n, m in model.named_children()
+             if n != model.base_model_prefix and next(m.parameters(), None) is not None]
+    if len(heads) == 1 and isinstance(heads[0][1], nn.Linear) and heads[0][1].out_features == 1:
+        return heads[0]
+    return None
+
+
+@torch.no_grad()
+def reads_last_token(model: nn.Module, head: nn.Linear) -> bool:
+    """Whether a classifier's logits are `head` on the last position's hidden state, as decoder classifiers compute
+    them and score() reads them (encoders pool a first token instead): checked on one short text."""
+    pad = model.config.get_text_config().pad_token_id
+    ids = torch.tensor([[i for i in range(4) if i != pad][:3]])
+    logits = model(input_ids=ids).logits[:, 0]
+    return torch.allclose(logits, head(model.base_model(input_ids=ids).last_hidden_state[:, -1])[:, 0],
+                          rtol=1e-3, atol=1e-5)
 
 
 def count_parameters(model: nn.Module) -> int:
