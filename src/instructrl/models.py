@@ -5,8 +5,10 @@ just one such directory, built here from a `transformers` config.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import itertools
 import json
 import os
 import warnings
@@ -189,7 +191,8 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 # --- scalar-head model: reward model and value model ----------------------------------------------------
-HEAD_FILE, HEAD_CONFIG = "scalar_head.safetensors", "scalar_head.json"
+HEAD_FILE, HEAD_CONFIG, CARD_FILE = "scalar_head.safetensors", "scalar_head.json", "README.md"
+KEPT = "backbone."  # HEAD_FILE keys under this prefix: exact backbone tensors that the directory's HF export shifts
 REWARD_DIR = (f"a reward model: an instructrl reward directory ({HEAD_FILE} beside the backbone) or a Hugging Face "
               "sequence classifier with num_labels=1 (as TRL, OpenRLHF and NeMo-RL save)")
 
@@ -236,7 +239,10 @@ class ScalarHeadModel(nn.Module):
         return self.norm_gain * picked + self.norm_bias
 
     def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
-        """Backbone as a plain HF directory (LoRA adapters merged in place: call at the end of a run) + head.
+        """A directory both loaders read: a Hugging Face `AutoModelForSequenceClassification` checkpoint
+        (num_labels=1, the normalisation folded into its head: see `hf_export`), our exact head and normalisation
+        (HEAD_FILE, HEAD_CONFIG), which `from_pretrained` prefers, and a model card. LoRA adapters are merged in
+        place: call at the end of a run.
 
         `state_dict` (keys `backbone.*`, `head.*`) replaces the module's own, e.g. a full one gathered from FSDP.
         """
@@ -245,12 +251,28 @@ class ScalarHeadModel(nn.Module):
             self.backbone = merge_lora(self.backbone, path)
         sd = state_dict or self.state_dict()
         part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        self.backbone.save_pretrained(str(path), safe_serialization=True,
-                                      **({"state_dict": part("backbone.")} if state_dict else {}))
-        save_file({k: v.detach().cpu().contiguous() for k, v in part("head.").items()}, str(path / HEAD_FILE))
+        head = {k: v.detach().cpu().contiguous() for k, v in part("head.").items()}
+        live = self.backbone if state_dict is None else None  # FSDP shards cannot run alone
+        export = hf_export(self.config, part("backbone."), head, self.norm_gain, self.norm_bias, live)
+        if export.model is None:
+            self.backbone.save_pretrained(str(path), safe_serialization=True,
+                                          **({"state_dict": part("backbone.")} if state_dict else {}))
+        else:
+            export.model.save_pretrained(str(path), state_dict=export.state)
+        kept = {KEPT + k: v.detach().cpu().contiguous() for k, v in export.kept.items()}
+        save_file({**head, **kept}, str(path / HEAD_FILE))
         extra = {"skip_id": self.skip_id} if self.skip_id is not None else {}
         (path / HEAD_CONFIG).write_text(json.dumps({"bias": self.norm_bias, "gain": self.norm_gain, **extra},
                                                    indent=2))
+        reads = hf_reading(self.config, self.skip_id)
+        for warning in (export.warning, reads[1]):
+            if warning:
+                warnings.warn(f"{path}: {warning}")
+        write_model_card(path, "reward / value model", {
+            "backbone": self.config.model_type,
+            "normalisation": f"reward = {self.norm_gain:.6g} · head + {self.norm_bias:.6g} [IG]",
+            "instructrl": f"`ScalarHeadModel.from_pretrained(DIR)` reads the exact head from {HEAD_FILE}",
+            "transformers": export.note, "reward token": reads[0]})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32) -> "ScalarHeadModel":
@@ -271,7 +293,7 @@ class ScalarHeadModel(nn.Module):
     @classmethod
     def _from_own_dir(cls, path: Path, device, dtype) -> "ScalarHeadModel":
         backbone = load_backbone(path, device, dtype)
-        state = load_file(str(path / HEAD_FILE))
+        state = {k: v for k, v in load_file(str(path / HEAD_FILE)).items() if not k.startswith(KEPT)}
         head = nn.Linear(state["weight"].shape[1], 1, bias="bias" in state)
         head.load_state_dict(state)
         cfg = json.loads((path / HEAD_CONFIG).read_text()) if (path / HEAD_CONFIG).is_file() else {}
@@ -327,9 +349,15 @@ def model_dir(path: str | os.PathLike) -> Path:
 
 
 def load_backbone(path: Path, device, dtype) -> nn.Module:
-    """The transformer under any head (AutoModel drops the head's weights), dropout off."""
+    """The transformer under any head (AutoModel drops the head's weights), dropout off, with the exact tensors
+    our own HEAD_FILE keeps for the ones the Hugging Face export shifted."""
     backbone = AutoModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True)
-    return fuse_activations(disable_dropout(backbone)).to(device)
+    backbone = fuse_activations(disable_dropout(backbone)).to(device)
+    if (path / HEAD_FILE).is_file():
+        kept = {k[len(KEPT):]: v for k, v in load_file(str(path / HEAD_FILE)).items() if k.startswith(KEPT)}
+        if backbone.load_state_dict(kept, strict=False).unexpected_keys:
+            raise ValueError(f"{path / HEAD_FILE}: found backbone tensors {sorted(kept)} the backbone does not have")
+    return backbone
 
 
 def head_width(config) -> int:
@@ -366,6 +394,125 @@ def reads_last_token(model: nn.Module, head: nn.Linear) -> bool:
     logits = model(input_ids=ids).logits[:, 0]
     return torch.allclose(logits, head(model.base_model(input_ids=ids).last_hidden_state[:, -1])[:, 0],
                           rtol=1e-3, atol=1e-5)
+
+
+@dataclass
+class HFExport:
+    model: nn.Module | None  # the classifier, on the meta device (its class and config); None: no such class
+    state: dict              # its weights: the backbone under its prefix, the head with the normalisation folded in
+    kept: dict               # exact backbone tensors that `state` shifts, for our own loader
+    note: str                # how transformers reads the directory, for the model card
+    warning: str = ""        # set where transformers' score differs from ours
+
+
+def hf_export(config, backbone: dict, head: dict, gain: float, bias: float, live: nn.Module | None) -> HFExport:
+    """Our reward = gain·(w·h + b) + bias as a Hugging Face classifier: score.weight = gain·w, and the offset
+    c = gain·b + bias goes where the architecture has room for a constant:
+
+    - the head's own bias, where its classifier head has one (decoder LMs' `score` heads have none);
+    - else the bias β of the LayerNorm that gives the last hidden state h (GPT-2's ln_f; found by running the
+      `live` backbone, or one rebuilt from `backbone`):
+      β + c·w'/|w'|² moves w'·h by exactly c. That shifts a backbone tensor, so the original is kept for our loader;
+    - else nowhere: RMSNorm (Llama, Qwen2, Mistral …) makes h scale-invariant, so no linear function of h is a
+      nonzero constant (OPT-350m-style projections after the LayerNorm are not handled). transformers then reads
+      reward − c, and the model card and a warning say so.
+    """
+    cfg = copy.deepcopy(config)
+    cfg.num_labels = 1
+    try:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(cfg)
+    except ValueError:  # transformers has no sequence classifier for this model type
+        model = None
+    named = classifier_head(model) if model is not None else None
+    if named is None:
+        return HFExport(None, {}, {}, f"not loadable with AutoModelForSequenceClassification (no one-label linear "
+                                      f"head for model_type {config.model_type})")
+    name, module = named
+    w = gain * head["weight"].float()
+    c = gain * float(head["bias"]) + bias if "bias" in head else bias
+    state = {f"{model.base_model_prefix}.{k}": v for k, v in backbone.items()} | {f"{name}.weight": w}
+    same = f"`AutoModelForSequenceClassification.from_pretrained(DIR)` gives the same reward: {name}.weight = gain·w"
+    if c == 0:
+        return HFExport(model, state, {}, f"{same}, no offset")
+    if module.bias is not None:
+        return HFExport(model, state | {f"{name}.bias": torch.tensor([c])}, {}, f"{same}, offset in {name}.bias")
+    norm = final_layer_norm(live if live is not None else rebuilt(config, backbone))
+    if norm is not None and float(w.norm()) > 0:
+        key = f"{norm}.bias"
+        beta = backbone[key]
+        delta = c * w[0].double() / w[0].double().pow(2).sum()  # w'·δ = c
+        state[f"{model.base_model_prefix}.{key}"] = (beta.double() + delta.to(beta.device)).to(beta.dtype)
+        return HFExport(model, state, {key: beta}, f"{same}, offset {c:.6g} added through {key} (shifted by "
+                                                   f"c·w/|w|²; instructrl keeps the original in {HEAD_FILE})")
+    why = (f"AutoModelForSequenceClassification reads reward − {c:.6g}: {type(model).__name__}'s head has no bias "
+           "and its last hidden state comes from no LayerNorm with a bias to carry the offset (after an RMSNorm, no "
+           "linear function of it is constant)")
+    return HFExport(model, state, {}, why, why)
+
+
+@torch.no_grad()
+def final_layer_norm(backbone: nn.Module | None) -> str | None:
+    """Name of the nn.LayerNorm with a bias whose output is the backbone's last hidden state, or None: found by
+    running one token and comparing outputs, so no per-architecture names."""
+    norms = {n: m for n, m in (backbone.named_modules() if backbone is not None else [])
+             if isinstance(m, nn.LayerNorm) and m.bias is not None}
+    if not norms:
+        return None
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: outputs.update({n: out}))
+             for n, m in norms.items()]
+    try:
+        ids = torch.zeros(1, 1, dtype=torch.long, device=next(backbone.parameters()).device)
+        last = backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+    return next((n for n, out in outputs.items() if out.shape == last.shape and torch.equal(out, last)), None)
+
+
+def hf_reading(config, skip_id: int | None) -> tuple[str, str]:
+    """Where transformers reads the reward (the card's line) and, if that is not where we read it, a warning."""
+    cfg = config.get_text_config()
+    pad, eos = cfg.pad_token_id, cfg.eos_token_id
+    note = ("instructrl reads the EOS ending the response; transformers " +
+            (f"the last token whose id is not pad_token_id ({pad}): the same token where that id only pads"
+             if pad is not None else "the last position, and refuses padded batches (no pad_token_id)"))
+    if skip_id is None and pad is not None and pad in (eos if isinstance(eos, list) else [eos]):
+        return note, (f"pad_token_id {pad} is an EOS id, so AutoModelForSequenceClassification reads the token "
+                      "before a final EOS, where instructrl reads the EOS")
+    return note, ""
+
+
+def rebuilt(config, state: dict) -> nn.Module | None:
+    """The backbone from its full state dict (e.g. gathered from FSDP shards), sharing its tensors, to probe; None
+    where the state dict lacks tensors the model needs (non-persistent buffers such as rotary frequencies)."""
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    return None if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())) else model
+
+
+def write_model_card(path: str | os.PathLike, step: str, details: dict) -> None:
+    """PATH/README.md, a short model card: one section per step that wrote into the directory (its name and
+    headline numbers); writing a step again replaces its section."""
+    card = Path(path) / CARD_FILE
+    text = card.read_text() if card.is_file() else CARD_HEADER
+    head, *sections = text.split("\n## ")
+    sections = [s for s in sections if s.split("\n", 1)[0] != step]
+    body = "\n".join(f"- **{k}**: {v}" for k, v in details.items())
+    card.write_text("\n## ".join([head.rstrip("\n") + "\n", *[s.rstrip("\n") + "\n" for s in sections],
+                                  f"{step}\n\n{body}\n"]))
+
+
+CARD_HEADER = """---
+library_name: transformers
+tags: [instructrl, rlhf]
+---
+# instructrl model
+
+Written by instructrl, an RLHF toolkit (SFT → reward model → PPO).
+"""
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -475,4 +622,4 @@ def save_causal_lm(model, path: str | os.PathLike, state_dict: dict | None = Non
 __all__ = ["train_tokenizer", "load_tokenizer", "tiny_gpt_config", "build_tiny_model", "load_causal_lm",
            "token_logprobs", "ScalarHeadModel", "disable_dropout", "position_ids_from_mask", "position_kwargs",
            "freeze", "trainable_parameters", "trainable_state", "LoraOptions", "lora_options", "apply_lora", "is_lora",
-           "AdapterDisabled", "save_causal_lm", "fuse_activations"]
+           "AdapterDisabled", "save_causal_lm", "fuse_activations", "write_model_card"]
