@@ -267,3 +267,11 @@ def test_model_card_has_one_section_per_step(tmp_path):
     assert card.startswith("---\nlibrary_name: transformers")
     assert card.count("## reward / value model") == 1 and card.count("## rm") == 1
     assert "accuracy**: 0.75" in card and "0.5" not in card.split("## rm")[1]
+
+
+def test_export_warns_where_transformers_would_read_before_the_eos(tmp_path):
+    """PAD == EOS: transformers takes the final EOS for padding and reads the token before it; we read the EOS."""
+    rm = our_rm("gpt2", 0.0, 1.0, 0.0)
+    rm.backbone.config.pad_token_id = EOS
+    with pytest.warns(UserWarning, match="pad_token_id 2 is an EOS id"):
+        rm.save_pretrained(tmp_path)

@@ -475,10 +475,12 @@ def hf_reading(config, skip_id: int | None) -> tuple[str, str]:
     """Where transformers reads the reward (the card's line) and, if that is not where we read it, a warning."""
     cfg = config.get_text_config()
     pad, eos = cfg.pad_token_id, cfg.eos_token_id
+    if skip_id is not None:
+        return f"both read the last token whose id is not pad_token_id ({skip_id})", ""
     note = ("instructrl reads the EOS ending the response; transformers " +
             (f"the last token whose id is not pad_token_id ({pad}): the same token where that id only pads"
              if pad is not None else "the last position, and refuses padded batches (no pad_token_id)"))
-    if skip_id is None and pad is not None and pad in (eos if isinstance(eos, list) else [eos]):
+    if pad is not None and pad in (eos if isinstance(eos, list) else [eos]):
         return note, (f"pad_token_id {pad} is an EOS id, so AutoModelForSequenceClassification reads the token "
                       "before a final EOS, where instructrl reads the EOS")
     return note, ""
