@@ -80,7 +80,11 @@ def main() -> None:
     d = a.dir or Path(tempfile.mkdtemp(prefix="lora_memory_"))
     subprocess.run([sys.executable, __file__, *sys.argv[1:], "--dir", str(d), "--build-only"], check=True)
     model = d / "model"
-    common = dict(policy=str(model), reward=str(model), prompts=str(d / "world" / "prompts_train.jsonl"),
+    reward = d / "reward"  # a reward directory (a fresh head on the model): a plain LM is refused as a reward
+    if not reward.is_dir():
+        from instructrl.models import ScalarHeadModel
+        ScalarHeadModel.from_backbone(model).save_pretrained(reward)
+    common = dict(policy=str(model), reward=str(reward), prompts=str(d / "world" / "prompts_train.jsonl"),
                   episodes=a.iterations * a.batch_size, batch_size=a.batch_size, minibatch_size=a.batch_size // 2,
                   max_new_tokens=16, progress=False, device="cpu")
     variants = {"full": {}, "lora+full-ref": {"lora_r": a.lora_r, "ref": str(model)}, "lora": {"lora_r": a.lora_r}}

@@ -120,7 +120,7 @@ def test_sampling_gives_non_negative_mean_kl(tiny_sft_dir, tiny_lm_dir, world_di
 
     tok = load_tokenizer(tiny_sft_dir)
     policy, ref = load_causal_lm(tiny_sft_dir), freeze(load_causal_lm(tiny_lm_dir))
-    rm = freeze(ScalarHeadModel.from_pretrained(tiny_sft_dir))
+    rm = freeze(ScalarHeadModel.from_backbone(tiny_sft_dir))
     prompts = read_prompts(world_dir / "prompts_train.jsonl")[:128]
     ids = encode_prompts(tok, prompts, 100)
     r = run_rollout(RLConfig(max_new_tokens=20, temperature=1.0), tok, policy, ref, rm, None, prompts, ids, 0.05, 0)

@@ -5,8 +5,10 @@ just one such directory, built here from a `transformers` config.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import itertools
 import json
 import os
 import warnings
@@ -17,7 +19,8 @@ import torch
 import torch.nn as nn
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast)
 
 transformers.logging.set_verbosity_error()
 
@@ -188,7 +191,10 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 # --- scalar-head model: reward model and value model ----------------------------------------------------
-HEAD_FILE, HEAD_CONFIG = "scalar_head.safetensors", "scalar_head.json"
+HEAD_FILE, HEAD_CONFIG, CARD_FILE = "scalar_head.safetensors", "scalar_head.json", "README.md"
+KEPT = "backbone."  # HEAD_FILE keys under this prefix: exact backbone tensors that the directory's HF export shifts
+REWARD_DIR = (f"a reward model: an instructrl reward directory ({HEAD_FILE} beside the backbone) or a Hugging Face "
+              "sequence classifier with num_labels=1 (as TRL, OpenRLHF and NeMo-RL save)")
 
 
 class ScalarHeadModel(nn.Module):
@@ -196,9 +202,13 @@ class ScalarHeadModel(nn.Module):
 
     forward() gives a value per token (the value model); score() reads the reward at a given token (EOS),
     then applies the stored normalisation: reward = gain · head + bias.
+    `skip_id` (Hugging Face sequence classifiers only): score() reads, as they do, the last token up to
+    `last_index` whose id is not their pad_token_id; that differs from `last_index` only where the id ends a
+    text (PAD == EOS).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear | None = None, bias: float = 0.0, gain: float = 1.0):
+    def __init__(self, backbone: nn.Module, head: nn.Linear | None = None, bias: float = 0.0, gain: float = 1.0,
+                 skip_id: int | None = None):
         super().__init__()
         self.backbone = backbone
         d = head_width(backbone.config)
@@ -208,6 +218,7 @@ class ScalarHeadModel(nn.Module):
             nn.init.zeros_(head.bias)
         self.head = head.to(next(backbone.parameters()).device)
         self.norm_bias, self.norm_gain = float(bias), float(gain)
+        self.skip_id = skip_id
 
     @property
     def config(self):
@@ -222,11 +233,16 @@ class ScalarHeadModel(nn.Module):
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         """Normalised reward read at `last_index` (the EOS / last real token) of each row [B]."""
         raw = self(input_ids, attention_mask)
+        if self.skip_id is not None:
+            last_index = last_token_other_than(input_ids, attention_mask, last_index, self.skip_id)
         picked = raw.gather(1, last_index[:, None]).squeeze(1)
         return self.norm_gain * picked + self.norm_bias
 
     def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
-        """Backbone as a plain HF directory (LoRA adapters merged in place: call at the end of a run) + head.
+        """A directory both loaders read: a Hugging Face `AutoModelForSequenceClassification` checkpoint
+        (num_labels=1, the normalisation folded into its head: see `hf_export`), our exact head and normalisation
+        (HEAD_FILE, HEAD_CONFIG), which `from_pretrained` prefers, and a model card. LoRA adapters are merged in
+        place: call at the end of a run.
 
         `state_dict` (keys `backbone.*`, `head.*`) replaces the module's own, e.g. a full one gathered from FSDP.
         """
@@ -235,27 +251,113 @@ class ScalarHeadModel(nn.Module):
             self.backbone = merge_lora(self.backbone, path)
         sd = state_dict or self.state_dict()
         part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        self.backbone.save_pretrained(str(path), safe_serialization=True,
-                                      **({"state_dict": part("backbone.")} if state_dict else {}))
-        save_file({k: v.detach().cpu().contiguous() for k, v in part("head.").items()}, str(path / HEAD_FILE))
-        (path / HEAD_CONFIG).write_text(json.dumps({"bias": self.norm_bias, "gain": self.norm_gain}, indent=2))
+        head = {k: v.detach().cpu().contiguous() for k, v in part("head.").items()}
+        live = self.backbone if state_dict is None else None  # FSDP shards cannot run alone
+        export = hf_export(self.config, part("backbone."), head, self.norm_gain, self.norm_bias, live)
+        if export.model is None:
+            self.backbone.save_pretrained(str(path), safe_serialization=True,
+                                          **({"state_dict": part("backbone.")} if state_dict else {}))
+        else:
+            export.model.save_pretrained(str(path), state_dict=export.state)
+        kept = {KEPT + k: v.detach().cpu().contiguous() for k, v in export.kept.items()}
+        save_file({**head, **kept}, str(path / HEAD_FILE))
+        extra = {"skip_id": self.skip_id} if self.skip_id is not None else {}
+        (path / HEAD_CONFIG).write_text(json.dumps({"bias": self.norm_bias, "gain": self.norm_gain, **extra},
+                                                   indent=2))
+        reads = hf_reading(self.config, self.skip_id)
+        for warning in (export.warning, reads[1]):
+            if warning:
+                warnings.warn(f"{path}: {warning}")
+        write_model_card(path, "reward / value model", {
+            "backbone": self.config.model_type,
+            "normalisation": f"reward = {self.norm_gain:.6g} · head + {self.norm_bias:.6g} [IG]",
+            "instructrl": f"`ScalarHeadModel.from_pretrained(DIR)` reads the exact head from {HEAD_FILE}",
+            "transformers": export.note, "reward token": reads[0]})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32) -> "ScalarHeadModel":
-        """From a saved scalar-head directory, or from any causal-LM directory with a fresh head."""
-        path = Path(path)
-        backbone = AutoModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
-        backbone = fuse_activations(disable_dropout(backbone)).to(device)
-        if not (path / HEAD_FILE).is_file():
-            return cls(backbone)
-        state = load_file(str(path / HEAD_FILE))
-        head = nn.Linear(state["weight"].shape[1], 1)
+        """A reward (or value) model: our own directory, or a Hugging Face sequence classifier with one label and
+        its own trained head. Anything else is a ValueError naming what was found: a reward model never gets a
+        fresh random head (`from_backbone` makes one, on purpose)."""
+        path = model_dir(path)
+        if (path / HEAD_FILE).is_file():
+            return cls._from_own_dir(path, device, dtype)
+        return cls._from_sequence_classifier(path, device, dtype)
+
+    @classmethod
+    def from_backbone(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32) -> "ScalarHeadModel":
+        """The backbone of any local model directory (usually the SFT causal LM) with a fresh scalar head
+        [N+ D11]: where reward-model training starts."""
+        return cls(load_backbone(model_dir(path), device, dtype))
+
+    @classmethod
+    def _from_own_dir(cls, path: Path, device, dtype) -> "ScalarHeadModel":
+        backbone = load_backbone(path, device, dtype)
+        state = {k: v for k, v in load_file(str(path / HEAD_FILE)).items() if not k.startswith(KEPT)}
+        head = nn.Linear(state["weight"].shape[1], 1, bias="bias" in state)
         head.load_state_dict(state)
         cfg = json.loads((path / HEAD_CONFIG).read_text()) if (path / HEAD_CONFIG).is_file() else {}
-        bias, gain = cfg.get("bias", 0.0), cfg.get("gain", 1.0)
-        if not all(isinstance(x, (int, float)) for x in (bias, gain)):
-            raise ValueError(f"{path / HEAD_CONFIG}: 'bias' and 'gain' must be numbers")
-        return cls(backbone, head, bias, gain)
+        bias, gain, skip_id = cfg.get("bias", 0.0), cfg.get("gain", 1.0), cfg.get("skip_id")
+        if not all(isinstance(x, (int, float)) for x in (bias, gain)) or not isinstance(skip_id, (int, type(None))):
+            raise ValueError(f"{path / HEAD_CONFIG}: 'bias' and 'gain' must be numbers, 'skip_id' an integer")
+        return cls(backbone, head, bias, gain, skip_id)
+
+    @classmethod
+    def _from_sequence_classifier(cls, path: Path, device, dtype) -> "ScalarHeadModel":
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        archs = config.architectures or []
+        found = ", ".join(archs) or f"a {config.model_type} config naming no architecture"
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise ValueError(f"{path}: found {found} and no {HEAD_FILE}, so no trained reward head; expected "
+                             f"{REWARD_DIR}. To train a reward head on this model: instructrl rm --model {path}")
+        if config.num_labels != 1:
+            raise ValueError(f"{path}: found {found} with num_labels={config.num_labels}; expected num_labels=1 "
+                             "(one scalar reward)")
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path), dtype=dtype, use_safetensors=True, local_files_only=True, output_loading_info=True)
+        absent = sorted(info["missing_keys"]) + sorted(k if isinstance(k, str) else k[0]
+                                                       for k in info["mismatched_keys"])
+        if absent:
+            raise ValueError(f"{path}: found {found} whose weights lack or misshape {', '.join(absent[:4])}"
+                             f"{' …' if len(absent) > 4 else ''}; expected trained weights for every parameter "
+                             "(transformers would initialise them at random)")
+        named = classifier_head(model)
+        if named is None:
+            raise ValueError(f"{path}: found {found} whose head is not one linear layer to one output; expected "
+                             "a single linear head (num_labels=1)")
+        if not reads_last_token(model, named[1]):
+            raise ValueError(f"{path}: found {found} whose logits are not its head on the last token's hidden state "
+                             "(a pooled or first-token head, as encoders have); expected a decoder's classifier")
+        backbone = fuse_activations(disable_dropout(model.base_model)).to(device)
+        return cls(backbone, named[1].float(), skip_id=config.get_text_config().pad_token_id)
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """PATH as a local model directory with safetensors weights, else a ValueError saying what is there. Checked
+    here, before transformers sees the path: a missing directory must never turn into a Hub download."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"{path}: {'not a directory' if p.exists() else 'no such directory'}; expected a local "
+                         "model directory (nothing is downloaded)")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{path}: found no config.json; expected a Hugging Face model directory")
+    if not any((p / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth"))
+        found = f"only pickled weights ({', '.join(pickles)}), never loaded" if pickles else "no weights"
+        raise ValueError(f"{path}: found {found}; expected model.safetensors (or model.safetensors.index.json)")
+    return p
+
+
+def load_backbone(path: Path, device, dtype) -> nn.Module:
+    """The transformer under any head (AutoModel drops the head's weights), dropout off, with the exact tensors
+    our own HEAD_FILE keeps for the ones the Hugging Face export shifted."""
+    backbone = AutoModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True)
+    backbone = fuse_activations(disable_dropout(backbone)).to(device)
+    if (path / HEAD_FILE).is_file():
+        kept = {k[len(KEPT):]: v for k, v in load_file(str(path / HEAD_FILE)).items() if k.startswith(KEPT)}
+        if backbone.load_state_dict(kept, strict=False).unexpected_keys:
+            raise ValueError(f"{path / HEAD_FILE}: found backbone tensors {sorted(kept)} the backbone does not have")
+    return backbone
 
 
 def head_width(config) -> int:
@@ -264,8 +366,155 @@ def head_width(config) -> int:
     return int(getattr(cfg, "word_embed_proj_dim", None) or cfg.hidden_size)
 
 
-def is_scalar_head_dir(path) -> bool:
-    return (Path(path) / HEAD_FILE).is_file()
+def last_token_other_than(input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor,
+                          token_id: int) -> torch.Tensor:
+    """Per row, the last real position up to `last_index` whose id is not `token_id` (else `last_index`): where a
+    Hugging Face sequence classifier reads the unpadded text, finding padding by comparing ids with pad_token_id."""
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+    keep = (input_ids != token_id) & attention_mask.bool() & (pos <= last_index[:, None])
+    return torch.where(keep.any(1), (pos * keep).argmax(1), last_index)
+
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """(name, module) of a Hugging Face sequence classifier's head: its one child with weights beside the backbone,
+    if that is a linear layer to one output (GPT-2, Llama, Qwen2, … call it `score`)."""
+    heads = [(n, m) for n, m in model.named_children()
+             if n != model.base_model_prefix and next(m.parameters(), None) is not None]
+    if len(heads) == 1 and isinstance(heads[0][1], nn.Linear) and heads[0][1].out_features == 1:
+        return heads[0]
+    return None
+
+
+@torch.no_grad()
+def reads_last_token(model: nn.Module, head: nn.Linear) -> bool:
+    """Whether a classifier's logits are `head` on the last position's hidden state, as decoder classifiers compute
+    them and score() reads them (encoders pool a first token instead): checked on one short text."""
+    pad = model.config.get_text_config().pad_token_id
+    ids = torch.tensor([[i for i in range(4) if i != pad][:3]])
+    logits = model(input_ids=ids).logits[:, 0]
+    return torch.allclose(logits, head(model.base_model(input_ids=ids).last_hidden_state[:, -1])[:, 0],
+                          rtol=1e-3, atol=1e-5)
+
+
+@dataclass
+class HFExport:
+    model: nn.Module | None  # the classifier, on the meta device (its class and config); None: no such class
+    state: dict              # its weights: the backbone under its prefix, the head with the normalisation folded in
+    kept: dict               # exact backbone tensors that `state` shifts, for our own loader
+    note: str                # how transformers reads the directory, for the model card
+    warning: str = ""        # set where transformers' score differs from ours
+
+
+def hf_export(config, backbone: dict, head: dict, gain: float, bias: float, live: nn.Module | None) -> HFExport:
+    """Our reward = gain·(w·h + b) + bias as a Hugging Face classifier: score.weight = gain·w, and the offset
+    c = gain·b + bias goes where the architecture has room for a constant:
+
+    - the head's own bias, where its classifier head has one (decoder LMs' `score` heads have none);
+    - else the bias β of the LayerNorm that gives the last hidden state h (GPT-2's ln_f; found by running the
+      `live` backbone, or one rebuilt from `backbone`):
+      β + c·w'/|w'|² moves w'·h by exactly c. That shifts a backbone tensor, so the original is kept for our loader;
+    - else nowhere: RMSNorm (Llama, Qwen2, Mistral …) makes h scale-invariant, so no linear function of h is a
+      nonzero constant (OPT-350m-style projections after the LayerNorm are not handled). transformers then reads
+      reward − c, and the model card and a warning say so.
+    """
+    cfg = copy.deepcopy(config)
+    cfg.num_labels = 1
+    try:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(cfg)
+    except ValueError:  # transformers has no sequence classifier for this model type
+        model = None
+    named = classifier_head(model) if model is not None else None
+    if named is None:
+        return HFExport(None, {}, {}, f"not loadable with AutoModelForSequenceClassification (no one-label linear "
+                                      f"head for model_type {config.model_type})")
+    name, module = named
+    w = gain * head["weight"].float()
+    c = gain * float(head["bias"]) + bias if "bias" in head else bias
+    state = {f"{model.base_model_prefix}.{k}": v for k, v in backbone.items()} | {f"{name}.weight": w}
+    same = f"`AutoModelForSequenceClassification.from_pretrained(DIR)` gives the same reward: {name}.weight = gain·w"
+    if c == 0:
+        return HFExport(model, state, {}, f"{same}, no offset")
+    if module.bias is not None:
+        return HFExport(model, state | {f"{name}.bias": torch.tensor([c])}, {}, f"{same}, offset in {name}.bias")
+    norm = final_layer_norm(live if live is not None else rebuilt(config, backbone))
+    if norm is not None and float(w.norm()) > 0:
+        key = f"{norm}.bias"
+        beta = backbone[key]
+        delta = c * w[0].double() / w[0].double().pow(2).sum()  # w'·δ = c
+        state[f"{model.base_model_prefix}.{key}"] = (beta.double() + delta.to(beta.device)).to(beta.dtype)
+        return HFExport(model, state, {key: beta}, f"{same}, offset {c:.6g} added through {key} (shifted by "
+                                                   f"c·w/|w|²; instructrl keeps the original in {HEAD_FILE})")
+    why = (f"AutoModelForSequenceClassification reads reward − {c:.6g}: {type(model).__name__}'s head has no bias "
+           "and its last hidden state comes from no LayerNorm with a bias to carry the offset (after an RMSNorm, no "
+           "linear function of it is constant)")
+    return HFExport(model, state, {}, why, why)
+
+
+@torch.no_grad()
+def final_layer_norm(backbone: nn.Module | None) -> str | None:
+    """Name of the nn.LayerNorm with a bias whose output is the backbone's last hidden state, or None: found by
+    running one token and comparing outputs, so no per-architecture names."""
+    norms = {n: m for n, m in (backbone.named_modules() if backbone is not None else [])
+             if isinstance(m, nn.LayerNorm) and m.bias is not None}
+    if not norms:
+        return None
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: outputs.update({n: out}))
+             for n, m in norms.items()]
+    try:
+        ids = torch.zeros(1, 1, dtype=torch.long, device=next(backbone.parameters()).device)
+        last = backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+    return next((n for n, out in outputs.items() if out.shape == last.shape and torch.equal(out, last)), None)
+
+
+def hf_reading(config, skip_id: int | None) -> tuple[str, str]:
+    """Where transformers reads the reward (the card's line) and, if that is not where we read it, a warning."""
+    cfg = config.get_text_config()
+    pad, eos = cfg.pad_token_id, cfg.eos_token_id
+    if skip_id is not None:
+        return f"both read the last token whose id is not pad_token_id ({skip_id})", ""
+    note = ("instructrl reads the EOS ending the response; transformers " +
+            (f"the last token whose id is not pad_token_id ({pad}): the same token where that id only pads"
+             if pad is not None else "the last position, and refuses padded batches (no pad_token_id)"))
+    if pad is not None and pad in (eos if isinstance(eos, list) else [eos]):
+        return note, (f"pad_token_id {pad} is an EOS id, so AutoModelForSequenceClassification reads the token "
+                      "before a final EOS, where instructrl reads the EOS")
+    return note, ""
+
+
+def rebuilt(config, state: dict) -> nn.Module | None:
+    """The backbone from its full state dict (e.g. gathered from FSDP shards), sharing its tensors, to probe; None
+    where the state dict lacks tensors the model needs (non-persistent buffers such as rotary frequencies)."""
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    return None if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())) else model
+
+
+def write_model_card(path: str | os.PathLike, step: str, details: dict) -> None:
+    """PATH/README.md, a short model card: one section per step that wrote into the directory (its name and
+    headline numbers); writing a step again replaces its section."""
+    card = Path(path) / CARD_FILE
+    text = card.read_text() if card.is_file() else CARD_HEADER
+    head, *sections = text.split("\n## ")
+    sections = [s for s in sections if s.split("\n", 1)[0] != step]
+    body = "\n".join(f"- **{k}**: {v}" for k, v in details.items())
+    card.write_text("\n## ".join([head.rstrip("\n") + "\n", *[s.rstrip("\n") + "\n" for s in sections],
+                                  f"{step}\n\n{body}\n"]))
+
+
+CARD_HEADER = """---
+library_name: transformers
+tags: [instructrl, rlhf]
+---
+# instructrl model
+
+Written by instructrl, an RLHF toolkit (SFT → reward model → PPO).
+"""
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -357,4 +606,3 @@ def save_causal_lm(model, path: str | os.PathLike, state_dict: dict | None = Non
     if state_dict is None and is_lora(model):
         model = merge_lora(model, path)
     model.save_pretrained(str(path), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-

@@ -156,7 +156,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     rankings = read_rankings(cfg.data)
     demos = read_demos(cfg.demos) if cfg.demos else None
     tokenizer = load_tokenizer(cfg.model)
-    model = ScalarHeadModel.from_pretrained(cfg.model, device, dtype)
+    model = ScalarHeadModel.from_backbone(cfg.model, device, dtype)
     max_len = context_length(model.backbone)
     for r in rankings:  # every example must fit the context: fail now, naming the line, not mid-training
         for resp in r.responses:
