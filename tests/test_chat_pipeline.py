@@ -1,6 +1,6 @@
 """Conversational data end to end: a tiny Llama-style model whose tokenizer has a Llama-3 chat template (turns ended
 by <|eot_id|>, not EOS), parquet files of multi-turn demonstrations, HH-style transcript pairs, K-way rankings and
-message-list prompts, through SFT → RM → PPO on the command line. And token by token: the RL sampler stops at the
+message-list prompts, through SFT → RM → PPO → eval on the command line. And token by token: the RL sampler stops at the
 end of turn, and the reward is read there."""
 import json
 import math
@@ -126,6 +126,12 @@ def test_sft_rm_ppo_on_conversational_parquet(tmp_path):
     assert rm_summary["train_prompts"] + rm_summary["held_out_prompts"] == 8
     ppo = metrics(ppo_out)[-1]
     assert math.isfinite(ppo["objective/score"]) and math.isfinite(ppo["objective/kl"])
+    cli("eval", "--model", str(ppo_out), "--prompts", str(prompts), "--reference", str(sft_out), "--reward",
+        str(rm_out), "--max-new-tokens", "8", "--out", str(tmp_path / "eval.json"), "--device", "cpu")
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["n_samples"] == 12 and all(math.isfinite(ev[k]) for k in ("rm_reward", "kl_to_reference"))
+    assert isinstance(ev["examples"][0]["prompt"], list) and all("<|eot_id|>" not in e["response"]
+                                                                  for e in ev["examples"])
     # outputs load, with the template carried along
     policy_tok = load_tokenizer(ppo_out)
     assert policy_tok.chat_template == LLAMA3
