@@ -46,6 +46,28 @@ def load_chat_template(tokenizer, path: str | os.PathLike):
     return tokenizer
 
 
+def use_chat_template(tokenizer, path: str | os.PathLike | None):
+    """The trainers' --chat-template: give a tokenizer without a template the one in `path` (None: nothing to do).
+    A tokenizer with a different template is refused (it was trained on its own; replace it in the model's
+    tokenizer_config.json if that is really wanted); the same template again is a no-op, so a pipeline may name
+    the file at every step although SFT's saved tokenizer already carries it."""
+    if path is None:
+        return tokenizer
+    if has_chat_template(tokenizer):
+        if not Path(path).is_file():
+            raise DataError(path, None, "file not found")
+        if Path(path).read_text(encoding="utf-8") != tokenizer.chat_template:
+            raise DataError(path, None, "the tokenizer already has a different chat template (a model is used with "
+                                        "the template it was trained on); leave out --chat-template", "chat_template")
+        return tokenizer
+    return load_chat_template(tokenizer, path)
+
+
+def stop_token_id(tokenizer) -> int:
+    """The token sampling stops at: the last of the end of turn (EOS without a chat template)."""
+    return end_of_turn_ids(tokenizer)[-1]
+
+
 def _messages(x: Prompt | Response, role: str) -> list[Message]:
     return [{"role": role, "content": x}] if isinstance(x, str) else list(x)
 

@@ -3,14 +3,16 @@ response length, and the demographic bias probes of [RLHF-intro] ("He/She celebr
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 
+from .chat import stop_token_id, use_chat_template
 from .data import iter_json_lines, read_prompts, read_texts
 from .models import ScalarHeadModel, context_length, load_causal_lm, load_tokenizer, token_logprobs
-from .options import config, option, to_flat
+from .options import DataOptions, config, group, option, to_flat
 from .sampling import decode_responses, encode_prompts, response_logprobs, sample
 from .utils import resolve_device, set_seed
 
@@ -22,7 +24,8 @@ DEFAULT_TOXIC_WORDS = ["idiot", "moron", "stupid", "dumb", "loser", "pathetic", 
 @config
 class EvalConfig:
     model: str = option("", "any local HF causal-LM directory", wired=True, required=True)
-    prompts: str = option("", "prompts {prompt} JSONL", wired=True, required=True)
+    prompts: str = option("", "prompts {prompt} (text or messages): JSONL, or a .json/.parquet/.arrow file or "
+                              "directory read with `datasets`", wired=True, required=True)
     reference: str | None = option(None, "KL to this model (usually the SFT model)", wired=True)
     reward: str | None = option(None, "reward model: mean score of the samples", wired=True)
     world: str | None = option(None, "embedded-world directory: gold judge and toxic lexicon", wired=True)
@@ -36,6 +39,7 @@ class EvalConfig:
     n_examples: int = option(6, "sample responses kept for the report")
     seed: int = option(1234, "sampling seed")
     device: str = option("auto", "auto | cpu | cuda", wired=True)
+    fmt: DataOptions = group(DataOptions)  # of --prompts
 
 
 @torch.no_grad()
@@ -112,9 +116,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     t0 = time.time()
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = use_chat_template(load_tokenizer(cfg.model), cfg.fmt.chat_template)
     model = load_causal_lm(cfg.model, device).eval()
-    prompts = [p for p in read_prompts(cfg.prompts) for _ in range(cfg.samples_per_prompt)]
+    prompts = [p for p in read_prompts(cfg.prompts, split=cfg.fmt.split, columns=cfg.fmt.columns())
+               for _ in range(cfg.samples_per_prompt)]
     judge = GoldJudge.from_world(cfg.world) if cfg.world else None
     ids = encode_prompts(tokenizer, prompts, context_length(model) - cfg.max_new_tokens, truncate=True)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -123,7 +128,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     texts, kls, scores, lengths = [], [], [], []
     for i in range(0, len(ids), cfg.batch_size):
-        batch = sample(model, ids[i:i + cfg.batch_size], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        batch = sample(model, ids[i:i + cfg.batch_size], eos_id=stop_token_id(tokenizer), pad_id=tokenizer.pad_token_id,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=g)
         texts += decode_responses(tokenizer, batch)
         mask = batch.response_mask.float()
@@ -153,8 +158,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         result.update(bias_gaps(model, tokenizer, cfg.bias_probes, device))
     seen, examples = set(), []
     for p, t in zip(prompts, texts):
-        if p not in seen and len(examples) < cfg.n_examples:
-            seen.add(p)
+        key = p if isinstance(p, str) else json.dumps(p, sort_keys=True)  # messages are lists: not hashable
+        if key not in seen and len(examples) < cfg.n_examples:
+            seen.add(key)
             examples.append({"prompt": p, "response": t})
     result["examples"] = examples
     result["seconds"] = time.time() - t0

@@ -1,9 +1,9 @@
 """Config dataclasses are the single source of every option: help text, CLI flags and YAML keys derive from them.
 
 A field is declared once with `option(default, "help")`. Option groups shared by several steps (`RunOptions`,
-`LoraOptions`) are composed into a step's config as a field marked `group(prefix)`; their fields then appear
-flat, with the prefix, both on the command line (`--lora-r`) and in YAML (`lora_r:`). `wired=True` marks the fields
-the pipeline fills in between stages (paths, seed, device), which a pipeline YAML may not set.
+`LoraOptions`, `DataOptions`) are composed into a step's config as a field marked `group(prefix)`; their fields then
+appear flat, with the prefix, both on the command line (`--lora-r`) and in YAML (`lora_r:`). `wired=True` marks the
+fields the pipeline fills in between stages (paths, seed, device), which a pipeline YAML may not set.
 """
 from __future__ import annotations
 
@@ -83,6 +83,40 @@ class LoraOptions:
     dropout: float = option(0.0, "LoRA dropout; keep 0 (dropout breaks the first PPO ratio = 1) [N+ D7]")
     target_modules: str | None = option(None, "comma-separated module names or 'all-linear' (default: peft's per "
                                               "architecture)")
+
+
+@dataclass
+class DataOptions:
+    """How a step reads its data file and renders it for the model (shared by every step that reads data)."""
+
+    split: str | None = option(None, "split of a `datasets` source (.json/.parquet/.arrow file or directory) to "
+                                     "read (default: 'train' or the only one; a JSONL file is 'train')")
+    chat_template: str | None = option(None, "Jinja chat-template file for a tokenizer without one (an error if "
+                                             "the tokenizer has a different one; the same one is a no-op)")
+    prompt_key: str = option("prompt", "column of the prompts")
+
+    def columns(self):
+        """The data.Columns these options map (unmapped fields keep their default names)."""
+        from .data import Columns
+
+        keys = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_key")}
+        return Columns(**{k.removesuffix("_key"): v for k, v in keys.items()})
+
+
+@dataclass
+class DemoDataOptions(DataOptions):
+    """DataOptions for demonstrations."""
+
+    completion_key: str = option("completion", "column of the completions (\"response\" is read too when absent)")
+    messages_key: str = option("messages", "column of whole conversations (instead of prompt + completion)")
+
+
+@dataclass
+class PairDataOptions(DataOptions):
+    """DataOptions for preference data."""
+
+    chosen_key: str = option("chosen", "column of the preferred response of a pair (or whole transcript)")
+    rejected_key: str = option("rejected", "column of the other response of a pair (or whole transcript)")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ mean over the global batch's prompts.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -18,11 +19,12 @@ from torch.nn.utils import clip_grad_norm_
 from transformers import get_cosine_schedule_with_warmup
 
 from . import distributed as dist
-from .data import DataError, Ranking, collate_right, encode_example, read_demos, read_rankings
+from .chat import encode_demo, use_chat_template
+from .data import DataError, Demo, Prompt, Ranking, Response, collate_right, read_demos, read_rankings
 from .losses import pairwise_accuracy, ranking_loss
 from .models import ScalarHeadModel, apply_lora, context_length, load_tokenizer, trainable_parameters
 from .optim import adam
-from .options import LoraOptions, RunOptions, config, group, option
+from .options import LoraOptions, PairDataOptions, RunOptions, config, group, option
 from .run import Run
 
 
@@ -30,8 +32,9 @@ from .run import Run
 class RewardConfig:
     model: str = option("", "backbone: any local HF causal-LM directory (usually the SFT model)", wired=True,
                         required=True)
-    data: str = option("", "rankings {prompt, responses, ranking} or pairs {prompt, chosen, rejected} JSONL",
-                       wired=True, required=True)
+    data: str = option("", "rankings {prompt, responses, ranking} or pairs {prompt, chosen, rejected} (or {chosen, "
+                           "rejected} transcripts): JSONL, or a .json/.parquet/.arrow file or directory read with "
+                           "`datasets`", wired=True, required=True)
     out: str = option("", "output directory", wired=True, required=True)
     demos: str | None = option(None, "demonstrations: a bias so they score mean 0 [IG]", wired=True)
     normalize_gain: bool = option(True, "a gain so the ranked (policy) samples have std 1 [LHP]")
@@ -47,30 +50,38 @@ class RewardConfig:
     truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
     run: RunOptions = group(RunOptions)
     lora: LoraOptions = group(LoraOptions, "lora_")
+    fmt: PairDataOptions = group(PairDataOptions)  # split: of --data; the columns: of --data and --demos
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each right-padded row's last real token (the EOS) [N+ D12; pitfall 3]."""
+    """Index of each right-padded row's last real token (the EOS, or the end of turn) [N+ D12; pitfall 3]."""
     return mask.sum(1) - 1
 
 
+def encode_pair(tokenizer, prompt: Prompt, response: Response, max_len: int, truncate: bool):
+    """(ids, loss mask) of a (prompt, response) pair, ending with the token the reward is read at: the EOS appended
+    to the text, or the chat template's end of turn (the token the RL sampler stops at)."""
+    return encode_demo(tokenizer, Demo(prompt, response), max_len, truncate)
+
+
 @torch.no_grad()
-def score_texts(model: ScalarHeadModel, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 64,
-                truncate: bool = True) -> torch.Tensor:
-    """Normalised rewards of (prompt, response) pairs, read at the EOS appended to each response."""
+def score_texts(model: ScalarHeadModel, tokenizer, prompts: list[Prompt], responses: list[Response],
+                batch_size: int = 64, truncate: bool = True) -> torch.Tensor:
+    """Normalised rewards of (prompt, response) pairs (text or messages), read at the EOS appended to each response
+    or at its end of turn."""
     device = next(model.parameters()).device
     max_len = context_length(model.backbone)
     out = []
     for i in range(0, len(prompts), batch_size):
-        ex = [encode_example(tokenizer, p, r, max_len, truncate) for p, r in zip(prompts[i:i + batch_size],
-                                                                              responses[i:i + batch_size])]
+        ex = [encode_pair(tokenizer, p, r, max_len, truncate) for p, r in zip(prompts[i:i + batch_size],
+                                                                           responses[i:i + batch_size])]
         ids, mask, _ = collate_right(ex, tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         out.append(model.score(ids, mask, last_token_index(mask)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def score_texts_all_ranks(model, tokenizer, prompts: list[str], responses: list[str]) -> torch.Tensor:
+def score_texts_all_ranks(model, tokenizer, prompts: list[Prompt], responses: list[Response]) -> torch.Tensor:
     """score_texts over every rank's share, gathered (in one process: score_texts itself)."""
     mine, gather = dist.eval_share(list(range(len(prompts))), model)
     s = score_texts(model, tokenizer, [prompts[i] for i in mine], [responses[i] for i in mine])
@@ -94,7 +105,7 @@ def _raw_rewards(model, tokenizer, batch: list[Ranking], max_len: int, truncate:
     for r in batch:
         for resp in r.responses:
             try:
-                examples.append(encode_example(tokenizer, r.prompt, resp, max_len, truncate))
+                examples.append(encode_pair(tokenizer, r.prompt, resp, max_len, truncate))
             except ValueError as e:
                 raise DataError(path, r.line, str(e), "responses") from None
     ids, mask, _ = collate_right(examples, tokenizer.pad_token_id)
@@ -149,29 +160,34 @@ def evaluate_rankings(model, tokenizer, rankings: list[Ranking], cfg: RewardConf
     return out
 
 
+def prompt_key(prompt: Prompt) -> str:
+    """A prompt as a set member and sort key: text itself, messages as JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
 def train_reward_model(cfg: RewardConfig) -> dict:
     dist.check_fsdp(cfg.run, cfg.lora)
     run = Run("reward", cfg, cfg.run, cfg.out)
     device, dtype = run.device, run.dtype
-    rankings = read_rankings(cfg.data)
-    demos = read_demos(cfg.demos) if cfg.demos else None
-    tokenizer = load_tokenizer(cfg.model)
+    rankings = read_rankings(cfg.data, split=cfg.fmt.split, columns=cfg.fmt.columns())
+    demos = read_demos(cfg.demos, columns=cfg.fmt.columns()) if cfg.demos else None
+    tokenizer = use_chat_template(load_tokenizer(cfg.model), cfg.fmt.chat_template)
     model = ScalarHeadModel.from_backbone(cfg.model, device, dtype)
     max_len = context_length(model.backbone)
     for r in rankings:  # every example must fit the context: fail now, naming the line, not mid-training
         for resp in r.responses:
             try:
-                encode_example(tokenizer, r.prompt, resp, max_len, cfg.truncate_prompts)
+                encode_pair(tokenizer, r.prompt, resp, max_len, cfg.truncate_prompts)
             except ValueError as e:
                 raise DataError(cfg.data, r.line, str(e), "responses") from None
 
     # Held-out split by prompt, so no prompt's responses are in both.
     rng = random.Random(cfg.run.seed)
-    prompts = sorted({r.prompt for r in rankings})
+    prompts = sorted({prompt_key(r.prompt) for r in rankings})
     rng.shuffle(prompts)
     held = set(prompts[: max(1, int(len(prompts) * cfg.val_fraction))]) if len(prompts) > 1 else set()
-    train = [r for r in rankings if r.prompt not in held]
-    val = [r for r in rankings if r.prompt in held]
+    train = [r for r in rankings if prompt_key(r.prompt) not in held]
+    val = [r for r in rankings if prompt_key(r.prompt) in held]
     train_items = train if cfg.grouped else as_independent_pairs(train)
 
     comparisons = sum(len(r.pairs()) for r in train)

@@ -29,7 +29,8 @@ from .data import DataError, read_prompts, read_texts
 from .losses import adaptive_kl_beta, ptx_loss
 from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, context_length, freeze, load_causal_lm,
                      load_tokenizer, save_causal_lm, token_logprobs)
-from .options import LoraOptions, RunOptions, config, group, option
+from .chat import use_chat_template
+from .options import DataOptions, LoraOptions, RunOptions, config, group, option
 from .rollout import KL_ESTIMATORS, make_rollout, rollout_metrics
 from .run import Run
 from .sampling import PromptTooLong, encode_prompts
@@ -42,7 +43,8 @@ class RLConfig:
     policy: str = option("", "the SFT model: initial policy and, unless --ref is given, the frozen reference",
                          wired=True, required=True)
     reward: str = option("", "the reward model directory (Step 2)", wired=True, required=True)
-    prompts: str = option("", "prompts {prompt} JSONL", wired=True, required=True)
+    prompts: str = option("", "prompts {prompt} (text or messages): JSONL, or a .json/.parquet/.arrow file or "
+                              "directory read with `datasets`", wired=True, required=True)
     out: str = option("", "output directory", wired=True, required=True)
     ref: str | None = option(None, "reference model (default: the policy's initial weights)", wired=True)
     value: str | None = option(None, "value-model init (default: the reward model [IG, N+ D22])", wired=True)
@@ -65,17 +67,18 @@ class RLConfig:
     truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
     run: RunOptions = group(RunOptions)
     lora: LoraOptions = group(LoraOptions, "lora_")
+    fmt: DataOptions = group(DataOptions)  # of --prompts
 
 
 # --- streams ------------------------------------------------------------------------------------------------------
 class PromptStream:
     """Prompts in a seeded random order, reshuffled each pass."""
 
-    def __init__(self, prompts: list[str], ids: list[list[int]], seed: int):
+    def __init__(self, prompts: list, ids: list[list[int]], seed: int):
         self.prompts, self.ids, self.rng = prompts, ids, random.Random(seed)
         self.order: list[int] = []  # saved in checkpoints with self.rng
 
-    def next(self, n: int) -> tuple[list[str], list[list[int]]]:
+    def next(self, n: int) -> tuple[list, list[list[int]]]:
         while len(self.order) < n:
             fresh = list(range(len(self.prompts)))
             self.rng.shuffle(fresh)
@@ -183,10 +186,10 @@ def setup_rl(cfg: RLConfig, device: torch.device, dtype: torch.dtype, with_value
     from .world.judge import GoldJudge
 
     lines: list[int] = []
-    prompts = read_prompts(cfg.prompts, lines)
+    prompts = read_prompts(cfg.prompts, lines, split=cfg.fmt.split, columns=cfg.fmt.columns())
     ptx_texts = read_texts(cfg.ptx_data) if cfg.ptx_coef > 0 else None
     per_rank(cfg.batch_size, "batch_size")
-    tokenizer = load_tokenizer(cfg.policy)
+    tokenizer = use_chat_template(load_tokenizer(cfg.policy), cfg.fmt.chat_template)
     policy, ref, reward_model, value_model = load_rl_models(cfg, device, dtype, with_value)
     max_prompt = context_length(policy) - cfg.max_new_tokens
     try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed as dist
+from .chat import stop_token_id
 from .losses import kl_k1, kl_k3, shaped_rewards
 from .models import ScalarHeadModel, base_model
 from .sampling import SampleBatch, decode_responses, response_logprobs, sample
@@ -24,8 +25,8 @@ class Rollout:
     logprobs: torch.Tensor        # [B, R] log π_old(y_t | s_t), temperature-scaled
     ref_logprobs: torch.Tensor    # [B, R] log π_ref(y_t | s_t), same temperature
     values: torch.Tensor | None   # [B, R] V(s_t) from the value model (algorithms with a critic)
-    scores: torch.Tensor          # [B] reward-model score (missing-EOS penalty applied)
-    prompts: list[str]
+    scores: torch.Tensor          # [B] reward-model score at the end of turn (missing-EOS penalty applied)
+    prompts: list                 # text or messages
     texts: list[str]
     gold: list[float] | None = None
 
@@ -44,7 +45,7 @@ def make_rollout(s, prompts: list[str], prompt_ids: list[list[int]], with_values
     """Sample responses from `s.policy` (an `rl.RLSetup`), then one batched forward pass per model, no gradients."""
     with dist.inference(s.lockstep):
         cfg = s.cfg
-        batch = sample(s.policy, prompt_ids, eos_id=s.tokenizer.eos_token_id, pad_id=s.tokenizer.pad_token_id,
+        batch = sample(s.policy, prompt_ids, eos_id=stop_token_id(s.tokenizer), pad_id=s.tokenizer.pad_token_id,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=s.generator,
                        lockstep=s.lockstep)
         mask = batch.response_mask.float()

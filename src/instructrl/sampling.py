@@ -2,6 +2,7 @@
 
 Layout of one batch: prompts left-padded to P, responses right-padded to R, concatenated to [B, P + R].
 Sampling uses temperature T with top_k = 0 and top_p = 1 (anything else biases the KL estimate [pitfall 1]).
+Sampling stops at `chat.stop_token_id` (EOS, or the chat template's end of turn): "EOS" below means that token.
 Tokens after the first EOS are PAD and masked out.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed as dist
-from .chat import render_prompt_ids
+from .chat import end_of_turn_ids, render_prompt_ids, stop_token_id
 from .data import Prompt
 from .models import cache_argument, context_length, position_ids_from_mask, position_kwargs, token_logprobs
 
@@ -128,18 +129,18 @@ def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, gene
 
 
 def decode_responses(tokenizer, batch: SampleBatch) -> list[str]:
-    """Response text without EOS and PAD."""
+    """Response text without PAD and the end of turn (EOS without a chat template)."""
     texts = []
-    eos = tokenizer.eos_token_id
+    eot = end_of_turn_ids(tokenizer)
     for row, m in zip(batch.response_ids.tolist(), batch.response_mask.tolist()):
         toks = [t for t, keep in zip(row, m) if keep]
-        if toks and toks[-1] == eos:
-            toks = toks[:-1]
+        if toks and toks[-1] == eot[-1]:
+            toks = toks[:-len(eot)] if toks[-len(eot):] == eot else toks[:-1]
         texts.append(tokenizer.decode(toks, skip_special_tokens=False))
     return texts
 
 
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, temperature: float = 1.0,
+def generate(model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int = 32, temperature: float = 1.0,
              batch_size: int = 64, seed: int = 0, truncate_prompts: bool = False, progress=None) -> list[str]:
     """Sample one response per prompt and return the texts (EOS stripped)."""
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -147,7 +148,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, 
     ids = encode_prompts(tokenizer, prompts, max_prompt, truncate_prompts)
     texts: list[str] = []
     for i in range(0, len(ids), batch_size):
-        batch = sample(model, ids[i:i + batch_size], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        batch = sample(model, ids[i:i + batch_size], eos_id=stop_token_id(tokenizer), pad_id=tokenizer.pad_token_id,
                        max_new_tokens=max_new_tokens, temperature=temperature, generator=g)
         texts.extend(decode_responses(tokenizer, batch))
         if progress is not None:

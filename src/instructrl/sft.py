@@ -1,7 +1,8 @@
 """Step 1: supervised fine-tuning on demonstrations (prompt → response).
 
-Cross-entropy on the response tokens only, EOS appended, dropout off, cosine schedule, AdamW, validation loss
-with early stopping [IG §3.5; N+ D3, D7]. Works on any local Hugging Face causal-LM directory, with full
+Cross-entropy on the response tokens only (with a chat template: every assistant turn, its end of turn included;
+without: the response and the EOS appended; see chat.encode_demo), dropout off, cosine schedule, AdamW, validation
+loss with early stopping [IG §3.5; N+ D3, D7]. Works on any local Hugging Face causal-LM directory, with full
 fine-tuning or LoRA adapters (saved merged), in one process or data-parallel under torchrun (each rank takes its
 share of every global batch; the loss is normalised by the global token count, so N ranks × B/N equal 1 × B).
 """
@@ -16,18 +17,20 @@ from torch.nn.utils import clip_grad_norm_
 from transformers import get_cosine_schedule_with_warmup
 
 from . import distributed as dist
-from .data import DataError, collate_right, encode_example, read_demos
+from .chat import encode_demo, use_chat_template
+from .data import DataError, collate_right, read_demos
 from .models import (apply_lora, context_length, load_causal_lm, load_tokenizer, save_causal_lm, token_logprobs,
                      trainable_parameters, trainable_state)
 from .optim import adam
-from .options import LoraOptions, RunOptions, config, group, option
+from .options import DemoDataOptions, LoraOptions, RunOptions, config, group, option
 from .run import Run
 
 
 @config
 class SFTConfig:
     model: str = option("", "any local Hugging Face causal-LM directory", wired=True, required=True)
-    data: str = option("", "demonstrations {prompt, response} JSONL", wired=True, required=True)
+    data: str = option("", "demonstrations {prompt, completion} or {messages}: JSONL, or a .json/.parquet/.arrow "
+                           "file or directory read with `datasets`", wired=True, required=True)
     out: str = option("", "output directory", wired=True, required=True)
     epochs: int = option(2, "passes over the training demonstrations")
     batch_size: int = option(16, "demonstrations per optimizer step (global: under torchrun each process takes 1/N)")
@@ -41,6 +44,7 @@ class SFTConfig:
     truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
     run: RunOptions = group(RunOptions)
     lora: LoraOptions = group(LoraOptions, "lora_")
+    fmt: DemoDataOptions = group(DemoDataOptions)
 
 
 def sft_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -90,14 +94,14 @@ def sft(cfg: SFTConfig) -> dict:
     run = Run("sft", cfg, cfg.run, cfg.out)
     device, dtype = run.device, run.dtype
     lines: list[int] = []
-    demos = read_demos(cfg.data, lines)
-    tokenizer = load_tokenizer(cfg.model)
+    demos = read_demos(cfg.data, lines, split=cfg.fmt.split, columns=cfg.fmt.columns())
+    tokenizer = use_chat_template(load_tokenizer(cfg.model), cfg.fmt.chat_template)
     model = load_causal_lm(cfg.model, device, dtype)
     max_len = context_length(model)
-    examples = []
-    for i, (p, r) in enumerate(demos):
+    examples = []  # (ids, loss mask per token): without a template the same mask as encode_example's prompt length
+    for i, demo in enumerate(demos):
         try:
-            examples.append(encode_example(tokenizer, p, r, max_len, cfg.truncate_prompts))
+            examples.append(encode_demo(tokenizer, demo, max_len, cfg.truncate_prompts))
         except ValueError as e:
             raise DataError(cfg.data, lines[i], str(e), "prompt") from None
     rng = random.Random(cfg.run.seed)

@@ -46,6 +46,7 @@ def sample_candidates(model, tokenizer, prompts: list[str], k: int, *, max_new_t
     import torch
 
     from ..models import context_length
+    from ..chat import stop_token_id
     from ..sampling import decode_responses, encode_prompts, sample
 
     ids = encode_prompts(tokenizer, prompts, context_length(model) - max_new_tokens)
@@ -55,8 +56,9 @@ def sample_candidates(model, tokenizer, prompts: list[str], k: int, *, max_new_t
         rows = [i for i in range(len(prompts)) if len(found[i]) < k for _ in range(2 * k)]
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            batch = sample(model, [ids[i] for i in chunk], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                           max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)
+            batch = sample(model, [ids[i] for i in chunk], eos_id=stop_token_id(tokenizer),
+                           pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens, temperature=temperature,
+                           generator=gen)
             for i, text in zip(chunk, decode_responses(tokenizer, batch)):
                 if text.strip() and text not in found[i] and len(found[i]) < k:
                     found[i].append(text)
