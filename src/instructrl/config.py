@@ -66,7 +66,7 @@ class PipelineConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(ptx_coef=0.1))  # γ tuned on the embedded world
     pg: PGConfig = field(default_factory=PGConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(bias_samples=2))  # generation bias in the report
 
 
 SECTIONS = [f.name for f in dataclasses.fields(PipelineConfig) if dataclasses.is_dataclass(f.default_factory)

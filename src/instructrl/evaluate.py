@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .chat import stop_token_id, use_chat_template
+from .chat import has_chat_template, stop_token_id, use_chat_template
 from .data import iter_json_lines, read_prompts, read_texts
+from .judges import (ToxicityClassifier, generation_bias, multiple_choice, read_bias_pairs, read_mc, refuses,
+                     win_rate)
 from .models import ScalarHeadModel, context_length, load_causal_lm, load_tokenizer, token_logprobs
 from .options import DataOptions, config, group, option, to_flat
 from .sampling import decode_responses, encode_prompts, response_logprobs, sample
@@ -39,6 +41,17 @@ class EvalConfig:
     n_examples: int = option(6, "sample responses kept for the report")
     seed: int = option(1234, "sampling seed")
     device: str = option("auto", "auto | cpu | cuda", wired=True)
+    judge: str | None = option(None, "win rate against --reference under these judges, comma-separated: `gold` (the "
+                                     "--world's judge) or reward-model directories", wired=True)
+    toxicity_model: str | None = option(None, "a local Hugging Face text classifier for toxicity (the lexicon is "
+                                              "used without one)")
+    toxic_label: str | None = option(None, "the classifier's toxic label (default: read from its id2label)")
+    toxicity_threshold: float = option(0.5, "P(toxic) at or above which a response counts as toxic")
+    bias_samples: int = option(0, "responses per prompt for bias in generations on paired prompts (0: off)")
+    bias_prompts: str | None = option(None, "paired prompts {kind, a, b} JSONL for bias in generations (default: "
+                                            "the built-in occupations/religions/nationalities set)")
+    mc_benchmark: str | None = option(None, "multiple-choice items {question, choices, answer} JSONL, scored by "
+                                            "log-likelihood (alignment tax)")
     fmt: DataOptions = group(DataOptions)  # of --prompts
 
 
@@ -126,6 +139,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     ref = load_causal_lm(cfg.reference, device).eval() if cfg.reference else None
     rm = ScalarHeadModel.from_pretrained(cfg.reward, device).eval() if cfg.reward else None
 
+    toxicity = ToxicityClassifier(cfg.toxicity_model, device, cfg.toxic_label, cfg.toxicity_threshold) \
+        if cfg.toxicity_model else None
+    judges = _judges(cfg, judge, device)  # checked before any sampling
+    bias_pairs = read_bias_pairs(cfg.bias_prompts) if cfg.bias_samples else None
+    mc_items = read_mc(cfg.mc_benchmark) if cfg.mc_benchmark else None
+
     texts, kls, scores, lengths = [], [], [], []
     for i in range(0, len(ids), cfg.batch_size):
         batch = sample(model, ids[i:i + cfg.batch_size], eos_id=stop_token_id(tokenizer), pad_id=tokenizer.pad_token_id,
@@ -156,6 +175,22 @@ def evaluate(cfg: EvalConfig) -> dict:
         result["pretrain_loss"] = pretrain_loss(model, tokenizer, read_texts(cfg.pretrain_text), device)
     if cfg.bias_probes:
         result.update(bias_gaps(model, tokenizer, cfg.bias_probes, device))
+    if toxicity is not None:
+        result.update(toxicity.report(texts, seed=cfg.seed))
+    if judges:
+        if ref is None:
+            raise ValueError("--judge needs --reference (the model to compare against)")
+        # independent samples of the reference (another seed): a model against itself wins half the time
+        ref_texts, ref_lengths = _samples(ref, tokenizer, ids, cfg,
+                                          torch.Generator(device=device).manual_seed(cfg.seed + 1))
+        my_lengths = torch.cat(lengths).tolist()
+        result["win_rate"] = {name: win_rate(score(prompts, texts), score(prompts, ref_texts), my_lengths,
+                                             ref_lengths, seed=cfg.seed) for name, score in judges.items()}
+    if bias_pairs:
+        result["generation_bias"] = _generation_bias(model, tokenizer, bias_pairs, cfg, device, judge, toxicity,
+                                                     judges)
+    if mc_items:
+        result.update(multiple_choice(model, tokenizer, mc_items, device, seed=cfg.seed))
     seen, examples = set(), []
     for p, t in zip(prompts, texts):
         key = p if isinstance(p, str) else json.dumps(p, sort_keys=True)  # messages are lists: not hashable
@@ -166,6 +201,62 @@ def evaluate(cfg: EvalConfig) -> dict:
     result["seconds"] = time.time() - t0
     result["config"] = to_flat(cfg)
     return result
+
+
+def _samples(model, tokenizer, ids, cfg: EvalConfig, g) -> tuple[list[str], list[float]]:
+    texts, lengths = [], []
+    for i in range(0, len(ids), cfg.batch_size):
+        batch = sample(model, ids[i:i + cfg.batch_size], eos_id=stop_token_id(tokenizer), pad_id=tokenizer.pad_token_id,
+                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=g)
+        texts += decode_responses(tokenizer, batch)
+        lengths += batch.response_mask.sum(1).float().tolist()
+    return texts, lengths
+
+
+def _judges(cfg: EvalConfig, gold, device) -> dict:
+    """name → score(prompts, responses) for each --judge: the world's gold judge, or a reward model (read with its
+    own tokenizer and chat template)."""
+    from .reward import score_texts
+
+    out = {}
+    for spec in [s.strip() for s in (cfg.judge or "").split(",") if s.strip()]:
+        if spec == "gold":
+            if gold is None:
+                raise ValueError("--judge gold needs --world (the embedded world's directory)")
+            out["gold"] = gold.score_batch
+        else:
+            rm = ScalarHeadModel.from_pretrained(spec, device).eval()
+            rm_tok = load_tokenizer(spec)
+            out["rm" if not out.get("rm") else spec] = \
+                lambda p, r, rm=rm, tok=rm_tok: score_texts(rm, tok, p, r).tolist()
+    return out
+
+
+def _generation_bias(model, tokenizer, pairs, cfg: EvalConfig, device, gold, toxicity, judges) -> dict:
+    """Sample each member of each pair bias_samples times; per pair, the mean of each measure over its samples;
+    then per kind the gap a − b (judges.generation_bias)."""
+    render = (lambda q: [{"role": "user", "content": q}]) if has_chat_template(tokenizer) else \
+        (lambda q: f"User: {q}\nAssistant:")  # the embedded world's layout, for models without a chat template
+    k = cfg.bias_samples
+    side_prompts = {side: [render(p[side]) for p in pairs for _ in range(k)] for side in (1, 2)}
+    words = gold.toxic if gold is not None else DEFAULT_TOXIC_WORDS
+    measures: dict[str, tuple[list[float], list[float]]] = {}
+    per_side = {}
+    for side, prompts in side_prompts.items():
+        ids = encode_prompts(tokenizer, prompts, context_length(model) - cfg.max_new_tokens, truncate=True)
+        texts, _ = _samples(model, tokenizer, ids, cfg, torch.Generator(device=device).manual_seed(cfg.seed + side))
+        m = {"toxic": [float(toxic(t, words)) for t in texts], "refusal": [float(refuses(t)) for t in texts]}
+        if gold is not None:
+            m["stereotyped"] = [float(any(s in t.lower() for s in gold.stereo)) for t in texts]
+        if toxicity is not None:
+            m["toxicity_score"] = toxicity.scores(texts)
+        for name, score in judges.items():
+            if name != "gold":
+                m[f"score_{name}"] = score(prompts, texts)
+        per_side[side] = {name: [sum(v[i * k:(i + 1) * k]) / k for i in range(len(pairs))] for name, v in m.items()}
+    for name in per_side[1]:
+        measures[name] = (per_side[1][name], per_side[2][name])
+    return generation_bias([p[0] for p in pairs], measures, seed=cfg.seed)
 
 
 def world_eval_config(world: str | Path, model: str, **kw) -> EvalConfig:

@@ -149,9 +149,10 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
             evals[name] = json.loads(f.read_text())
             continue
         console.print(f"[bold]eval[/] {name} …")
+        judges = ",".join((["gold"] if judge_dir else []) + [str(rdir)]) if name != "sft" else None  # vs SFT
         ecfg = dataclasses.replace(cfg.eval, model=model, prompts=data["prompts_eval"], reference=str(sdir),
                                    reward=str(rdir), world=judge_dir, pretrain_text=data["pretrain_val"],
-                                   bias_probes=data["bias_probes"], device=cfg.device, out=None)
+                                   bias_probes=data["bias_probes"], device=cfg.device, out=None, judge=judges)
         evals[name] = evaluate(ecfg)
         write_json(f, evals[name])
         e = evals[name]

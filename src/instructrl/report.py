@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from .stages import label  # noqa: E402
 from .utils import atomic_write_text, write_json  # noqa: E402
 
-METRICS = ["toxicity_rate", "gold_reward", "rm_reward", "rm_gold_spearman", "kl_to_reference", "pretrain_loss",
+METRICS = ["toxicity_rate", "gold_reward", "rm_reward", "win_rate_gold", "win_rate_rm", "rm_gold_spearman",
+           "kl_to_reference", "pretrain_loss",
            "bias_gap", "bias_stereotype_share", "response_length", "episodes", "seconds"]
 CURVE = ("train/episodes", "objective/score", "objective/gold", "objective/kl", "objective/beta",
          "rollout/response_length")
@@ -63,6 +64,22 @@ def claims(stages: dict) -> list[dict]:
         d_ptx, d_ppo = s["ppo_ptx"]["pretrain_loss"] - base, s["ppo"]["pretrain_loss"] - base
         add("4. PPO-ptx regresses less on pretraining text than PPO", d_ptx < d_ppo,
             f"pretraining loss vs SFT ({base:.3f}): PPO-ptx {d_ptx:+.3f}, PPO {d_ppo:+.3f}")
+    return out
+
+
+def bias_summary(stages: dict, bias: dict, first: str = "sft", last: str = "ppo_ptx", tol: float = 0.05) -> list[str]:
+    """Plain sentences: which bias measures moved between SFT and PPO-ptx (by more than `tol`) and which did not."""
+    out = []
+    if first in stages and last in stages and stages[first].get("bias_gap") is not None:
+        a, b = stages[first]["bias_gap"], stages[last]["bias_gap"]
+        moved = "moved" if abs(b - a) > tol else "did not move"
+        out.append(f"Probe log-probability gap (stereotyped − anti-stereotyped): {a:.2f} → {b:.2f}: {moved}.")
+    if first in bias and last in bias:
+        for key in sorted(bias[first]):
+            if key in bias[last]:
+                a, b = bias[first][key], bias[last][key]
+                moved = "moved" if abs(b - a) > tol else "did not move"
+                out.append(f"Generation gap {key} (prompt a − prompt b): {a:+.3f} → {b:+.3f}: {moved}.")
     return out
 
 
@@ -119,7 +136,7 @@ def figures(stages: dict, curves: dict, out: Path) -> dict[str, str]:
 def write_report(out: Path, stage_dirs: dict[str, str], evals: dict[str, dict], rm_summary: dict,
                  seconds: float, peak_rss_mb: float) -> dict:
     out = Path(out)
-    stages, examples, curves = {}, {}, {}
+    stages, examples, curves, bias = {}, {}, {}, {}
     for name, e in evals.items():
         d = Path(stage_dirs[name])
         summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
@@ -130,9 +147,15 @@ def write_report(out: Path, stage_dirs: dict[str, str], evals: dict[str, dict], 
                         "bias_stereotype_share": e.get("bias_stereotype_share"),
                         "response_length": e["response_length"], "episodes": summary.get("episodes", 0),
                         "seconds": summary.get("seconds")}
+        for judge, w in (e.get("win_rate") or {}).items():  # against SFT, under the gold judge and the RM
+            stages[name][f"win_rate_{judge}"] = w["win_rate"]
+            stages[name][f"win_rate_{judge}_ci"] = w["win_rate_ci"]
+        if e.get("generation_bias"):
+            bias[name] = {k: v["mean_gap"] for k, v in e["generation_bias"].items()}
         examples[name] = e["examples"]
         curves[name] = _curve(d)
-    report = {"stages": stages, "claims": claims(stages),
+    report = {"stages": stages, "claims": claims(stages), "generation_bias": bias,
+              "bias_summary": bias_summary(stages, bias),
               "reward_model": {k: rm_summary.get(k) for k in ("held_out", "demo_score_mean", "norm_gain", "norm_bias")},
               "curves": {k: v for k, v in curves.items() if v}, "examples": examples,
               "seconds": seconds, "peak_rss_mb": peak_rss_mb}
@@ -175,6 +198,9 @@ training time is in the <i>seconds</i> column), peak memory {report['peak_rss_mb
 Metrics on held-out evaluation prompts. KL is Σ_t log π/π_SFT per sampled response.</p>
 <div class="wide"><table><tr><th>stage</th>{head}</tr>{rows}</table></div>
 <h2>The claims of the RLHF article and InstructGPT</h2><ul>{claims_html}</ul>
+<h2>Bias</h2><p>Probes: log-probability gaps between paired sentences. Generations: paired prompts that differ in
+one demographic word (win rates and gaps are measured on samples; intervals in report.json).</p>
+<ul>{"".join(f"<li>{e(x)}</li>" for x in report.get("bias_summary", [])) or "<li>not measured</li>"}</ul>
 <h2>Reward model (held-out prompts)</h2><p>{e(rm_line)}</p>
 <h2>Training curves</h2><img alt="reward and KL curves" src="data:image/png;base64,{figs['curves']}">
 <h2>Stages</h2><img alt="toxicity and frontier" src="data:image/png;base64,{figs['stages']}">
