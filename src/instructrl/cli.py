@@ -176,7 +176,8 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
 
 
 def main() -> None:
-    """Entry point: bad input is exit code 2 with a message naming file, line and field."""
+    """Entry point. Exit codes: 0 done, 2 a user error (one line naming the file/line/field or the option; nothing
+    written), 3 stopped on non-finite values, 130 interrupted (Ctrl-C; the message says how to resume)."""
     from rich.markup import escape
 
     from .data import DataError
@@ -192,6 +193,12 @@ def main() -> None:
     except NonFiniteError as e:
         console.print(f"[bold red]stopped:[/] {escape(str(e))}")
         sys.exit(3)
+    except KeyboardInterrupt:
+        from .run import Run
+
+        said = Run.current.interrupted() if Run.current is not None else "interrupted"
+        console.print(f"[bold yellow]{escape(said)}[/]")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

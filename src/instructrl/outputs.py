@@ -35,6 +35,9 @@ def check_output(out: str | os.PathLike, stage: str, inputs: list[str], overwrit
     for parent in out.absolute().parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+    existing = next(p for p in out.absolute().parents if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {existing} (permission denied)")
     resolved = out.resolve()
     for src in inputs:
         p = Path(src).resolve()
