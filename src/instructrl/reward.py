@@ -170,6 +170,10 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     run = Run("reward", cfg, cfg.run, cfg.out)
     device, dtype = run.device, run.dtype
     rankings = read_rankings(cfg.data, split=cfg.fmt.split, columns=cfg.fmt.columns())
+    for r in rankings:  # an all-tied ranking has no (winner, loser) pair: nothing to learn, a NaN loss if alone
+        if len(r.groups) < 2:
+            raise DataError(cfg.data, r.line, "every response is tied: the ranking compares nothing (rank at least "
+                                              "two groups, or leave the record out)", "ranking")
     demos = read_demos(cfg.demos, columns=cfg.fmt.columns()) if cfg.demos else None
     tokenizer = use_chat_template(load_tokenizer(cfg.model), cfg.fmt.chat_template)
     model = ScalarHeadModel.from_backbone(cfg.model, device, dtype)
