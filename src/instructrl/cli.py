@@ -164,7 +164,9 @@ _register_steps()
 def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory (finished stages are reused)"),
              config: Optional[Path] = typer.Option(None, help="YAML config; see configs/default.yaml"),
              compare: bool = typer.Option(False, help="also run vanilla PG, PPO without ptx and PPO with β = 0"),
-             threads: Optional[int] = typer.Option(None, help="torch CPU threads")):
+             threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+             rerun_changed: bool = typer.Option(False, help="recompute finished stages whose options or inputs "
+                                                            "changed (default: stop, naming what changed)")):
     """The main job: world → pretrain → SFT → rankings → reward model → PPO-ptx → eval → report."""
     from .config import load_pipeline_config
     from .pipeline import run_pipeline
@@ -172,7 +174,7 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
     _setup(threads)
     cfg = load_pipeline_config(config)
     cfg.compare = cfg.compare or compare
-    run_pipeline(cfg, out)
+    run_pipeline(cfg, out, rerun_changed)
 
 
 def main() -> None:

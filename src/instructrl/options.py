@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -71,7 +72,10 @@ def validate(cfg, where: str = "") -> None:
         try:
             check()
         except ValueError as e:
-            raise ValueError(f"{where}: {e}" if where else str(e)) from None
+            if not where:
+                raise
+            # in a YAML section, name its keys: --batch-size → ppo.batch_size
+            raise ValueError(re.sub(r"--([a-z0-9-]+)", lambda m: f"{where}.{m[1].replace('-', '_')}", str(e))) from None
 
 
 def flag(name: str) -> str:

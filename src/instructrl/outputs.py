@@ -87,7 +87,7 @@ class OutputLock:
             self.f = None
 
 
-def _content_id(path: str) -> str | list | None:
+def content_id(path: str) -> str | list | None:
     p = Path(path)
     if p.is_file():
         h = hashlib.sha256()
@@ -115,11 +115,12 @@ def _small_hash(p: Path) -> str:
 def fingerprint(options: dict, inputs: list[str]) -> dict:
     """What a checkpoint may be resumed with: the options that shape learning, and the inputs' contents."""
     return {"options": {k: v for k, v in options.items() if k not in RUN_CONTROL},
-            "inputs": {src: _content_id(src) for src in inputs}}
+            "inputs": {src: content_id(src) for src in inputs}}
 
 
-def differences(saved: dict, now: dict) -> list[str]:
-    out = [f"--{k.replace('_', '-')} {saved['options'].get(k)!r} → {now['options'].get(k)!r}"
+def differences(saved: dict, now: dict, name=lambda k: "--" + k.replace("_", "-")) -> list[str]:
+    """What differs between two fingerprints, each option named by `name` (default: its CLI flag)."""
+    out = [f"{name(k)} {saved['options'].get(k)!r} → {now['options'].get(k)!r}"
            for k in sorted(set(saved["options"]) | set(now["options"]))
            if saved["options"].get(k) != now["options"].get(k)]
     out += [f"input {k} changed" for k in sorted(set(saved["inputs"]) | set(now["inputs"]))
