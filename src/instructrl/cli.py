@@ -81,7 +81,8 @@ def label_simulate(policy: Path = typer.Option(...), prompts: Path = typer.Optio
                    world: Path = typer.Option(..., help="embedded-world directory (its gold judge ranks)"),
                    temperature: float = typer.Option(0.2, help="labeler noise (Plackett–Luce temperature)"),
                    labelers: int = 1, labeler_bias_std: float = 0.0, sample_temperature: float = 1.0,
-                   max_new_tokens: int = 32, limit: Optional[int] = typer.Option(None, help="use the first N prompts"),
+                   max_new_tokens: int = typer.Option(32, min=1),
+                   limit: Optional[int] = typer.Option(None, min=1, help="use the first N prompts"),
                    seed: int = 0, device: str = Dev):
     """Sample K responses per prompt and rank them with simulated labelers (the stand-in for people)."""
     from .data import read_prompts, write_jsonl
@@ -103,8 +104,9 @@ def label_simulate(policy: Path = typer.Option(...), prompts: Path = typer.Optio
 
 
 @app.command()
-def sample(model: Path = typer.Option(...), prompts: Path = typer.Option(...), n: int = 5,
-           max_new_tokens: int = 32, temperature: float = 0.7, seed: int = 0, device: str = Dev):
+def sample(model: Path = typer.Option(...), prompts: Path = typer.Option(...), n: int = typer.Option(5, min=1),
+           max_new_tokens: int = typer.Option(32, min=1), temperature: float = typer.Option(0.7, min=0.0),
+           seed: int = 0, device: str = Dev):
     """Print a few sampled responses."""
     from .data import read_prompts
     from .models import load_causal_lm, load_tokenizer

@@ -49,7 +49,10 @@ def load_tokenizer(path: str | os.PathLike):
     if not p.is_dir():  # checked before transformers sees the path: never a Hub download
         raise ValueError(f"{path}: {'not a directory' if p.exists() else 'no such directory'}; expected a local "
                          "model directory (nothing is downloaded)")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: no tokenizer could be read ({str(e).splitlines()[0]})") from None
     if tok.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token; responses need one to end")
     if tok.pad_token_id is None:

@@ -38,6 +38,12 @@ class PretrainConfig:
     max_grad_norm: float = option(1.0, "gradient-norm clip", gt=0)
     run: RunOptions = group(RunOptions)
 
+    def check(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n-embd {self.n_embd} must be a multiple of --n-head {self.n_head}")
+        if self.block_size > self.n_positions:
+            raise ValueError(f"--block-size {self.block_size} must be at most --n-positions {self.n_positions}")
+
 
 def pack(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
     """Documents joined with EOS and cut into blocks of block_size + 1 tokens (inputs and shifted targets)."""
