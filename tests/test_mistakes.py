@@ -209,7 +209,7 @@ PIPELINE_CASES = {
 def test_pipeline_config_mistake_refused_before_any_stage(name, tmp_path, tiny_rm_dir, monkeypatch, capsys):
     text, message = PIPELINE_CASES[name]
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(text.format(rm=tiny_rm_dir))
+    cfg.write_text(text.replace("{rm}", str(tiny_rm_dir)))
     monkeypatch.chdir(tmp_path)
     before = tree(tmp_path)
     assert run_main(monkeypatch, ["pipeline", "--config", cfg, "--out", tmp_path / "run"]) == 2
