@@ -197,12 +197,13 @@ def main() -> None:
     except NonFiniteError as e:
         console.print(f"[bold red]stopped:[/] {escape(str(e))}")
         sys.exit(3)
-    except KeyboardInterrupt:
-        from .run import Run
+    except SystemExit as e:
+        if e.code == 130:  # typer's exit for Ctrl-C (KeyboardInterrupt)
+            from .run import Run
 
-        said = Run.current.interrupted() if Run.current is not None else "interrupted"
-        console.print(f"[bold yellow]{escape(said)}[/]")
-        sys.exit(130)
+            said = Run.current.interrupted() if Run.current is not None else "interrupted"
+            console.print(f"[bold yellow]{escape(said)}[/]")
+        raise
 
 
 if __name__ == "__main__":

@@ -74,9 +74,26 @@ class OutputLock:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.f.close()
-            raise ValueError(f"another run is writing {self.path.with_name(self.path.name[1:-5])} "
-                             f"(lock {self.path}); wait for it or choose another --out") from None
+            raise self._busy() from None
         return self
+
+    def check_free(self) -> None:
+        """Raise (as acquire would) if another process holds the lock now; creates nothing. A run checks this
+        first, before it touches anything (e.g. --overwrite removing old checkpoints), then locks for real when it
+        starts writing."""
+        try:
+            f = open(self.path)
+        except FileNotFoundError:
+            return
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._busy() from None
+
+    def _busy(self) -> ValueError:
+        return ValueError(f"another run is writing {self.path.with_name(self.path.name[1:-5])} "
+                          f"(lock {self.path}); wait for it or choose another --out")
 
     def release(self) -> None:
         """Unlink while still holding the lock, then close: no lock file is left beside OUT. (A process that

@@ -51,6 +51,8 @@ class Run:
         inputs = [f.get(cfg) for f in flat_fields(type(cfg)) if f.wired and f.path[0] != "run" and f.name != "out"]
         self.inputs = [v for v in inputs if isinstance(v, str) and v]
         check_output(out, stage, self.inputs, opts.overwrite)
+        if dist.is_main():
+            OutputLock(out).check_free()
         self.fingerprint = fingerprint(to_flat(cfg), self.inputs)
         self._check_checkpoints()
         Run.current = self
