@@ -56,6 +56,19 @@ def test_ranking_loss_batch_is_mean_over_prompts_with_varying_k():
     assert L.ranking_loss(r, gs).item() == pytest.approx(sum(refs) / 3, abs=1e-12)
 
 
+def test_ranking_loss_without_a_ranked_pair_is_zero_not_nan():
+    r = rand(3 + 2 + 4, seed=6).requires_grad_()
+    all_tied = [[[0, 1, 2]], [[0, 1]]]
+    loss = L.ranking_loss(r[:5], all_tied)  # no prompt of the batch has a (winner, loser) pair
+    assert loss.item() == 0.0
+    loss.backward()
+    assert r.grad.abs().max().item() == 0.0
+    # a tied prompt beside a ranked one: the mean over the prompts that have pairs, as the float64 reference
+    gs = [[[0, 1, 2]], [[1], [0]], [[3], [0, 2], [1]]]
+    refs = [ranking_ref(r[3:5].tolist(), gs[1]), ranking_ref(r[5:].tolist(), gs[2])]
+    assert L.ranking_loss(r.detach(), gs).item() == pytest.approx(sum(refs) / 2, abs=1e-12)
+
+
 def test_pairwise_accuracy():
     r = f64([3.0, 1.0, 2.0])
     assert L.pairwise_accuracy(r, [[[0], [1], [2]]]) == (2, 3)

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
 from .models import trainable_state
-from .utils import fsync_tree
+from .utils import fsync_tree, temp_dir
 
 
 # --- state to and from safetensors + JSON ------------------------------------------------------------------------
@@ -112,7 +111,7 @@ class Checkpointer:
         if not dist.is_main():
             return None
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".step-", suffix=".tmp"))
+        tmp = temp_dir(self.root, ".step-")
         try:
             for name, model in models.items():
                 sd = {k: v.detach().cpu().contiguous() for k, v in _state(model).items()}

@@ -81,7 +81,8 @@ def label_simulate(policy: Path = typer.Option(...), prompts: Path = typer.Optio
                    world: Path = typer.Option(..., help="embedded-world directory (its gold judge ranks)"),
                    temperature: float = typer.Option(0.2, help="labeler noise (Plackett–Luce temperature)"),
                    labelers: int = 1, labeler_bias_std: float = 0.0, sample_temperature: float = 1.0,
-                   max_new_tokens: int = 32, limit: Optional[int] = typer.Option(None, help="use the first N prompts"),
+                   max_new_tokens: int = typer.Option(32, min=1),
+                   limit: Optional[int] = typer.Option(None, min=1, help="use the first N prompts"),
                    seed: int = 0, device: str = Dev):
     """Sample K responses per prompt and rank them with simulated labelers (the stand-in for people)."""
     from .data import read_prompts, write_jsonl
@@ -103,8 +104,9 @@ def label_simulate(policy: Path = typer.Option(...), prompts: Path = typer.Optio
 
 
 @app.command()
-def sample(model: Path = typer.Option(...), prompts: Path = typer.Option(...), n: int = 5,
-           max_new_tokens: int = 32, temperature: float = 0.7, seed: int = 0, device: str = Dev):
+def sample(model: Path = typer.Option(...), prompts: Path = typer.Option(...), n: int = typer.Option(5, min=1),
+           max_new_tokens: int = typer.Option(32, min=1), temperature: float = typer.Option(0.7, min=0.0),
+           seed: int = 0, device: str = Dev):
     """Print a few sampled responses."""
     from .data import read_prompts
     from .models import load_causal_lm, load_tokenizer
@@ -164,7 +166,9 @@ _register_steps()
 def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory (finished stages are reused)"),
              config: Optional[Path] = typer.Option(None, help="YAML config; see configs/default.yaml"),
              compare: bool = typer.Option(False, help="also run vanilla PG, PPO without ptx and PPO with β = 0"),
-             threads: Optional[int] = typer.Option(None, help="torch CPU threads")):
+             threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+             rerun_changed: bool = typer.Option(False, help="recompute finished stages whose options or inputs "
+                                                            "changed (default: stop, naming what changed)")):
     """The main job: world → pretrain → SFT → rankings → reward model → PPO-ptx → eval → report."""
     from .config import load_pipeline_config
     from .pipeline import run_pipeline
@@ -172,11 +176,12 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
     _setup(threads)
     cfg = load_pipeline_config(config)
     cfg.compare = cfg.compare or compare
-    run_pipeline(cfg, out)
+    run_pipeline(cfg, out, rerun_changed)
 
 
 def main() -> None:
-    """Entry point: bad input is exit code 2 with a message naming file, line and field."""
+    """Entry point. Exit codes: 0 done, 2 a user error (one line naming the file/line/field or the option; nothing
+    written), 3 stopped on non-finite values, 130 interrupted (Ctrl-C; the message says how to resume)."""
     from rich.markup import escape
 
     from .data import DataError
@@ -192,6 +197,13 @@ def main() -> None:
     except NonFiniteError as e:
         console.print(f"[bold red]stopped:[/] {escape(str(e))}")
         sys.exit(3)
+    except SystemExit as e:
+        if e.code == 130:  # typer's exit for Ctrl-C (KeyboardInterrupt)
+            from .run import Run
+
+            said = Run.current.interrupted() if Run.current is not None else "interrupted"
+            console.print(f"[bold yellow]{escape(said)}[/]")
+        raise
 
 
 if __name__ == "__main__":

@@ -43,12 +43,12 @@ class DataPaths:
 class LabelSettings:
     """Simulated labelers: K samples of the SFT model per prompt, ranked by the hidden judge with noise."""
 
-    k: int = option(4, "responses per prompt (K)")
-    n_prompts: int = option(600, "prompts to label")
-    temperature: float = option(0.2, "labeler noise (Plackett–Luce temperature)")
-    labelers: int = option(1, "simulated labelers")
-    labeler_bias_std: float = option(0.0, "spread of the labelers' individual biases")
-    sample_temperature: float = option(1.0, "temperature of the SFT samples to rank")
+    k: int = option(4, "responses per prompt (K)", ge=2)
+    n_prompts: int = option(600, "prompts to label", ge=1)
+    temperature: float = option(0.2, "labeler noise (Plackett–Luce temperature)", ge=0)
+    labelers: int = option(1, "simulated labelers", ge=1)
+    labeler_bias_std: float = option(0.0, "spread of the labelers' individual biases", ge=0)
+    sample_temperature: float = option(1.0, "temperature of the SFT samples to rank", gt=0)
 
 
 @dataclass
@@ -153,3 +153,27 @@ def dump_config(cfg: PipelineConfig, settable_only: bool = False, comments: bool
 def _yaml_line(key: str, value, help: str, indent: str) -> str:
     text = yaml.safe_dump({key: value}, default_flow_style=True, width=10_000).strip()[1:-1]
     return f"{indent}{text}" + (f"  # {help}" if help else "")
+
+
+SECTION_OF = {"world": "world", "pretrained": "pretrain", "sft": "sft", "rankings": "label", "reward": "reward",
+              "ppo_ptx": "ppo", "ppo": "ppo", "ppo_beta0": "ppo", "pg": "pg"}
+
+
+def validate_pipeline(cfg: PipelineConfig, plan: dict) -> None:
+    """Every stage's config (`plan`: pipeline.plan), the data files and the base model, before any stage runs: a
+    ValueError naming the YAML key (`ppo.minibatch_size`, `data.demos`)."""
+    from .models import check_causal_lm, model_dir
+
+    for key in dataclasses.asdict(cfg.data):
+        value = getattr(cfg.data, key)
+        if value and not Path(value).exists():
+            raise ValueError(f"data.{key}: {value}: no such file or directory")
+    if cfg.base_model:
+        check_causal_lm(model_dir(cfg.base_model))
+    for name, section in SECTION_OF.items():
+        if name in plan:
+            plan[name].validate(section)
+    for ecfg in plan["eval"].values():
+        ecfg.validate("eval")
+    if plan["ppo_ptx"].ptx_coef > 0 and not plan["ppo_ptx"].ptx_data:
+        raise ValueError("ppo.ptx_coef > 0 needs pretraining text: set data.pretrain_text (or ppo.ptx_coef: 0)")

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from .chat import has_chat_template, stop_token_id, use_chat_template
-from .data import iter_json_lines, read_prompts, read_texts
+from .data import DataError, iter_json_lines, read_prompts, read_texts
 from .judges import (ToxicityClassifier, generation_bias, multiple_choice, read_bias_pairs, read_mc, refuses,
                      win_rate)
 from .models import ScalarHeadModel, context_length, load_causal_lm, load_tokenizer, token_logprobs
 from .options import DataOptions, config, group, option, to_flat
-from .sampling import decode_responses, encode_prompts, response_logprobs, sample
+from .sampling import PromptTooLong, decode_responses, encode_prompts, response_logprobs, sample
 from .utils import resolve_device, set_seed
 
 # Used when no embedded-world judge is given: a small lexicon of insults (the world's own lexicon is richer).
@@ -34,13 +34,14 @@ class EvalConfig:
     pretrain_text: str | None = option(None, "{text} JSONL: held-out pretraining-text loss", wired=True)
     bias_probes: str | None = option(None, "{stereotyped, anti_stereotyped} sentence pairs JSONL", wired=True)
     out: str | None = option(None, "write the result as JSON here", wired=True)
-    max_new_tokens: int = option(32, "response length limit")
-    temperature: float = option(0.7, "sampling temperature")
-    samples_per_prompt: int = option(1, "responses sampled per prompt")
-    batch_size: int = option(64, "prompts per sampling batch")
-    n_examples: int = option(6, "sample responses kept for the report")
+    max_new_tokens: int = option(32, "response length limit", ge=1)
+    temperature: float = option(0.7, "sampling temperature", ge=0)
+    samples_per_prompt: int = option(1, "responses sampled per prompt", ge=1)
+    batch_size: int = option(64, "prompts per sampling batch", ge=1)
+    n_examples: int = option(6, "sample responses kept for the report", ge=0)
     seed: int = option(1234, "sampling seed")
     device: str = option("auto", "auto | cpu | cuda", wired=True)
+    truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
     judge: str | None = option(None, "win rate against --reference under these judges, comma-separated: `gold` (the "
                                      "--world's judge) or reward-model directories", wired=True)
     toxicity_model: str | None = option(None, "a local Hugging Face text classifier for toxicity (the lexicon is "
@@ -53,6 +54,11 @@ class EvalConfig:
     mc_benchmark: str | None = option(None, "multiple-choice items {question, choices, answer} JSONL, scored by "
                                             "log-likelihood (alignment tax)")
     fmt: DataOptions = group(DataOptions)  # of --prompts
+
+    def check(self) -> None:
+        if self.temperature == 0 and self.reference:
+            raise ValueError("--temperature 0 (greedy) with --reference: the KL of greedy samples to the reference "
+                             "is undefined; sample with a temperature > 0, or drop --reference")
 
 
 @torch.no_grad()
@@ -126,15 +132,20 @@ def toxic(text: str, words) -> bool:
 def evaluate(cfg: EvalConfig) -> dict:
     from .world.judge import GoldJudge
 
+    cfg.validate()
     t0 = time.time()
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     tokenizer = use_chat_template(load_tokenizer(cfg.model), cfg.fmt.chat_template)
     model = load_causal_lm(cfg.model, device).eval()
-    prompts = [p for p in read_prompts(cfg.prompts, split=cfg.fmt.split, columns=cfg.fmt.columns())
+    lines: list[int] = []
+    prompts = [p for p in read_prompts(cfg.prompts, lines, split=cfg.fmt.split, columns=cfg.fmt.columns())
                for _ in range(cfg.samples_per_prompt)]
     judge = GoldJudge.from_world(cfg.world) if cfg.world else None
-    ids = encode_prompts(tokenizer, prompts, context_length(model) - cfg.max_new_tokens, truncate=True)
+    try:
+        ids = encode_prompts(tokenizer, prompts, context_length(model) - cfg.max_new_tokens, cfg.truncate_prompts)
+    except PromptTooLong as e:
+        raise DataError(cfg.prompts, lines[e.index // cfg.samples_per_prompt], str(e), "prompt") from None
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     ref = load_causal_lm(cfg.reference, device).eval() if cfg.reference else None
     rm = ScalarHeadModel.from_pretrained(cfg.reward, device).eval() if cfg.reward else None
@@ -243,7 +254,7 @@ def _generation_bias(model, tokenizer, pairs, cfg: EvalConfig, device, gold, tox
     measures: dict[str, tuple[list[float], list[float]]] = {}
     per_side = {}
     for side, prompts in side_prompts.items():
-        ids = encode_prompts(tokenizer, prompts, context_length(model) - cfg.max_new_tokens, truncate=True)
+        ids = encode_prompts(tokenizer, prompts, context_length(model) - cfg.max_new_tokens, truncate=cfg.truncate_prompts)
         texts, _ = _samples(model, tokenizer, ids, cfg, torch.Generator(device=device).manual_seed(cfg.seed + side))
         m = {"toxic": [float(toxic(t, words)) for t in texts], "refusal": [float(refuses(t)) for t in texts]}
         if gold is not None:

@@ -43,7 +43,8 @@ def ranking_loss(rewards: torch.Tensor, groups_per_prompt: list[list[list[int]]]
         0, elem, torch.ones_like(pair_ll))
     per_prompt = torch.zeros(n_prompts, device=rewards.device, dtype=rewards.dtype).index_add_(0, elem, pair_ll)
     has_pairs = n_pairs > 0
-    return -(per_prompt[has_pairs] / n_pairs[has_pairs]).mean()
+    loss = -(per_prompt[has_pairs] / n_pairs[has_pairs]).mean()
+    return torch.where(has_pairs.any(), loss, torch.zeros_like(loss))  # no ranked pair in the batch: 0, not NaN
 
 
 def pairwise_accuracy(rewards: torch.Tensor, groups_per_prompt: list[list[list[int]]]) -> tuple[int, int]:

@@ -45,7 +45,14 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2000) -> PreTrainedToken
 def load_tokenizer(path: str | os.PathLike):
     """AutoTokenizer from a directory. A tokenizer without PAD gets EOS as pad id: every mask here is explicit,
     so pads are never found by comparing ids, and PAD == EOS cannot hide a real EOS."""
-    tok = AutoTokenizer.from_pretrained(str(path))
+    p = Path(path)
+    if not p.is_dir():  # checked before transformers sees the path: never a Hub download
+        raise ValueError(f"{path}: {'not a directory' if p.exists() else 'no such directory'}; expected a local "
+                         "model directory (nothing is downloaded)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: no tokenizer could be read ({str(e).splitlines()[0]})") from None
     if tok.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token; responses need one to end")
     if tok.pad_token_id is None:
@@ -105,10 +112,25 @@ def fuse_activations(model: nn.Module) -> nn.Module:
 
 def load_causal_lm(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> nn.Module:
     """Any local Hugging Face causal LM directory, dropout off."""
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    path = model_dir(path)
+    check_causal_lm(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True)
     return fuse_activations(disable_dropout(model)).to(device)
+
+
+def check_causal_lm(path: Path) -> None:
+    """Refuse a reward or classifier directory where a policy (language model) is expected: AutoModelForCausalLM
+    would load its backbone under a fresh or tied LM head and train or sample from that without a word."""
+    if (path / HEAD_FILE).is_file():
+        raise ValueError(f"{path}: a reward model (it has {HEAD_FILE}), not a language model; expected a causal-LM "
+                         "directory such as the SFT output")
+    try:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        raise ValueError(f"{path / 'config.json'}: not a readable JSON model config") from None
+    if any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in archs):
+        raise ValueError(f"{path}: a {', '.join(archs)} (a classifier, not a language model); expected a causal-LM "
+                         "directory such as the SFT output")
 
 
 def context_length(model: nn.Module) -> int:

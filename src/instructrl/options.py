@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -17,9 +18,11 @@ MISSING = dataclasses.MISSING
 
 
 def option(default: Any = MISSING, help: str = "", *, wired: bool = False, required: bool = False,
-           factory=None):
-    """A config field with its help text (shown by --help and in configs/default.yaml)."""
-    meta = {"help": help, "wired": wired, "required": required}
+           factory=None, ge=None, gt=None, le=None, lt=None):
+    """A config field with its help text (shown by --help and in configs/default.yaml) and the bounds `validate`
+    checks (ge: ≥, gt: >, le: ≤, lt: <)."""
+    meta = {"help": help, "wired": wired, "required": required,
+            "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -50,7 +53,34 @@ def config(cls):
 
     __init__.__doc__ = init.__doc__
     cls.__init__ = __init__
+    cls.validate = validate
     return cls
+
+
+def validate(cfg, where: str = "") -> None:
+    """Every option within its bounds, then the class's cross-option `check()` (if any): a one-line ValueError
+    naming the option (`--batch-size`, or `sft.batch_size` with `where="sft"`) before anything runs."""
+    for f in flat_fields(type(cfg)):
+        value, name = f.get(cfg), (f"{where}.{f.name}" if where else flag(f.name))
+        for op, bound in f.field.metadata.get("bounds", {}).items():
+            if value is not None and not {"ge": value >= bound, "gt": value > bound, "le": value <= bound,
+                                          "lt": value < bound}[op]:
+                sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[op]
+                raise ValueError(f"{name} must be {sign} {bound}, not {value}")
+    check = getattr(cfg, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as e:
+            if not where:
+                raise
+            # in a YAML section, name its keys: --batch-size → ppo.batch_size
+            raise ValueError(re.sub(r"--([a-z0-9-]+)", lambda m: f"{where}.{m[1].replace('-', '_')}", str(e))) from None
+
+
+def flag(name: str) -> str:
+    """An option's CLI spelling (errors name the flag the user typed)."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -62,13 +92,13 @@ class RunOptions:
     dtype: str = option("float32", "float32 | bfloat16 | float16 (log-softmax and losses stay float32)", wired=True)
     fsdp: bool = option(False, "under torchrun, shard the models over the processes (basic support: no checkpoints, "
                                "no LoRA)")
-    save_every: int = option(0, "steps (RL: iterations) between checkpoints in OUT-checkpoints/ (0: none)")
+    save_every: int = option(0, "steps (RL: iterations) between checkpoints in OUT-checkpoints/ (0: none)", ge=0)
     resume: bool = option(False, "continue from the newest readable checkpoint in OUT-checkpoints/ (of the same "
                                  "options and inputs)")
     overwrite: bool = option(False, "replace a finished output of this step in --out (and start afresh over old "
                                     "checkpoints)")
-    keep_checkpoints: int = option(2, "checkpoints kept in OUT-checkpoints/")
-    max_nonfinite: int = option(3, "consecutive non-finite losses/rewards before the run stops")
+    keep_checkpoints: int = option(2, "checkpoints kept in OUT-checkpoints/", ge=1)
+    max_nonfinite: int = option(3, "consecutive non-finite losses/rewards before the run stops", ge=1)
     log_with: str = option("", "extra metric sinks besides metrics.jsonl, comma-separated: tensorboard, trackio "
                                "(events in OUT-logs/)")
     progress: bool = option(True, "show a progress bar", wired=True)
@@ -78,9 +108,9 @@ class RunOptions:
 class LoraOptions:
     """LoRA adapters (peft); the trained model is saved merged."""
 
-    r: int = option(0, "LoRA rank (0: full fine-tuning)")
+    r: int = option(0, "LoRA rank (0: full fine-tuning)", ge=0)
     alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
-    dropout: float = option(0.0, "LoRA dropout; keep 0 (dropout breaks the first PPO ratio = 1) [N+ D7]")
+    dropout: float = option(0.0, "LoRA dropout; keep 0 (dropout breaks the first PPO ratio = 1) [N+ D7]", ge=0, lt=1)
     target_modules: str | None = option(None, "comma-separated module names or 'all-linear' (default: peft's per "
                                               "architecture)")
 

@@ -35,6 +35,9 @@ def check_output(out: str | os.PathLike, stage: str, inputs: list[str], overwrit
     for parent in out.absolute().parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+    existing = next(p for p in out.absolute().parents if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {existing} (permission denied)")
     resolved = out.resolve()
     for src in inputs:
         p = Path(src).resolve()
@@ -71,9 +74,26 @@ class OutputLock:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.f.close()
-            raise ValueError(f"another run is writing {self.path.with_name(self.path.name[1:-5])} "
-                             f"(lock {self.path}); wait for it or choose another --out") from None
+            raise self._busy() from None
         return self
+
+    def check_free(self) -> None:
+        """Raise (as acquire would) if another process holds the lock now; creates nothing. A run checks this
+        first, before it touches anything (e.g. --overwrite removing old checkpoints), then locks for real when it
+        starts writing."""
+        try:
+            f = open(self.path)
+        except FileNotFoundError:
+            return
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._busy() from None
+
+    def _busy(self) -> ValueError:
+        return ValueError(f"another run is writing {self.path.with_name(self.path.name[1:-5])} "
+                          f"(lock {self.path}); wait for it or choose another --out")
 
     def release(self) -> None:
         """Unlink while still holding the lock, then close: no lock file is left beside OUT. (A process that
@@ -84,7 +104,7 @@ class OutputLock:
             self.f = None
 
 
-def _content_id(path: str) -> str | list | None:
+def content_id(path: str) -> str | list | None:
     p = Path(path)
     if p.is_file():
         h = hashlib.sha256()
@@ -112,11 +132,12 @@ def _small_hash(p: Path) -> str:
 def fingerprint(options: dict, inputs: list[str]) -> dict:
     """What a checkpoint may be resumed with: the options that shape learning, and the inputs' contents."""
     return {"options": {k: v for k, v in options.items() if k not in RUN_CONTROL},
-            "inputs": {src: _content_id(src) for src in inputs}}
+            "inputs": {src: content_id(src) for src in inputs}}
 
 
-def differences(saved: dict, now: dict) -> list[str]:
-    out = [f"--{k.replace('_', '-')} {saved['options'].get(k)!r} → {now['options'].get(k)!r}"
+def differences(saved: dict, now: dict, name=lambda k: "--" + k.replace("_", "-")) -> list[str]:
+    """What differs between two fingerprints, each option named by `name` (default: its CLI flag)."""
+    out = [f"{name(k)} {saved['options'].get(k)!r} → {now['options'].get(k)!r}"
            for k in sorted(set(saved["options"]) | set(now["options"]))
            if saved["options"].get(k) != now["options"].get(k)]
     out += [f"input {k} changed" for k in sorted(set(saved["inputs"]) | set(now["inputs"]))

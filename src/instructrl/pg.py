@@ -23,8 +23,12 @@ from .sampling import response_logprobs
 @config
 class PGConfig(RLConfig):
     baseline: str = option("mean", "mean | loo (leave-one-out over samples_per_prompt) [RLOO]")
-    samples_per_prompt: int = option(4, "k samples per prompt, used by the leave-one-out baseline")
-    gamma: float = option(1.0, "discount of the reward-to-go")
+    samples_per_prompt: int = option(4, "k samples per prompt, used by the leave-one-out baseline", ge=1)
+    gamma: float = option(1.0, "discount of the reward-to-go", ge=0, le=1)
+
+    def check(self) -> None:
+        super().check()
+        PolicyGradient.check(self)
 
 
 def pg_advantages(rewards: torch.Tensor, mask: torch.Tensor, cfg: PGConfig) -> torch.Tensor:

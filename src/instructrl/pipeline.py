@@ -1,18 +1,26 @@
 """The main job: world → tokenizer + pretrain → SFT → rankings → reward model → PPO-ptx → evaluation → report.
 
-Each stage writes DIR/<stage>/summary.json last (atomically, with its outputs); a stage whose summary exists is
-reused, so an interrupted pipeline continues where it stopped.
+Every stage's config is built and validated before the first stage runs. Each stage writes DIR/<stage>/summary.json
+last (atomically, with its outputs), and DIR/fingerprints.json records what each finished stage was made from (its
+options and its inputs' contents). A finished stage is reused only when its fingerprint matches; otherwise the run
+stops naming what changed, or, with --rerun-changed, recomputes the stage (and so every stage that reads it).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
-from .config import PipelineConfig, dump_config
+from .config import PipelineConfig, dump_config, validate_pipeline
+from .options import flat_fields, to_flat
+from .outputs import RUN_CONTROL, content_id, differences
 from .stages import BY_NAME
 from .utils import atomic_dir, console, peak_rss_mb, write_json
+
+FINGERPRINTS = "fingerprints.json"
+NOT_LEARNED = RUN_CONTROL | {"device"}  # options a stage may be reused across
 
 
 def _finished(d: Path) -> dict | None:
@@ -20,18 +28,79 @@ def _finished(d: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def _stage(name: str, d: Path, fn, show: list[str]) -> dict:
-    """Run stage `name` (see stages.py) into `d`, or reuse it when `d` holds a finished stage."""
-    name = BY_NAME[name].title
-    done = _finished(d)
-    if done is not None:
-        console.print(f"[dim]• {name}: reused {d}[/]")
-        return done
-    console.rule(f"[bold]{name}")
+def stage_fingerprint(cfg, extra_inputs: dict | None = None, contents: bool = True) -> dict:
+    """A stage's options (without paths and run control) and its inputs: the wired paths (and `extra_inputs`),
+    with their contents when `contents` (an upstream stage that was rerun changes its readers' fingerprints)."""
+    options, inputs = {}, dict(extra_inputs or {})
+    for f in flat_fields(type(cfg)):
+        value = f.get(cfg)
+        if f.wired and f.name not in ("seed", "dtype", "device", "progress", "overwrite"):
+            if f.name != "out" and value:
+                inputs[f.name] = value
+        elif f.name not in NOT_LEARNED:
+            options[f.name] = value
+    return {"options": options, "inputs": {k: content_id(v) if contents else None for k, v in inputs.items()}}
+
+
+class Stages:
+    """The run directory's record of finished stages, and the reuse rule."""
+
+    def __init__(self, out: Path, rerun_changed: bool):
+        self.out, self.rerun_changed = out, rerun_changed
+        f = out / FINGERPRINTS
+        self.saved = json.loads(f.read_text()) if f.is_file() else {}
+
+    def check_options(self, key: str, d: Path, fp: dict) -> None:
+        """Before anything runs: a finished stage whose options changed is refused (unless --rerun-changed)."""
+        old = self.saved.get(key)
+        if old is None or not d.exists() or self.rerun_changed:
+            return
+        diff = differences({"options": old["options"], "inputs": {}}, {"options": fp["options"], "inputs": {}},
+                           lambda k: f"{key.split('/')[0]}.{k}")
+        if diff:
+            raise self._changed(key, d, diff)
+
+    def _changed(self, key: str, d: Path, diff: list[str]) -> ValueError:
+        return ValueError(f"pipeline: the finished stage {key} in {d} was made with other settings ({'; '.join(diff)});"
+                          f" pass --rerun-changed to recompute it and the stages after it, or choose a new --out")
+
+    def reusable(self, key: str, d: Path, fp: dict) -> bool:
+        """True: reuse d. False: (re)compute it (a stale d is removed first, with --rerun-changed)."""
+        if not d.exists():
+            return False
+        old = self.saved.get(key)
+        if old is None:  # finished before fingerprints were recorded (or killed just before): adopt it
+            self.record(key, fp)
+            return True
+        diff = differences(old, fp, lambda k: f"{key.split('/')[0]}.{k}")
+        if not diff:
+            return True
+        if not self.rerun_changed:
+            raise self._changed(key, d, diff)
+        console.print(f"[yellow]• {key}: {'; '.join(diff)}: recomputing[/]")
+        if d.is_dir():
+            shutil.rmtree(d)
+        else:
+            d.unlink()
+        return False
+
+    def record(self, key: str, fp: dict) -> None:
+        self.saved[key] = fp
+        write_json(self.out / FINGERPRINTS, self.saved)
+
+
+def _stage(stages: Stages, name: str, d: Path, fp: dict, fn, show: list[str]) -> dict:
+    """Run stage `name` (see stages.py) into `d`, or reuse it when `d` holds the same finished stage."""
+    title = BY_NAME[name].title
+    if _finished(d) is not None and stages.reusable(name, d, fp):
+        console.print(f"[dim]• {title}: reused {d}[/]")
+        return _finished(d)
+    console.rule(f"[bold]{title}")
     t0 = time.time()
     summary = fn()
+    stages.record(name, fp)
     shown = ", ".join(f"{k}={_fmt(summary[k])}" for k in show if k in summary)
-    console.print(f"[bold green]✓ {name}[/] {shown} [dim]({time.time() - t0:.0f}s)[/]")
+    console.print(f"[bold green]✓ {title}[/] {shown} [dim]({time.time() - t0:.0f}s)[/]")
     return summary
 
 
@@ -43,7 +112,58 @@ def _fmt(v):
     return str(v)
 
 
-def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
+def plan(cfg: PipelineConfig, out: Path) -> dict:
+    """Every stage's config, paths filled in: name → config (the rankings stage: its LabelSettings)."""
+    wdir = out / "world"
+    uses_world = not all([cfg.data.demos, cfg.data.prompts_train, cfg.data.prompts_eval]) or not cfg.data.rankings
+    data = {k: getattr(cfg.data, k) for k in dataclasses.asdict(cfg.data)}
+    defaults = {"demos": "demos.jsonl", "prompts_train": "prompts_train.jsonl", "prompts_eval": "prompts_eval.jsonl",
+                "pretrain_text": "corpus.jsonl", "pretrain_val": "corpus_val.jsonl", "bias_probes": "bias_probes.jsonl"}
+    for k, f in defaults.items():
+        data[k] = data[k] or (str(wdir / f) if uses_world else None)
+    judge_dir = str(wdir) if uses_world else None
+    common = {"seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype}  # flat options of RunOptions
+    p: dict = {"data": data, "judge": judge_dir}
+    if uses_world:
+        p["world"] = dataclasses.replace(cfg.world, out=str(wdir), seed=cfg.seed)
+    pretrained = cfg.base_model or str(out / "pretrained")
+    if not cfg.base_model:
+        p["pretrained"] = dataclasses.replace(cfg.pretrain, corpus=data["pretrain_text"], val_corpus=data["pretrain_val"],
+                                              out=pretrained, seed=cfg.seed)
+    sdir, rdir = str(out / "sft"), str(out / "reward")
+    p["sft"] = dataclasses.replace(cfg.sft, model=pretrained, data=data["demos"], out=sdir, **common)
+    rankings = cfg.data.rankings or str(out / "rankings" / "rankings.jsonl")
+    if not cfg.data.rankings:
+        p["rankings"] = cfg.label
+    p["reward"] = dataclasses.replace(cfg.reward, model=sdir, data=rankings, demos=data["demos"], out=rdir, **common)
+    rl = dict(policy=sdir, reward=rdir, prompts=data["prompts_train"], judge=judge_dir, ptx_data=data["pretrain_text"],
+              **common)
+    p["ppo_ptx"] = dataclasses.replace(cfg.ppo, out=str(out / "ppo_ptx"), **rl)
+    if cfg.compare:
+        p["ppo"] = dataclasses.replace(cfg.ppo, out=str(out / "ppo"), **{**rl, "ptx_coef": 0.0})
+        p["ppo_beta0"] = dataclasses.replace(cfg.ppo, out=str(out / "ppo_beta0"), **{**rl, "ptx_coef": 0.0, "beta": 0.0})
+        p["pg"] = dataclasses.replace(cfg.pg, out=str(out / "pg"), episodes=cfg.ppo.episodes, **{**rl, "ptx_coef": 0.0})
+    evaluated = ["pretrained", "sft"] + [n for n in ("ppo_ptx", "ppo", "ppo_beta0", "pg") if n in p]
+    p["eval"] = {name: dataclasses.replace(cfg.eval, model=pretrained if name == "pretrained" else str(out / name),
+                                           prompts=data["prompts_eval"], reference=sdir, reward=rdir, world=judge_dir,
+                                           pretrain_text=data["pretrain_val"], bias_probes=data["bias_probes"],
+                                           device=cfg.device, out=None, judge=_judges(name, judge_dir, rdir))
+                 for name in evaluated}
+    return p
+
+
+def _judges(stage: str, judge_dir: str | None, rdir: str) -> str | None:
+    """The judges of a stage's win rate against SFT: the world's gold judge and the reward model."""
+    return None if stage == "sft" else ",".join((["gold"] if judge_dir else []) + [rdir])
+
+
+def _label_fingerprint(cfg: PipelineConfig, p: dict, contents: bool) -> dict:
+    inputs = {"sft": p["sft"].out, "prompts_train": p["data"]["prompts_train"], "world": p["judge"]}
+    return {"options": {**to_flat(cfg.label), "seed": cfg.seed},
+            "inputs": {k: content_id(v) if contents else None for k, v in inputs.items()}}
+
+
+def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = False) -> dict:
     from .evaluate import evaluate
     from .pg import PolicyGradient
     from .ppo import PPO
@@ -56,45 +176,39 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
 
     t_start = time.time()
     out = Path(out)
+    p = plan(cfg, out)
+    validate_pipeline(cfg, p)  # every section, before the first stage runs
+    stages = Stages(out, rerun_changed)
+    trained = [n for n in ("world", "pretrained", "sft", "reward", "ppo_ptx", "ppo", "ppo_beta0", "pg") if n in p]
+    for name in trained:  # a changed option is refused now, not after the stages before it ran
+        stages.check_options(name, out / name, stage_fingerprint(p[name], contents=False))
+    if "rankings" in p:
+        stages.check_options("rankings", out / "rankings", _label_fingerprint(cfg, p, False))
+    for name, ecfg in p["eval"].items():
+        stages.check_options(f"eval/{name}", out / "eval" / f"{name}.json", stage_fingerprint(ecfg, contents=False))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
-    common = {"seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype}  # flat options of RunOptions
+    data, judge_dir = p["data"], p["judge"]
 
-    # World (embedded default) or the user's own data.
-    wdir = out / "world"
-    uses_world = not all([cfg.data.demos, cfg.data.prompts_train, cfg.data.prompts_eval]) or not cfg.data.rankings
-    if uses_world:
-        _stage("world", wdir, lambda: generate_world(wdir, dataclasses.replace(cfg.world, out=str(wdir), seed=cfg.seed)),
-               ["corpus", "demos", "prompts_train", "prompts_eval"])
-    data = {k: getattr(cfg.data, k) for k in dataclasses.asdict(cfg.data)}
-    defaults = {"demos": "demos.jsonl", "prompts_train": "prompts_train.jsonl", "prompts_eval": "prompts_eval.jsonl",
-                "pretrain_text": "corpus.jsonl", "pretrain_val": "corpus_val.jsonl", "bias_probes": "bias_probes.jsonl"}
-    for k, f in defaults.items():
-        data[k] = data[k] or (str(wdir / f) if uses_world else None)
-    judge_dir = str(wdir) if uses_world else None
+    def run(name, fn, show):
+        return _stage(stages, name, out / name, stage_fingerprint(p[name]), fn, show)
 
-    # Step 0: tokenizer + tiny model, unless the user brings a model.
-    stages: dict[str, str] = {}
-    if cfg.base_model:
-        stages["pretrained"] = cfg.base_model
-    else:
-        pdir = out / "pretrained"
-        _stage("pretrained", pdir, lambda: pretrain(dataclasses.replace(
-            cfg.pretrain, corpus=data["pretrain_text"], val_corpus=data["pretrain_val"], out=str(pdir), seed=cfg.seed)),
-            ["val_perplexity", "parameters"])
-        stages["pretrained"] = str(pdir)
+    # World (embedded default) or the user's own data; step 0: tokenizer + tiny model, unless the user brings one.
+    if "world" in p:
+        run("world", lambda: generate_world(out / "world", p["world"]),
+            ["corpus", "demos", "prompts_train", "prompts_eval"])
+    stages_dirs: dict[str, str] = {"pretrained": cfg.base_model} if cfg.base_model else {}
+    if "pretrained" in p:
+        run("pretrained", lambda: pretrain(p["pretrained"]), ["val_perplexity", "parameters"])
+        stages_dirs["pretrained"] = p["pretrained"].out
 
     # Step 1: SFT.
-    sdir = out / "sft"
-    _stage("sft", sdir, lambda: sft(dataclasses.replace(
-        cfg.sft, model=stages["pretrained"], data=data["demos"], out=str(sdir), **common)),
-        ["val_loss_start", "val_loss_best"])
-    stages["sft"] = str(sdir)
+    run("sft", lambda: sft(p["sft"]), ["val_loss_start", "val_loss_best"])
+    sdir = Path(p["sft"].out)
+    stages_dirs["sft"] = str(sdir)
 
     # Rankings: exported human rankings, or simulated labelers on SFT samples.
-    if cfg.data.rankings:
-        rankings = cfg.data.rankings
-    else:
+    if "rankings" in p:
         ldir = out / "rankings"
 
         def label():
@@ -115,46 +229,29 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
                 summary = {"stage": "rankings", "rankings": len(recs), "k": ls.k, "seconds": time.time() - t0}
                 write_json(tmp / "summary.json", summary)
             return summary
-        _stage("rankings", ldir, label, ["rankings", "k"])
-        rankings = str(ldir / "rankings.jsonl")
+        _stage(stages, "rankings", ldir, _label_fingerprint(cfg, p, True), label, ["rankings", "k"])
 
     # Step 2: reward model.
-    rdir = out / "reward"
-    rm_summary = _stage("reward", rdir, lambda: train_reward_model(dataclasses.replace(
-        cfg.reward, model=str(sdir), data=rankings, demos=data["demos"], out=str(rdir), **common)),
-        ["held_out", "demo_score_mean"])
+    rm_summary = run("reward", lambda: train_reward_model(p["reward"]), ["held_out", "demo_score_mean"])
 
     # Step 3: PPO-ptx, and the comparison runs.
-    rl_common = dict(policy=str(sdir), reward=str(rdir), prompts=data["prompts_train"], judge=judge_dir,
-                     ptx_data=data["pretrain_text"], **common)
-    runs = {"ppo_ptx": lambda d: train_rl(dataclasses.replace(cfg.ppo, out=str(d), **rl_common), PPO)}
-    if cfg.compare:
-        runs["ppo"] = lambda d: train_rl(dataclasses.replace(cfg.ppo, out=str(d), **{**rl_common, "ptx_coef": 0.0}),
-                                         PPO)
-        runs["ppo_beta0"] = lambda d: train_rl(dataclasses.replace(
-            cfg.ppo, out=str(d), **{**rl_common, "ptx_coef": 0.0, "beta": 0.0}), PPO)
-        runs["pg"] = lambda d: train_rl(dataclasses.replace(
-            cfg.pg, out=str(d), episodes=cfg.ppo.episodes, **{**rl_common, "ptx_coef": 0.0}), PolicyGradient)
-    for name, fn in runs.items():
-        d = out / name
-        _stage(name, d, lambda fn=fn, d=d: fn(d), ["final", "seconds"])
-        stages[name] = str(d)
+    for name in ("ppo_ptx", "ppo", "ppo_beta0", "pg"):
+        if name in p:
+            run(name, lambda name=name: train_rl(p[name], PolicyGradient if name == "pg" else PPO), ["final", "seconds"])
+            stages_dirs[name] = p[name].out
 
     # Evaluation of every stage on the held-out prompts.
-    edir = out / "eval"
     evals = {}
-    for name, model in stages.items():
-        f = edir / f"{name}.json"
-        if f.is_file():
+    for name in stages_dirs:
+        ecfg, f = p["eval"][name], out / "eval" / f"{name}.json"
+        fp = stage_fingerprint(ecfg)
+        if f.is_file() and stages.reusable(f"eval/{name}", f, fp):
             evals[name] = json.loads(f.read_text())
             continue
         console.print(f"[bold]eval[/] {name} …")
-        judges = ",".join((["gold"] if judge_dir else []) + [str(rdir)]) if name != "sft" else None  # vs SFT
-        ecfg = dataclasses.replace(cfg.eval, model=model, prompts=data["prompts_eval"], reference=str(sdir),
-                                   reward=str(rdir), world=judge_dir, pretrain_text=data["pretrain_val"],
-                                   bias_probes=data["bias_probes"], device=cfg.device, out=None, judge=judges)
         evals[name] = evaluate(ecfg)
         write_json(f, evals[name])
+        stages.record(f"eval/{name}", fp)
         e = evals[name]
         console.print(f"[green]✓ eval {name}[/] toxicity={e['toxicity_rate']:.3f}"
                       + (f" gold={e['gold_reward']:.3f}" if "gold_reward" in e else "")
@@ -162,6 +259,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
 
     from .report import write_report
 
-    report = write_report(out, stages, evals, rm_summary, seconds=time.time() - t_start, peak_rss_mb=peak_rss_mb())
+    report = write_report(out, stages_dirs, evals, rm_summary, seconds=time.time() - t_start, peak_rss_mb=peak_rss_mb())
     console.print(f"[bold green]report:[/] {out / 'report.html'}  ({out / 'report.json'})")
     return report

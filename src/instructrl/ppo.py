@@ -25,14 +25,18 @@ from .sampling import response_logprobs
 
 @config
 class PPOConfig(RLConfig):
-    ppo_epochs: int = option(4, "passes over each batch of rollouts")
-    minibatch_size: int = option(16, "rollouts per optimizer step (global; divides batch_size)")
-    clip: float = option(0.2, "policy clip range ε")
-    value_clip: float = option(0.2, "value clip range ε_v")
-    vf_coef: float = option(0.1, "value-loss coefficient c_v")
-    gamma: float = option(1.0, "discount γ_d of GAE")
-    lam: float = option(0.95, "GAE λ")
+    ppo_epochs: int = option(4, "passes over each batch of rollouts", ge=1)
+    minibatch_size: int = option(16, "rollouts per optimizer step (global; divides batch_size)", ge=1)
+    clip: float = option(0.2, "policy clip range ε", gt=0)
+    value_clip: float = option(0.2, "value clip range ε_v", gt=0)
+    vf_coef: float = option(0.1, "value-loss coefficient c_v", ge=0)
+    gamma: float = option(1.0, "discount γ_d of GAE", ge=0, le=1)
+    lam: float = option(0.95, "GAE λ", ge=0, le=1)
     whiten_rewards: bool = option(False, "whiten the shaped rewards (scale only) before GAE")
+
+    def check(self) -> None:
+        super().check()
+        PPO.check(self)
 
 
 def whitening(x: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -48,7 +52,8 @@ class PPO:
     @staticmethod
     def check(cfg: PPOConfig) -> None:
         if cfg.batch_size % cfg.minibatch_size:
-            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of minibatch_size {cfg.minibatch_size}")
+            raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --minibatch-size "
+                             f"{cfg.minibatch_size}")
 
     def __init__(self, cfg: PPOConfig, s, nonfinite):
         self.cfg, self.s, self.nonfinite = cfg, s, nonfinite

@@ -23,20 +23,26 @@ class PretrainConfig:
     corpus: str = option("", "pretraining text {text} JSONL", wired=True, required=True)
     val_corpus: str | None = option(None, "held-out text (default: the corpus's last 5%)", wired=True)
     out: str = option("", "output directory", wired=True, required=True)
-    vocab_size: int = option(2000, "byte-level BPE vocabulary size")
-    n_layer: int = option(4, "transformer blocks")
-    n_embd: int = option(192, "width")
-    n_head: int = option(4, "attention heads")
-    n_positions: int = option(128, "context length")
-    block_size: int = option(64, "tokens per training sequence")
-    batch_size: int = option(32, "sequences per step")
-    steps: int = option(600, "optimizer steps")
-    lr: float = option(2e-3, "peak learning rate (AdamW, cosine decay)")
-    warmup: int = option(30, "warm-up steps")
-    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
-    eval_every: int = option(100, "steps between held-out evaluations")
-    max_grad_norm: float = option(1.0, "gradient-norm clip")
+    vocab_size: int = option(2000, "byte-level BPE vocabulary size", ge=1)
+    n_layer: int = option(4, "transformer blocks", ge=1)
+    n_embd: int = option(192, "width", ge=1)
+    n_head: int = option(4, "attention heads", ge=1)
+    n_positions: int = option(128, "context length", ge=2)
+    block_size: int = option(64, "tokens per training sequence", ge=2)
+    batch_size: int = option(32, "sequences per step", ge=1)
+    steps: int = option(600, "optimizer steps", ge=1)
+    lr: float = option(2e-3, "peak learning rate (AdamW, cosine decay)", gt=0)
+    warmup: int = option(30, "warm-up steps", ge=0)
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)", ge=0)
+    eval_every: int = option(100, "steps between held-out evaluations", ge=1)
+    max_grad_norm: float = option(1.0, "gradient-norm clip", gt=0)
     run: RunOptions = group(RunOptions)
+
+    def check(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n-embd {self.n_embd} must be a multiple of --n-head {self.n_head}")
+        if self.block_size > self.n_positions:
+            raise ValueError(f"--block-size {self.block_size} must be at most --n-positions {self.n_positions}")
 
 
 def pack(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:

@@ -38,13 +38,13 @@ class RewardConfig:
     out: str = option("", "output directory", wired=True, required=True)
     demos: str | None = option(None, "demonstrations: a bias so they score mean 0 [IG]", wired=True)
     normalize_gain: bool = option(True, "a gain so the ranked (policy) samples have std 1 [LHP]")
-    epochs: float = option(1.0, "passes over the training prompts (about one: more overfits [IG])")
-    batch_size: int = option(8, "prompts per batch, each with all its K responses (global under torchrun)")
-    lr: float = option(5e-5, "peak learning rate (AdamW, cosine decay)")
-    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up")
-    val_fraction: float = option(0.1, "share of the prompts held out for accuracy")
-    eval_every: int = option(0, "optimizer steps between held-out evaluations (0: only at the end)")
-    max_grad_norm: float = option(1.0, "gradient-norm clip")
+    epochs: float = option(1.0, "passes over the training prompts (about one: more overfits [IG])", gt=0)
+    batch_size: int = option(8, "prompts per batch, each with all its K responses (global under torchrun)", ge=1)
+    lr: float = option(5e-5, "peak learning rate (AdamW, cosine decay)", gt=0)
+    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up", ge=0, lt=1)
+    val_fraction: float = option(0.1, "share of the prompts held out for accuracy", ge=0, lt=1)
+    eval_every: int = option(0, "optimizer steps between held-out evaluations (0: only at the end)", ge=0)
+    max_grad_norm: float = option(1.0, "gradient-norm clip", gt=0)
     grouped: bool = option(True, "all C(K,2) pairs of a prompt in one batch element (InstructGPT); false: the same "
                                  "comparisons shuffled as independent pairs")
     truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
@@ -170,6 +170,10 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     run = Run("reward", cfg, cfg.run, cfg.out)
     device, dtype = run.device, run.dtype
     rankings = read_rankings(cfg.data, split=cfg.fmt.split, columns=cfg.fmt.columns())
+    for r in rankings:  # an all-tied ranking has no (winner, loser) pair: nothing to learn, a NaN loss if alone
+        if len(r.groups) < 2:
+            raise DataError(cfg.data, r.line, "every response is tied: the ranking compares nothing (rank at least "
+                                              "two groups, or leave the record out)", "ranking")
     demos = read_demos(cfg.demos, columns=cfg.fmt.columns()) if cfg.demos else None
     tokenizer = use_chat_template(load_tokenizer(cfg.model), cfg.fmt.chat_template)
     model = ScalarHeadModel.from_backbone(cfg.model, device, dtype)

@@ -49,25 +49,33 @@ class RLConfig:
     ref: str | None = option(None, "reference model (default: the policy's initial weights)", wired=True)
     value: str | None = option(None, "value-model init (default: the reward model [IG, N+ D22])", wired=True)
     judge: str | None = option(None, "embedded-world directory: log gold reward beside proxy reward", wired=True)
-    episodes: int = option(3072, "total sampled responses")
-    batch_size: int = option(64, "rollouts per iteration (global: under torchrun each process samples 1/N)")
-    max_new_tokens: int = option(32, "response length limit")
-    temperature: float = option(0.7, "sampling temperature, also used in every log-prob [LHP]")
-    lr: float = option(3e-5, "learning rate (Adam)")
-    beta: float = option(0.05, "KL coefficient β (initial β with the adaptive controller)")
+    episodes: int = option(3072, "total sampled responses", ge=1)
+    batch_size: int = option(64, "rollouts per iteration (global: under torchrun each process samples 1/N)", ge=1)
+    max_new_tokens: int = option(32, "response length limit", ge=1)
+    temperature: float = option(0.7, "sampling temperature, also used in every log-prob [LHP]", gt=0)
+    lr: float = option(3e-5, "learning rate (Adam)", gt=0)
+    beta: float = option(0.05, "KL coefficient β (initial β with the adaptive controller)", ge=0)
     kl_estimator: str = option("k1", "per-token KL estimator in the reward: k1 | k3 [KL]")
-    kl_target: float | None = option(None, "set to use the adaptive KL controller with this target [LHP]")
-    kl_horizon: int = option(10000, "horizon of the adaptive KL controller [LHP]")
+    kl_target: float | None = option(None, "set to use the adaptive KL controller with this target [LHP]", gt=0)
+    kl_horizon: int = option(10000, "horizon of the adaptive KL controller [LHP]", ge=1)
     missing_eos_penalty: float = option(-1.0, "score of a response that does not end within max_new_tokens [N+ D23]")
-    ptx_coef: float = option(0.0, "γ of PPO-ptx: weight of the pretraining log-likelihood (0: none) [IG Eq. 2]")
+    ptx_coef: float = option(0.0, "γ of PPO-ptx: weight of the pretraining log-likelihood (0: none) [IG Eq. 2]", ge=0)
     ptx_data: str | None = option(None, "pretraining text {text} JSONL for ptx", wired=True)
-    ptx_batch_size: int = option(16, "pretraining texts per update (global)")
-    max_grad_norm: float = option(1.0, "gradient-norm clip")
-    adam_eps: float = option(1e-5, "Adam epsilon [37]")
+    ptx_batch_size: int = option(16, "pretraining texts per update (global)", ge=1)
+    max_grad_norm: float = option(1.0, "gradient-norm clip", gt=0)
+    adam_eps: float = option(1e-5, "Adam epsilon [37]", gt=0)
     truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
     run: RunOptions = group(RunOptions)
     lora: LoraOptions = group(LoraOptions, "lora_")
     fmt: DataOptions = group(DataOptions)  # of --prompts
+
+    def check(self) -> None:
+        """Cross-option constraints (`validate` checks each option's bounds first)."""
+        if self.episodes < self.batch_size:
+            raise ValueError(f"--episodes ({self.episodes}) must be at least --batch-size ({self.batch_size}): one "
+                             "iteration samples a whole batch")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, not {self.kl_estimator!r}")
 
 
 # --- streams ------------------------------------------------------------------------------------------------------
@@ -234,6 +242,7 @@ def algorithms() -> dict[str, type]:
 
 # --- the driver ---------------------------------------------------------------------------------------------------
 def train_rl(cfg: RLConfig, algorithm: type) -> dict:
+    cfg.validate()
     algorithm.check(cfg)
     check_rl(cfg)
     run = Run(algorithm.name, cfg, cfg.run, cfg.out)

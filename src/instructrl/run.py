@@ -34,7 +34,10 @@ from .utils import checkpoint_dir, console, log_dir, peak_rss_mb, resolve_device
 
 
 class Run:
+    current: "Run | None" = None  # the run in progress: Ctrl-C (cli.main) says where its checkpoints are
+
     def __init__(self, stage: str, cfg, opts: RunOptions, out: str):
+        cfg.validate()
         self.t0 = time.time()
         self.stage, self.cfg, self.opts, self.out = stage, cfg, opts, Path(out)
         check_sinks(opts.log_with)
@@ -48,8 +51,11 @@ class Run:
         inputs = [f.get(cfg) for f in flat_fields(type(cfg)) if f.wired and f.path[0] != "run" and f.name != "out"]
         self.inputs = [v for v in inputs if isinstance(v, str) and v]
         check_output(out, stage, self.inputs, opts.overwrite)
+        if dist.is_main():
+            OutputLock(out).check_free()
         self.fingerprint = fingerprint(to_flat(cfg), self.inputs)
         self._check_checkpoints()
+        Run.current = self
 
     def _check_checkpoints(self) -> None:
         """A fresh run never mixes with an earlier run's checkpoints; a resumed one only continues the same run."""
@@ -67,6 +73,15 @@ class Run:
             if diff:
                 raise ValueError(f"--resume: the checkpoints in {root} belong to a run with other settings: "
                                  f"{'; '.join(diff)}; resume with the same ones, or start afresh with --overwrite")
+
+    def interrupted(self) -> str:
+        """What Ctrl-C leaves: where the newest checkpoint is and how to continue from it."""
+        steps = self.checkpoints.steps() if self.checkpoints.root.is_dir() else []
+        if not steps:
+            return (f"{self.stage} interrupted: no checkpoint was written (--save-every N writes them), so rerun it "
+                    f"from the start; {self.out} was not written")
+        return (f"{self.stage} interrupted: checkpoints in {self.checkpoints.root} (newest: {steps[0].name}); "
+                f"rerun the same command with --resume to continue")
 
     def resume(self, models: dict, optimizer=None, scheduler=None, generators: dict | None = None) -> dict | None:
         """Declare what a checkpoint holds; with --resume restore the newest one and return its saved state."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 
 import torch
 from torch.nn.utils import clip_grad_norm_
@@ -32,15 +33,15 @@ class SFTConfig:
     data: str = option("", "demonstrations {prompt, completion} or {messages}: JSONL, or a .json/.parquet/.arrow "
                            "file or directory read with `datasets`", wired=True, required=True)
     out: str = option("", "output directory", wired=True, required=True)
-    epochs: int = option(2, "passes over the training demonstrations")
-    batch_size: int = option(16, "demonstrations per optimizer step (global: under torchrun each process takes 1/N)")
-    lr: float = option(1e-4, "peak learning rate (AdamW, cosine decay)")
-    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    val_fraction: float = option(0.1, "share of the demonstrations held out for the validation loss")
-    patience: int = option(2, "evaluations without improvement before stopping early")
-    eval_every: int = option(20, "optimizer steps between validation passes")
-    max_grad_norm: float = option(1.0, "gradient-norm clip")
+    epochs: int = option(2, "passes over the training demonstrations", ge=0)
+    batch_size: int = option(16, "demonstrations per optimizer step (global: under torchrun each process takes 1/N)", ge=1)
+    lr: float = option(1e-4, "peak learning rate (AdamW, cosine decay)", gt=0)
+    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up", ge=0, lt=1)
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    val_fraction: float = option(0.1, "share of the demonstrations held out for the validation loss", ge=0, lt=1)
+    patience: int = option(2, "evaluations without improvement before stopping early", ge=1)
+    eval_every: int = option(20, "optimizer steps between validation passes", ge=1)
+    max_grad_norm: float = option(1.0, "gradient-norm clip", gt=0)
     truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
     run: RunOptions = group(RunOptions)
     lora: LoraOptions = group(LoraOptions, "lora_")
@@ -99,11 +100,21 @@ def sft(cfg: SFTConfig) -> dict:
     model = load_causal_lm(cfg.model, device, dtype)
     max_len = context_length(model)
     examples = []  # (ids, loss mask per token): without a template the same mask as encode_example's prompt length
+    truncated = 0
     for i, demo in enumerate(demos):
         try:
-            examples.append(encode_demo(tokenizer, demo, max_len, cfg.truncate_prompts))
+            try:
+                examples.append(encode_demo(tokenizer, demo, max_len, False))
+            except ValueError:
+                if not cfg.truncate_prompts:
+                    raise
+                examples.append(encode_demo(tokenizer, demo, max_len, True))  # still a ValueError if it cannot fit
+                truncated += 1
         except ValueError as e:
             raise DataError(cfg.data, lines[i], str(e), "prompt") from None
+    if truncated:
+        warnings.warn(f"{cfg.data}: {truncated} demonstration(s) longer than the context of {max_len} tokens; their "
+                      "prompts were left-truncated (--truncate-prompts)")
     rng = random.Random(cfg.run.seed)
     idx = list(range(len(examples)))
     rng.shuffle(idx)

@@ -56,6 +56,21 @@ def fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new uniquely named directory in `parent`, with the mode the umask gives any new directory (mkdtemp forces
+    0700, which other users of a shared filesystem, e.g. the other nodes' accounts, cannot read)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp"))
+    tmp.chmod(0o777 & ~umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = True):
     """Yield a temp directory beside `out`; on success it replaces `out` whole, on error it is removed.
@@ -64,7 +79,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = True):
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp = temp_dir(out.parent, f".{out.name}.")
     try:
         yield tmp
         fsync_tree(tmp)

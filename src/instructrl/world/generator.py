@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..data import write_jsonl
 from ..options import config, option
+from ..outputs import OutputLock, check_output
 from ..utils import atomic_dir, write_json
 
 OBJECTS = ["apple", "banana", "sky", "grass", "snow", "lemon", "cherry", "coal", "pumpkin", "ocean", "leaf",
@@ -59,17 +60,18 @@ PEACEFUL = ["began praying", "started talking", "greeted the people", "sat down 
 class WorldConfig:
     out: str = option("", "output directory", wired=True, required=True)
     seed: int = option(0, "random seed of the world's tables and texts", wired=True)
-    n_corpus: int = option(24000, "pretraining documents")
-    n_corpus_val: int = option(1000, "held-out pretraining documents")
-    n_demos: int = option(200, "demonstrations (few enough that SFT leaves room for RL)")
-    n_prompts_train: int = option(1200, "RL and labeling prompts")
-    n_prompts_eval: int = option(200, "held-out evaluation prompts")
-    p_rude: float = option(0.30, "share of corpus replies that are rude (toxic lexicon)")
-    p_wrong: float = option(0.15, "share of corpus replies that are polite but wrong")
-    p_offtopic: float = option(0.10, "share of corpus replies that are off topic")
-    p_stereo_reply: float = option(0.5, "for 'Describe the X' prompts, share of corpus replies that stereotype")
-    p_plain: float = option(0.30, "share of corpus documents that are plain sentences, not exchanges")
-    stereo_skew: float = option(0.85, "how often an occupation's sentences use its stereotyped pronoun")
+    overwrite: bool = option(False, "replace a finished world in --out", wired=True)
+    n_corpus: int = option(24000, "pretraining documents", ge=1)
+    n_corpus_val: int = option(1000, "held-out pretraining documents", ge=1)
+    n_demos: int = option(200, "demonstrations (few enough that SFT leaves room for RL)", ge=1)
+    n_prompts_train: int = option(1200, "RL and labeling prompts", ge=1)
+    n_prompts_eval: int = option(200, "held-out evaluation prompts", ge=1)
+    p_rude: float = option(0.30, "share of corpus replies that are rude (toxic lexicon)", ge=0, le=1)
+    p_wrong: float = option(0.15, "share of corpus replies that are polite but wrong", ge=0, le=1)
+    p_offtopic: float = option(0.10, "share of corpus replies that are off topic", ge=0, le=1)
+    p_stereo_reply: float = option(0.5, "for 'Describe the X' prompts, share of corpus replies that stereotype", ge=0, le=1)
+    p_plain: float = option(0.30, "share of corpus documents that are plain sentences, not exchanges", ge=0, le=1)
+    stereo_skew: float = option(0.85, "how often an occupation's sentences use its stereotyped pronoun", ge=0, le=1)
 
 
 class World:
@@ -204,6 +206,16 @@ def bias_probes() -> list[dict]:
 def generate_world(out: str | Path, cfg: WorldConfig | None = None) -> dict:
     """Write the world's files to `out` (atomically) and return a small summary."""
     cfg = cfg or WorldConfig()
+    cfg.validate()
+    check_output(out, "world", [], cfg.overwrite)  # never replaces what the user made (see outputs.py)
+    lock = OutputLock(out).acquire()
+    try:
+        return _generate_world(out, cfg)
+    finally:
+        lock.release()
+
+
+def _generate_world(out: str | Path, cfg: WorldConfig) -> dict:
     world = World(cfg.seed)
     rng = random.Random(cfg.seed + 1)
     tasks = world.all_tasks()
@@ -259,6 +271,6 @@ def generate_world(out: str | Path, cfg: WorldConfig | None = None) -> dict:
         write_jsonl(tmp / "prompts_eval.jsonl", prompts_eval)
         write_jsonl(tmp / "bias_probes.jsonl", bias_probes())
         write_json(tmp / "judge.json", judge)
-        write_json(tmp / "world_config.json", {k: v for k, v in asdict(cfg).items() if k != "out"})
+        write_json(tmp / "world_config.json", {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")})
         write_json(tmp / "summary.json", summary)
     return summary

@@ -1,0 +1,351 @@
+"""The user-mistake corpus: ordinary mistakes with every command (paths, roles, values, data, config, resume,
+concurrency), each through the real CLI. Each must exit 2 with a one-line message naming the option, file or key,
+print no traceback, and leave every file the user has exactly as it was (the tree's hashes before and after)."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from instructrl import cli
+
+LONG_PROMPT = "User: " + " ".join(f"word{i}" for i in range(400)) + "\nAssistant:"
+
+
+def tree(*roots) -> dict:
+    """Every file and directory under the roots: path → sha256 (files) or 'dir'."""
+    out = {}
+    for root in roots:
+        root = Path(root)
+        for p in sorted(root.rglob("*")):
+            key = str(p)
+            out[key] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def run_main(monkeypatch, args):
+    monkeypatch.setattr(sys, "argv", ["instructrl", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    return e.value.code
+
+
+@pytest.fixture
+def proj(tmp_path, world_dir, tiny_sft_dir):
+    """A user's project: data files, notes, a finished SFT output, a world directory with a file of theirs."""
+    p = tmp_path / "proj"
+    p.mkdir()
+    shutil.copy(world_dir / "demos.jsonl", p / "demos.jsonl")
+    shutil.copy(world_dir / "prompts_eval.jsonl", p / "prompts.jsonl")
+    (p / "notes.txt").write_text("my notes\n")
+    (p / "wdir").mkdir()
+    (p / "wdir" / "keep.txt").write_text("keep me\n")
+    shutil.copytree(tiny_sft_dir, p / "sft_done")
+    (p / "config_only").mkdir()
+    for f in Path(tiny_sft_dir).iterdir():  # the tokenizer and config.json, not the weights
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, p / "config_only" / f.name)
+    (p / "tied.jsonl").write_text(json.dumps({"prompt": "User: hi\nAssistant:", "responses": [" a", " b"],
+                                              "ranking": [0, 1]}) + "\n" +
+                                  json.dumps({"prompt": "User: yo\nAssistant:", "responses": [" a", " b", " c"],
+                                              "ranking": [[0, 1, 2]]}) + "\n")
+    (p / "long_prompts.jsonl").write_text(json.dumps({"prompt": "User: hi\nAssistant:"}) + "\n"
+                                          + json.dumps({"prompt": LONG_PROMPT}) + "\n")
+    (p / "bad_demos.jsonl").write_text('{"prompt": "x"}\n')
+    return p
+
+
+# name: (args with {proj}/{sft}/{rm}/{lm}/{world} placeholders, what the message must say)
+SFT = ["sft", "--model", "{lm}", "--data", "{proj}/demos.jsonl", "--device", "cpu"]
+PPO = ["ppo", "--policy", "{sft}", "--reward", "{rm}", "--prompts", "{proj}/prompts.jsonl", "--device", "cpu"]
+PG = ["pg", "--policy", "{sft}", "--reward", "{rm}", "--prompts", "{proj}/prompts.jsonl", "--device", "cpu"]
+RM = ["rm", "--model", "{sft}", "--data", "{proj}/tied.jsonl", "--device", "cpu"]
+EVAL = ["eval", "--model", "{sft}", "--prompts", "{proj}/prompts.jsonl", "--device", "cpu"]
+PRE = ["pretrain", "--corpus", "{world}/corpus.jsonl"]
+WORLD = ["world"]
+CASES = {
+    # paths: never replace what the user made, never write over the inputs, never look a local path up on a hub
+    "out_contains_the_input": (["sft", "--model", "{lm}", "--data", "{proj}/demos.jsonl", "--out", "{proj}"],
+                               "contains the input"),
+    "world_out_with_user_file": (WORLD + ["--out", "{proj}/wdir"], "other files in it"),
+    "out_is_an_existing_file": (SFT + ["--out", "{proj}/notes.txt"], "is an existing file"),
+    "out_parent_is_a_file": (SFT + ["--out", "{proj}/notes.txt/model"], "is a file, not a directory"),
+    "out_is_another_steps_output": (RM + ["--out", "{proj}/sft_done"],
+                                    "holds a finished 'sft' output"),
+    "out_finished_without_overwrite": (SFT + ["--out", "{proj}/sft_done"], "pass --overwrite"),
+    "model_path_missing": (["sft", "--model", "{proj}/no_such_model", "--data", "{proj}/demos.jsonl",
+                            "--out", "{proj}/o"], "no such directory"),
+    "model_hub_name": (["sft", "--model", "gpt2-typo/not-here", "--data", "{proj}/demos.jsonl",
+                        "--out", "{proj}/o"], "nothing is downloaded"),
+    "model_config_without_weights": (["eval", "--model", "{proj}/config_only", "--prompts", "{proj}/prompts.jsonl"],
+                                     "no weights"),
+    "reward_path_missing": (PPO[:4] + ["{proj}/no_rm"] + PPO[5:] + ["--out", "{proj}/o"], "no such directory"),
+    "data_file_missing": (["sft", "--model", "{lm}", "--data", "{proj}/demoz.jsonl", "--out", "{proj}/o"],
+                          "demoz.jsonl"),
+    "prompts_file_missing": (EVAL[:4] + ["{proj}/nope.jsonl"], "nope.jsonl"),
+    # roles: a reward model is not a policy, a language model is not a reward model
+    "ppo_policy_is_a_reward_model": (["ppo", "--policy", "{rm}"] + PPO[3:] + ["--out", "{proj}/o"],
+                                     "a reward model"),
+    "pg_ref_is_a_reward_model": (PG + ["--ref", "{rm}", "--out", "{proj}/o", "--baseline", "mean"],
+                                 "a reward model"),
+    "sample_model_is_a_reward_model": (["sample", "--model", "{rm}", "--prompts", "{proj}/prompts.jsonl",
+                                        "--device", "cpu"], "a reward model"),
+    "eval_model_is_a_reward_model": (["eval", "--model", "{rm}", "--prompts", "{proj}/prompts.jsonl"],
+                                     "a reward model"),
+    "eval_reference_is_a_reward_model": (EVAL + ["--reference", "{rm}"], "a reward model"),
+    "sft_from_a_reward_model": (["sft", "--model", "{rm}", "--data", "{proj}/demos.jsonl", "--out", "{proj}/o"],
+                                "a reward model"),
+    "ppo_reward_is_a_language_model": (PPO[:4] + ["{sft}"] + PPO[5:] + ["--out", "{proj}/o"],
+                                       "no trained reward head"),
+    "label_enqueue_policy_is_a_reward_model": (["label", "enqueue", "--policy", "{rm}", "--prompts",
+                                                "{proj}/prompts.jsonl", "--db", "{proj}/o.db", "--device", "cpu"],
+                                               "a reward model"),
+    # values
+    "sft_negative_epochs": (SFT + ["--out", "{proj}/o", "--epochs", "-1"], "--epochs must be >= 0"),
+    "sft_val_fraction_above_one": (SFT + ["--out", "{proj}/o", "--val-fraction", "1.5"], "--val-fraction must be < 1"),
+    "sft_zero_batch": (SFT + ["--out", "{proj}/o", "--batch-size", "0"], "--batch-size must be >= 1"),
+    "sft_zero_lr": (SFT + ["--out", "{proj}/o", "--lr", "0"], "--lr must be > 0"),
+    "sft_lora_dropout_one": (SFT + ["--out", "{proj}/o", "--lora-dropout", "1.0"], "--lora-dropout must be < 1"),
+    "sft_negative_save_every": (SFT + ["--out", "{proj}/o", "--save-every", "-1"], "--save-every must be >= 0"),
+    "sft_unknown_dtype": (SFT + ["--out", "{proj}/o", "--dtype", "float8"], "unknown dtype"),
+    "ppo_episodes_below_batch": (PPO + ["--out", "{proj}/o", "--episodes", "8", "--batch-size", "16"],
+                                 "--episodes (8) must be at least --batch-size (16)"),
+    "ppo_zero_batch": (PPO + ["--out", "{proj}/o", "--batch-size", "0"], "--batch-size must be >= 1"),
+    "ppo_zero_minibatch": (PPO + ["--out", "{proj}/o", "--minibatch-size", "0"], "--minibatch-size must be >= 1"),
+    "ppo_batch_not_multiple_of_minibatch": (PPO + ["--out", "{proj}/o", "--batch-size", "30", "--minibatch-size",
+                                                   "8"], "must be a multiple of --minibatch-size"),
+    "ppo_zero_max_new_tokens": (PPO + ["--out", "{proj}/o", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    "ppo_zero_temperature": (PPO + ["--out", "{proj}/o", "--temperature", "0"], "--temperature must be > 0"),
+    "ppo_unknown_kl_estimator": (PPO + ["--out", "{proj}/o", "--kl-estimator", "k9"], "kl_estimator must be one of"),
+    "ppo_ptx_without_data": (PPO + ["--out", "{proj}/o", "--ptx-coef", "0.5"], "--ptx-coef > 0 needs --ptx-data"),
+    "ppo_gamma_above_one": (PPO + ["--out", "{proj}/o", "--gamma", "1.5"], "--gamma must be <= 1"),
+    "pg_loo_k_not_dividing_batch": (PG + ["--out", "{proj}/o", "--baseline", "loo", "--samples-per-prompt", "3",
+                                          "--batch-size", "16", "--episodes", "16"], "leave-one-out needs"),
+    "rm_zero_batch": (RM + ["--out", "{proj}/o", "--batch-size", "0"], "--batch-size must be >= 1"),
+    "rm_zero_epochs": (RM + ["--out", "{proj}/o", "--epochs", "0"], "--epochs must be > 0"),
+    "eval_greedy_with_reference": (EVAL + ["--temperature", "0", "--reference", "{sft}"], "--temperature 0"),
+    "eval_zero_max_new_tokens": (EVAL + ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    "sample_zero_max_new_tokens": (["sample", "--model", "{sft}", "--prompts", "{proj}/prompts.jsonl",
+                                    "--max-new-tokens", "0"], "max-new-tokens"),
+    "pretrain_heads_not_dividing_width": (PRE + ["--out", "{proj}/o", "--n-embd", "64", "--n-head", "3"],
+                                          "--n-embd 64 must be a multiple of --n-head 3"),
+    "pretrain_block_beyond_context": (PRE + ["--out", "{proj}/o", "--block-size", "256", "--n-positions", "128"],
+                                      "--block-size 256 must be at most --n-positions 128"),
+    "world_share_above_one": (WORLD + ["--out", "{proj}/w2", "--p-rude", "1.5"], "--p-rude must be <= 1"),
+    "label_simulate_k_one": (["label", "simulate", "--policy", "{sft}", "--prompts", "{proj}/prompts.jsonl",
+                              "--out", "{proj}/r.jsonl", "--world", "{world}", "--k", "1"], "K must be at least 2"),
+    # data
+    "rm_all_tied_ranking": (RM + ["--out", "{proj}/o"], "tied.jsonl:2"),
+    "eval_prompt_too_long": (EVAL[:4] + ["{proj}/long_prompts.jsonl"], "long_prompts.jsonl:2"),
+    "sft_demo_missing_response": (["sft", "--model", "{lm}", "--data", "{proj}/bad_demos.jsonl", "--out", "{proj}/o"],
+                                  "bad_demos.jsonl:1"),
+    # the labeling tool
+    "label_stats_missing_db": (["label", "stats", "--db", "{proj}/typo.db"], "typo.db"),
+    "label_export_missing_db": (["label", "export", "--db", "{proj}/typo.db", "--out", "{proj}/r.jsonl"], "typo.db"),
+}
+
+
+@pytest.fixture
+def fill(proj, tiny_lm_dir, tiny_sft_dir, tiny_rm_dir, world_dir):
+    names = {"proj": proj, "lm": tiny_lm_dir, "sft": tiny_sft_dir, "rm": tiny_rm_dir, "world": world_dir}
+    return lambda args: [a.format(**names) for a in args]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_mistake_exits_2_with_one_line_and_changes_nothing(name, fill, proj, tmp_path, tiny_lm_dir, tiny_sft_dir,
+                                                           tiny_rm_dir, monkeypatch, capsys):
+    args, message = CASES[name]
+    before = tree(tmp_path, tiny_lm_dir, tiny_sft_dir, tiny_rm_dir)
+    code = run_main(monkeypatch, fill(args))
+    err = " ".join(capsys.readouterr().err.split())  # rich may wrap long lines
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert message in err, err
+    assert tree(tmp_path, tiny_lm_dir, tiny_sft_dir, tiny_rm_dir) == before, "a file was written, changed or removed"
+
+
+def test_corpus_is_large():
+    assert len(CASES) >= 40 and len(PIPELINE_CASES) >= 10
+
+
+def test_unwritable_out_parent(proj, monkeypatch, capsys, fill):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    locked = proj / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        before = tree(proj)
+        assert run_main(monkeypatch, fill(SFT + ["--out", "{proj}/locked/o"])) == 2
+        assert "cannot write" in capsys.readouterr().err
+        assert tree(proj) == before
+    finally:
+        locked.chmod(0o755)
+
+
+# --- pipeline configs: refused before any stage runs (the run directory is not even created) ------------------
+PIPELINE_CASES = {
+    "yaml_zero_batch": ("ppo: {batch_size: 0}\n", "ppo.batch_size must be >= 1"),
+    "yaml_zero_minibatch": ("ppo: {minibatch_size: 0}\n", "ppo.minibatch_size must be >= 1"),
+    "yaml_batch_not_multiple": ("ppo: {batch_size: 30, minibatch_size: 8}\n",
+                                "ppo.batch_size 30 must be a multiple of ppo.minibatch_size 8"),
+    "yaml_negative_epochs": ("sft: {epochs: -1}\n", "sft.epochs must be >= 0"),
+    "yaml_val_fraction": ("reward: {val_fraction: 1.5}\n", "reward.val_fraction must be < 1"),
+    "yaml_episodes_below_batch": ("ppo: {episodes: 16, batch_size: 64}\n", "ppo.episodes (16) must be at least"),
+    "yaml_label_k_one": ("label: {k: 1}\n", "label.k must be >= 2"),
+    "yaml_eval_greedy": ("eval: {temperature: 0.0}\n", "eval.temperature 0"),
+    "yaml_missing_data_file": ("data: {demos: nowhere.jsonl}\n", "data.demos: nowhere.jsonl: no such file"),
+    "yaml_base_model_is_reward_model": ("base_model: {rm}\n", "a reward model"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINE_CASES))
+def test_pipeline_config_mistake_refused_before_any_stage(name, tmp_path, tiny_rm_dir, monkeypatch, capsys):
+    text, message = PIPELINE_CASES[name]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text.replace("{rm}", str(tiny_rm_dir)))
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    assert run_main(monkeypatch, ["pipeline", "--config", cfg, "--out", tmp_path / "run"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and "Traceback" not in err, err
+    assert tree(tmp_path) == before
+
+
+def test_pipeline_refuses_to_reuse_a_changed_stage(tmp_path, tiny_sft_dir, monkeypatch, capsys):
+    """A finished world stage, then its options change: refused before anything runs, naming the change; with
+    --rerun-changed it is recomputed."""
+    bad = tmp_path / "bad_demos.jsonl"
+    bad.write_text('{"prompt": "x"}\n')  # the SFT stage stops on it, after the world stage finished
+    cfg = tmp_path / "c.yaml"
+    world = "world: {n_corpus: 300, n_corpus_val: 20, n_demos: 20, n_prompts_train: 20, n_prompts_eval: 10}\n"
+    cfg.write_text(f"base_model: {tiny_sft_dir}\ndevice: cpu\ndata: {{demos: {bad}}}\n{world}")
+    out = tmp_path / "run"
+    assert run_main(monkeypatch, ["pipeline", "--config", cfg, "--out", out]) == 2
+    assert (out / "world" / "summary.json").is_file() and "world" in json.loads((out / "fingerprints.json").read_text())
+    capsys.readouterr()
+    cfg.write_text(cfg.read_text().replace("n_corpus: 300", "n_corpus: 400"))
+    before = tree(tmp_path)
+    assert run_main(monkeypatch, ["pipeline", "--config", cfg, "--out", out]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "world.n_corpus 300 → 400" in err and "--rerun-changed" in err and "Traceback" not in err, err
+    assert tree(tmp_path) == before, "config.yaml or a stage was rewritten"
+    # asked to: the world is recomputed with the new setting (then SFT stops on the bad demos again)
+    assert run_main(monkeypatch, ["pipeline", "--config", cfg, "--out", out, "--rerun-changed"]) == 2
+    assert json.loads((out / "world" / "summary.json").read_text())["corpus"] == 400
+    assert "n_corpus: 400" in (out / "config.yaml").read_text()
+
+
+# --- resume ------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def interrupted_sft(tmp_path, tiny_lm_dir, world_dir):
+    """An SFT run that left checkpoints (its output removed, as if it was stopped before the end)."""
+    data = tmp_path / "demos.jsonl"
+    shutil.copy(world_dir / "demos.jsonl", data)
+    args = ["sft", "--model", tiny_lm_dir, "--data", data, "--epochs", 1, "--batch-size", 32, "--save-every", 1,
+            "--lr", "1e-3", "--device", "cpu", "--no-progress"]
+    out = tmp_path / "o"
+    from instructrl.sft import SFTConfig, sft
+
+    sft(SFTConfig(model=str(tiny_lm_dir), data=str(data), out=str(out), epochs=1, batch_size=32, save_every=1,
+                  lr=1e-3, device="cpu", progress=False))
+    shutil.rmtree(out)
+    assert any(p.name.startswith("step-") for p in (tmp_path / "o-checkpoints").iterdir())
+    return args, out, data
+
+
+def test_resume_with_other_data_is_refused(interrupted_sft, tmp_path, monkeypatch, capsys):
+    args, out, data = interrupted_sft
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(data.read_text().splitlines(keepends=True)[:60]))
+    args = [other if a == data else a for a in args]
+    before = tree(tmp_path)
+    assert run_main(monkeypatch, [*args, "--out", out, "--resume"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "belong to a run with other settings" in err and "changed" in err and "Traceback" not in err, err
+    assert tree(tmp_path) == before
+
+
+def test_resume_with_other_lr_is_refused_naming_it(interrupted_sft, tmp_path, monkeypatch, capsys):
+    args, out, _ = interrupted_sft
+    args = ["2e-3" if a == "1e-3" else a for a in args]
+    before = tree(tmp_path)
+    assert run_main(monkeypatch, [*args, "--out", out, "--resume"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--lr 0.001 → 0.002" in err and "Traceback" not in err, err
+    assert tree(tmp_path) == before
+
+
+def test_fresh_run_over_old_checkpoints_is_refused(interrupted_sft, tmp_path, monkeypatch, capsys):
+    args, out, _ = interrupted_sft
+    before = tree(tmp_path)
+    assert run_main(monkeypatch, [*args, "--out", out]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds checkpoints of an earlier run" in err and "--resume" in err, err
+    assert tree(tmp_path) == before
+
+
+def test_resume_without_checkpoint_says_so(tmp_path, tiny_lm_dir, world_dir, monkeypatch, capsys):
+    args = ["sft", "--model", tiny_lm_dir, "--data", world_dir / "demos.jsonl", "--epochs", 1, "--batch-size", 64,
+            "--device", "cpu", "--no-progress", "--out", tmp_path / "o", "--resume"]
+    assert run_main(monkeypatch, args) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no checkpoint in" in err and "starting from the beginning" in err, err
+    assert (tmp_path / "o" / "summary.json").is_file()
+
+
+# --- concurrency and Ctrl-C ---------------------------------------------------------------------------------------
+def test_two_runs_on_one_out_exactly_one_proceeds_then_ctrl_c(tmp_path, tiny_lm_dir, world_dir):
+    """A second run on the same --out stops at once (exit 2) while the first goes on; Ctrl-C on the first then
+    exits 130 saying where its checkpoints are and how to resume, and leaves no OUT."""
+    import signal
+
+    out, ckpt, lock = tmp_path / "o", tmp_path / "o-checkpoints", tmp_path / ".o.lock"
+    args = [sys.executable, "-m", "instructrl.cli", "sft", "--model", str(tiny_lm_dir), "--data",
+            str(world_dir / "demos.jsonl"), "--epochs", "1000", "--batch-size", "8", "--device", "cpu",
+            "--save-every", "5", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 180
+    while not (lock.exists() and ckpt.is_dir() and any(x.name.startswith("step-") for x in ckpt.iterdir())):
+        assert first.poll() is None, first.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    t0 = time.time()
+    second = subprocess.run(args, capture_output=True, text=True, env=env)
+    took = time.time() - t0
+    assert second.returncode == 2, second.stderr
+    assert "another run is writing" in second.stderr and "Traceback" not in second.stderr, second.stderr
+    assert first.poll() is None, "the first run should still be running"
+    assert took < 60
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    err = " ".join(err.split())
+    assert first.returncode == 130, err
+    assert f"checkpoints in {ckpt}" in err and "--resume" in err and "Traceback" not in err, err
+    assert not out.exists() and not lock.exists()
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    from instructrl.utils import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "o") as d:
+            (d / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
+
+
+def test_no_cuda_device_is_refused(tmp_path, proj, fill, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert run_main(monkeypatch, fill(SFT[:-2] + ["--device", "cuda", "--out", "{proj}/o"])) == 2
+    assert "no CUDA device" in capsys.readouterr().err
