@@ -522,8 +522,11 @@ def checkpoint_activations(model: nn.Module) -> nn.Module:
     """Activation checkpointing: each transformer block's activations are recomputed in backward instead of stored
     (HF's, in training mode only). Non-reentrant, so gradients are exact, reach LoRA adapters and a scalar head
     whatever needs grad at the input (no `enable_input_require_grads`), and the RNG replay keeps dropout alike."""
-    target = model.backbone if isinstance(model, ScalarHeadModel) else model
-    base_model(target).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf = base_model(model.backbone if isinstance(model, ScalarHeadModel) else model)
+    if hasattr(hf, "activation_checkpointing_enable"):  # newer transformers (the old name is deprecated)
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -232,6 +232,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
                     pc, pt = pairwise_accuracy(raw.detach(), groups)
                     c, t = c + pc, t + pt
             loss = torch.stack(parts).sum()
+            grad_norm = float("nan")
             if run.nonfinite.ok(step, loss=loss):
                 grad_norm = clip_grad_norm_(params, cfg.max_grad_norm)
                 if run.nonfinite.ok(step, grad_norm=grad_norm):
@@ -239,7 +240,8 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             scheduler.step()
             c, t = dist.sum_floats(c, t)
             rec = {"step": step, "train/loss": dist.all_reduce_mean(loss).item(),
-                   "train/accuracy": c / max(1, t), "train/lr": scheduler.get_last_lr()[0]}
+                   "train/accuracy": c / max(1, t), "train/grad_norm": float(grad_norm),
+                   "train/lr": scheduler.get_last_lr()[0]}
             if val and cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
                 rec.update({f"eval/{k}": v for k, v in evaluate_rankings(model, tokenizer, val, cfg, device).items()})
                 model.train()
