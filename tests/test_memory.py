@@ -78,7 +78,8 @@ def run_rm(model, data, out, **kw):
 
 
 def cli(kw: dict) -> list:
-    return sum(([f"--{k.replace('_', '-')}", v] for k, v in kw.items()), [])
+    flag = lambda k: f"--{k.replace('_', '-')}"
+    return sum(([flag(k if v else f"no_{k}")] if isinstance(v, bool) else [flag(k), v] for k, v in kw.items()), [])
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_sft_two_ranks_by_two_micro_batches_equal_one_rank(sft_whole, tiny_lm_di
 
 
 def test_rm_two_ranks_by_two_micro_batches_equal_one_rank(rm_whole, tiny_sft_dir, tiny_rm_dir, tmp_path):
-    torchrun("-m", "instructrl.cli", "reward", "--model", tiny_sft_dir, "--data", tiny_rm_dir.parent / "rankings.jsonl",
+    torchrun("-m", "instructrl.cli", "rm", "--model", tiny_sft_dir, "--data", tiny_rm_dir.parent / "rankings.jsonl",
              "--device", "cpu", "--out", tmp_path / "two", "--micro-batch-size", 9, *cli(RM_KW))
     assert_same_weights(weights(rm_whole, SHIFT), weights(tmp_path / "two", SHIFT))
     assert_same_logs(rm_whole, tmp_path / "two", ("train/loss", "train/grad_norm", "train/accuracy"))
