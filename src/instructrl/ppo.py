@@ -99,7 +99,6 @@ class PPO:
             out["policy/first_approx_kl"] = stats["policy/approx_kl"][0]
         return dist.mean_dict(out)
 
-
     def backward(self, r: Rollout, rows: torch.Tensor, advantages, returns, n, ptx) -> dict:
         """Forward and backward of one micro-batch. Its loss and statistics are its share of the minibatch's token
         means (`n`: the minibatch's tokens over all ranks) × the number of ranks, as DDP averages gradients and
