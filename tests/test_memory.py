@@ -262,3 +262,13 @@ def test_ppo_with_checkpointing_and_accumulation_first_ratio_is_one(tiny_sft_dir
     recs = metrics(tmp_path / "ppo")
     assert recs[0]["policy/first_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert recs[0]["policy/first_approx_kl"] < 1e-10
+
+
+def test_negative_micro_batch_size_exits_2_and_writes_nothing(tiny_lm_dir, demos, tmp_path):
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-m", "instructrl.cli", "sft", "--model", str(tiny_lm_dir), "--data",
+                        str(demos), "--out", str(tmp_path / "out"), "--device", "cpu", "--micro-batch-size", "-1"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--micro-batch-size must be >= 0" in p.stderr
+    assert list(tmp_path.iterdir()) == []
