@@ -1,6 +1,7 @@
-"""Peak memory of PPO with LoRA (reference = the policy with adapters off) vs a full reference model.
+"""Peak memory of PPO with LoRA (reference = the policy with adapters off) vs a full reference model; with
+--memory, of activation checkpointing and gradient accumulation at the same global minibatch instead.
 
-    python benchmarks/lora_memory.py [--n-layer 4 --n-embd 256 --vocab 2000 --iterations 3] [--dir DIR]
+    python benchmarks/lora_memory.py [--n-layer 4 --n-embd 256 --vocab 2000 --iterations 3] [--dir DIR] [--memory]
 
 Builds a small embedded world and a random GPT-2 of the given size (saved to disk; the reward and value models
 start from it with a fresh head), then runs each variant in a fresh Python process and reads its peak RSS
@@ -12,6 +13,12 @@ spawns, so a heavy parent would raise every measurement to its own peak.
   full           full fine-tuning, reference = a second frozen copy (the default without LoRA)
   lora+full-ref  LoRA on policy and value, reference = a separate frozen copy (--ref pointing at the policy)
   lora           LoRA on policy and value, reference = the policy with its adapters off (no second copy)
+
+--memory (full fine-tuning, minibatch = the whole batch of rollouts, --max-new-tokens 64):
+  plain          one forward/backward per minibatch
+  accum4         --micro-batch-size minibatch/4 (4 micro-batches, the same step)
+  ckpt           --gradient-checkpointing
+  ckpt+accum4    both
 """
 from __future__ import annotations
 
@@ -34,7 +41,9 @@ if kw.pop("baseline", False):
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 else:
     s = train_ppo(PPOConfig(**kw))
-    print(json.dumps({"peak_rss_mb": s["peak_rss_mb"], "seconds": s["seconds"]}))
+    recs = [json.loads(x) for x in open(kw["out"] + "/metrics.jsonl")][1:]  # without the first iteration
+    print(json.dumps({"peak_rss_mb": s["peak_rss_mb"], "seconds": s["seconds"],
+                      "per_iteration": sum(r["time/iteration"] for r in recs) / max(1, len(recs))}))
 """
 
 
@@ -68,6 +77,7 @@ def parse_args(argv=None):
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--memory", action="store_true", help="checkpointing and accumulation variants instead")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp directory)")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)  # the child that builds
     return ap.parse_args(argv)
@@ -88,12 +98,18 @@ def main() -> None:
                   episodes=a.iterations * a.batch_size, batch_size=a.batch_size, minibatch_size=a.batch_size // 2,
                   max_new_tokens=16, progress=False, device="cpu")
     variants = {"full": {}, "lora+full-ref": {"lora_r": a.lora_r, "ref": str(model)}, "lora": {"lora_r": a.lora_r}}
+    if a.memory:
+        common.update(minibatch_size=a.batch_size, max_new_tokens=64, ppo_epochs=1)
+        accum = {"micro_batch_size": a.batch_size // 4}
+        ckpt = {"gradient_checkpointing": True}
+        variants = {"plain": {}, "accum4": accum, "ckpt": ckpt, "ckpt+accum4": {**ckpt, **accum}}
     base = run({**common, "baseline": True})["peak_rss_mb"]
     print(f"baseline (imports + tokenizer): {base:.0f} MiB")
-    print(f"{'variant':<15}{'peak RSS MiB':>14}{'over baseline':>15}{'seconds':>10}")
+    print(f"{'variant':<15}{'peak RSS MiB':>14}{'over baseline':>15}{'seconds':>10}{'s/iteration':>13}")
     for name, extra in variants.items():
         r = run({**common, **extra, "out": str(d / f"out-{name}")})
-        print(f"{name:<15}{r['peak_rss_mb']:>14.0f}{r['peak_rss_mb'] - base:>15.0f}{r['seconds']:>10.1f}")
+        print(f"{name:<15}{r['peak_rss_mb']:>14.0f}{r['peak_rss_mb'] - base:>15.0f}{r['seconds']:>10.1f}"
+              f"{r['per_iteration']:>13.2f}")
 
 
 if __name__ == "__main__":

@@ -51,10 +51,12 @@ def ppo_args(tiny_sft_dir, tiny_rm_dir, world_dir):
             "--device", "cpu"]
 
 
-def test_ppo_resume_after_sigkill_is_identical(ppo_args, tmp_path):
+@pytest.mark.parametrize("memory", [[], ["--gradient-checkpointing", "--micro-batch-size", 2, "--lora-r", 4]],
+                         ids=["plain", "checkpointing+accumulation+lora"])
+def test_ppo_resume_after_sigkill_is_identical(ppo_args, memory, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "run"
-    assert subprocess.run(cli(*ppo_args, "--out", ref), capture_output=True).returncode == 0
-    args = [*ppo_args, "--out", out, "--save-every", 1]
+    assert subprocess.run(cli(*ppo_args, *memory, "--out", ref), capture_output=True).returncode == 0
+    args = [*ppo_args, *memory, "--out", out, "--save-every", 1]
     kill_after_first_checkpoint(args, tmp_path / "run-checkpoints", seed=0)
     assert not out.exists(), "a killed run must not leave a half-written output"
     done = subprocess.run(cli(*args, "--resume"), capture_output=True, text=True)

@@ -6,10 +6,10 @@ NCCL on GPUs, gloo on CPUs. Without torchrun (WORLD_SIZE unset or 1) nothing her
 every helper is the identity, so a single process computes bit for bit what it computed before.
 
 The contract the training steps keep:
-  * a global batch of B examples is split B/N per rank; SFT and RM losses are normalised by global counts, so N
-    ranks × B/N give the gradients of 1 rank × B (DDP averages gradients over ranks). PPO/PG losses are per-rank
-    token means that DDP averages: the same as one process when the ranks hold equally many response tokens,
-    a slightly different token weighting otherwise;
+  * a global batch of B examples is split B/N per rank, and each rank's share into micro-batches (gradient
+    accumulation, `micro_batches`); every loss (SFT, RM, PPO, PG, ptx) is normalised by the global count (tokens,
+    or prompts with ranked pairs) and × N because DDP averages gradients, so N ranks × k micro-batches give the
+    gradients of 1 rank × 1 batch — also when the ranks hold different numbers of tokens;
   * RL ranks sample their own rollouts (seed + rank · SEED_STRIDE) and reduce every statistic that spans the batch
     (advantage whitening, the KL the controller sees, logged metrics);
   * only rank 0 writes: outputs, logs, metrics, checkpoints (which carry every rank's random state).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import math
 import os
 from pathlib import Path
 
@@ -184,6 +185,32 @@ def local_batch(batch: list) -> tuple[list, bool]:
     still joins the gradient all-reduce. Returns (examples, whether they count)."""
     mine = shard(batch)
     return (mine, True) if mine else (batch[:1], False)
+
+
+def micro_batches(batch: list, size: int) -> list[tuple[list, bool]]:
+    """This rank's share of a global batch (`local_batch`) in micro-batches of `size` examples (0: one). Every rank
+    gets as many (an FSDP forward is a collective): a rank short of one runs its first example with weight 0.
+    Returns [(examples, whether they count)]."""
+    mine, counts = local_batch(batch)
+    if not size:
+        return [(mine, counts)]
+    n = math.ceil(math.ceil(len(batch) / world_size()) / size)  # the largest share's count
+    chunks = [mine[i * size:(i + 1) * size] for i in range(n)]
+    return [(c, counts) if c else (mine[:1], False) for c in chunks]
+
+
+@contextlib.contextmanager
+def accumulating(*models: nn.Module, sync: bool):
+    """DDP all-reduces gradients in backward: with `sync` False (every micro-batch but a step's last) the DDP
+    wrappers among `models` only accumulate locally (`no_sync`); the last backward then reduces the sum."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    with contextlib.ExitStack() as stack:
+        if not sync:
+            for m in models:
+                if isinstance(m, DDP):
+                    stack.enter_context(m.no_sync())
+        yield
 
 
 def eval_share(items: list, model: nn.Module) -> tuple[list, bool]:

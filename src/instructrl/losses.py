@@ -73,9 +73,11 @@ def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
 
 
 # --- Advantages -------------------------------------------------------------------------------------------------
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, n: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the masked entries; `n` (dim None only): the count to divide by instead of the mask's own — a
+    micro-batch's share of a mean over a larger (global) batch, whose count is `n`."""
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
+        return (x * mask).sum() / (mask.sum() if n is None else n).clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
@@ -129,40 +131,43 @@ def leave_one_out_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:
 
 # --- Losses -----------------------------------------------------------------------------------------------------
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate [PPO]: mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))), ρ = exp(log π_θ − log π_old)."""
+                    clip: float = 0.2, n: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate [PPO]: mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))), ρ = exp(log π_θ − log π_old).
+    `n`: the token count the means divide by (default: the mask's; see masked_mean), statistics alike."""
     log_ratio = (logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    loss = masked_mean(torch.max(unclipped, clipped), mask, n=n)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                 "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask),
-                 "ratio_mean": masked_mean(ratio, mask)}
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask, n=n),
+                 "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask, n=n),
+                 "ratio_mean": masked_mean(ratio, mask, n=n)}
     return loss, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """0.5·mean(max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²)) [LHP]."""
+               clip: float = 0.2, n: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """0.5·mean(max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²)) [LHP]; `n` as in ppo_policy_loss."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask, n=n)
     with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
+        stats = {"vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask, n=n)}
     return loss, stats
 
 
-def pg_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Vanilla policy gradient (REINFORCE with a baseline): −mean_t(A_t · log π_θ(y_t|s_t))."""
-    return -masked_mean(advantages.detach() * logp, mask)
+def pg_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+            n: torch.Tensor | None = None) -> torch.Tensor:
+    """Vanilla policy gradient (REINFORCE with a baseline): −mean_t(A_t · log π_θ(y_t|s_t)); `n` as in
+    ppo_policy_loss."""
+    return -masked_mean(advantages.detach() * logp, mask, n=n)
 
 
-def ptx_loss(logp: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
-    """PPO-ptx [IG Eq. 2]: −γ · mean token log-likelihood of pretraining text."""
-    return -coef * masked_mean(logp, mask)
+def ptx_loss(logp: torch.Tensor, mask: torch.Tensor, coef: float, n: torch.Tensor | None = None) -> torch.Tensor:
+    """PPO-ptx [IG Eq. 2]: −γ · mean token log-likelihood of pretraining text; `n` as in ppo_policy_loss."""
+    return -coef * masked_mean(logp, mask, n=n)
 
 
 # --- KL control ---------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ just one such directory, built here from a `transformers` config.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -537,6 +538,30 @@ tags: [instructrl, rlhf]
 
 Written by instructrl, an RLHF toolkit (SFT → reward model → PPO).
 """
+
+
+def checkpoint_activations(model: nn.Module) -> nn.Module:
+    """Activation checkpointing: each transformer block's activations are recomputed in backward instead of stored
+    (HF's, in training mode only). Non-reentrant, so gradients are exact, reach LoRA adapters and a scalar head
+    whatever needs grad at the input (no `enable_input_require_grads`), and the RNG replay keeps dropout alike."""
+    hf = base_model(model.backbone if isinstance(model, ScalarHeadModel) else model)
+    if hasattr(hf, "activation_checkpointing_enable"):  # newer transformers (the old name is deprecated)
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """`model` in eval mode inside the block: HF drops the KV cache of a checkpointed model in training mode, and
+    sampling needs it (dropout is off either way, so nothing else changes)."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 def count_parameters(model: nn.Module) -> int:

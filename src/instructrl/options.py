@@ -105,6 +105,22 @@ class RunOptions:
 
 
 @dataclass
+class MemoryOptions:
+    """Fitting bigger models and batches: gradient accumulation and activation checkpointing."""
+
+    micro_batch_size: int = option(0, "examples (RL: rollouts) per forward/backward pass in each process; gradients "
+                                      "are accumulated over the micro-batches of each (mini)batch, whose loss stays "
+                                      "normalised by its global count (0: the process's whole share at once)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward instead of storing them "
+                                                 "(non-reentrant) in the backbones being trained: policy, value or reward "
+                                                 "model")
+
+    def check(self) -> None:
+        if self.micro_batch_size < 0:
+            raise ValueError(f"--micro-batch-size must be >= 0 (0: no accumulation), not {self.micro_batch_size}")
+
+
+@dataclass
 class LoraOptions:
     """LoRA adapters (peft); the trained model is saved merged."""
 

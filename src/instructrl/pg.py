@@ -3,7 +3,8 @@
 Per iteration the driver (`rl.py`) samples k responses per prompt; this file takes ONE gradient step on
 −mean_t((G_t − b) · log π_θ(y_t|s_t)) with the KL in the reward, and the samples are discarded. b is the batch
 mean of the sequence return, or the leave-one-out mean over the k samples of the same prompt [RLOO]. Under
-torchrun each rank samples batch_size / N of the rollouts; the batch-mean baseline spans all ranks.
+torchrun each rank samples batch_size / N of the rollouts; the batch-mean baseline spans all ranks, and the loss
+(in micro-batches of --micro-batch-size) is normalised by the batch's token count over all ranks.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from .losses import leave_one_out_baseline, masked_mean, pg_loss, reward_to_go
 from .models import trainable_parameters
 from .optim import adam
 from .options import config, option
-from .rl import RLConfig, ptx_term, register
-from .rollout import Rollout, kl_in_reward
+from .rl import RLConfig, ptx_batches, ptx_term, register
+from .rollout import Rollout, kl_in_reward, trim
 from .sampling import response_logprobs
 
 
@@ -64,21 +65,34 @@ class PolicyGradient:
         """The one gradient step this batch of samples gets."""
         cfg, s, mask = self.cfg, self.s, r.mask
         advantages = pg_advantages(kl_in_reward(r, beta, cfg.kl_estimator), mask, cfg)
+        rows, size, world = torch.arange(mask.shape[0]), cfg.mem.micro_batch_size, dist.world_size()
+        micro = rows.split(size) if size else (rows,)
+        n = dist.all_reduce_sum(mask.sum())  # response tokens of the batch, all ranks
+        ptx = ptx_batches(s, len(micro))
         self.optimizer.zero_grad(set_to_none=True)
-        logp, entropy = response_logprobs(s.train_policy, r.batch, cfg.temperature, with_entropy=True)
-        loss = pg_loss(logp, advantages, mask)
-        ptx = ptx_term(s)
-        if ptx is not None:
-            loss = loss + ptx
+        parts: dict[str, list[float]] = {}
+        for i, sub in enumerate(micro):  # gradient accumulation (DDP reduces on the last one); × N: DDP averages
+            with dist.accumulating(s.train_policy, sync=i == len(micro) - 1):
+                mb, cols = trim(r.batch, sub) if size else (r.batch, slice(None))
+                m = mask[sub, cols]
+                logp, entropy = response_logprobs(s.train_policy, mb, cfg.temperature, with_entropy=True)
+                loss = pg_loss(logp, advantages[sub, cols], m, n)
+                ptx_part = ptx_term(s, *ptx[i]) if i < len(ptx) else None
+                if ptx_part is not None:
+                    loss = loss + ptx_part
+                (loss * world).backward()
+            rec = {"policy/loss": loss.item() * world,
+                   "policy/entropy": masked_mean(entropy.detach(), m, n=n).item() * world,
+                   **({"ptx/loss": ptx_part.item() / cfg.ptx_coef * world} if ptx_part is not None else {})}
+            for key, x in rec.items():
+                parts.setdefault(key, []).append(x)
+        out = {key: sum(v) for key, v in parts.items()}
         grad_norm = float("nan")
-        if self.nonfinite.ok(step, loss=loss):
-            loss.backward()
+        if self.nonfinite.ok(step, loss=out["policy/loss"]):
             grad_norm = clip_grad_norm_(self.params, cfg.max_grad_norm)
             if self.nonfinite.ok(step, grad_norm=grad_norm):
                 self.optimizer.step()
-        return dist.mean_dict({"policy/loss": loss.item(), "policy/entropy": masked_mean(entropy.detach(), mask).item(),
-                               "policy/grad_norm": float(grad_norm),
-                               **({"ptx/loss": ptx.item() / cfg.ptx_coef} if ptx is not None else {})})
+        return dist.mean_dict({**out, "policy/grad_norm": float(grad_norm)})
 
 
 def train_pg(cfg: PGConfig) -> dict:

@@ -5,8 +5,9 @@
      whitening, advantages whitened over the whole batch (all ranks)
   3. update: ppo_epochs × minibatches of the clipped policy loss + c_v · clipped value loss (+ γ · ptx loss)
 
-Under torchrun each rank updates on minibatch_size / N rollouts at a time; gradients are averaged (DDP), so N
-ranks take as many optimizer steps as one (each loss is a per-rank token mean, averaged over ranks).
+Under torchrun each rank updates on minibatch_size / N rollouts at a time, in micro-batches of --micro-batch-size
+(gradient accumulation); every loss is normalised by the token count of the whole minibatch over all ranks, so N
+ranks × k micro-batches take exactly the optimizer step of one process on the whole minibatch.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .losses import gae, masked_mean, masked_whiten, ppo_policy_loss, value_loss
 from .models import trainable_parameters
 from .optim import adam
 from .options import config, option
-from .rl import RLConfig, per_rank, ptx_term, register
+from .rl import RLConfig, per_rank, ptx_batches, ptx_term, register
 from .rollout import Rollout, kl_in_reward, response_values, trim
 from .sampling import response_logprobs
 
@@ -77,30 +78,24 @@ class PPO:
         stats: dict[str, list[float]] = {}
         for epoch in range(cfg.ppo_epochs):
             for rows in torch.randperm(mask.shape[0], generator=self.shuffle).split(self.minibatch):
-                mb, cols = trim(r.batch, rows)
-                m = mask[rows, cols]
+                micro = rows.split(cfg.mem.micro_batch_size) if cfg.mem.micro_batch_size else (rows,)
+                n = dist.all_reduce_sum(mask[rows].sum())  # response tokens of the minibatch, all ranks
+                ptx = ptx_batches(s, len(micro))
                 self.optimizer.zero_grad(set_to_none=True)
-                logp, entropy = response_logprobs(s.train_policy, mb, cfg.temperature, with_entropy=True)
-                pl, pstats = ppo_policy_loss(logp, r.logprobs[rows, cols], advantages[rows, cols], m, cfg.clip)
-                v = response_values(s.train_value, mb)
-                vl, vstats = value_loss(v, r.values[rows, cols], returns[rows, cols], m, cfg.value_clip)
-                loss = pl + cfg.vf_coef * vl
-                ptx = ptx_term(s)
-                if ptx is not None:
-                    loss = loss + ptx
-                if not self.nonfinite.ok(step, loss=loss):
+                parts: dict[str, list[float]] = {}
+                for i, sub in enumerate(micro):  # gradient accumulation (DDP reduces on the last one)
+                    with dist.accumulating(s.train_policy, s.train_value, sync=i == len(micro) - 1):
+                        part = self.backward(r, sub, advantages, returns, n, ptx[i] if i < len(ptx) else None)
+                    for key, x in part.items():
+                        parts.setdefault(key, []).append(x)
+                rec = {key: sum(v) for key, v in parts.items()}  # the minibatch's means (× N: see backward)
+                if not self.nonfinite.ok(step, loss=rec.pop("loss")):
                     continue
-                loss.backward()
                 grad_norm = clip_grad_norm_(self.params, cfg.max_grad_norm)
                 if not self.nonfinite.ok(step, grad_norm=grad_norm):
                     continue
                 self.optimizer.step()
-                rec = {"policy/loss": pl.item(), "value/loss": vl.item(), "policy/entropy":
-                       masked_mean(entropy.detach(), m).item(), "policy/grad_norm": float(grad_norm),
-                       **{f"policy/{k}": float(x) for k, x in pstats.items()},
-                       "value/clipfrac": float(vstats["vf_clipfrac"])}
-                if ptx is not None:
-                    rec["ptx/loss"] = ptx.item() / cfg.ptx_coef
+                rec["policy/grad_norm"] = float(grad_norm)
                 for key, x in rec.items():
                     stats.setdefault(key, []).append(x)
         out = {k: sum(v) / len(v) for k, v in stats.items()}
@@ -108,6 +103,30 @@ class PPO:
             out["policy/first_ratio"] = stats["policy/ratio_mean"][0]
             out["policy/first_approx_kl"] = stats["policy/approx_kl"][0]
         return dist.mean_dict(out)
+
+    def backward(self, r: Rollout, rows: torch.Tensor, advantages, returns, n, ptx) -> dict:
+        """Forward and backward of one micro-batch. Its loss and statistics are its share of the minibatch's token
+        means (`n`: the minibatch's tokens over all ranks) × the number of ranks, as DDP averages gradients and
+        `mean_dict` the statistics; summed over micro-batches they are the minibatch's means."""
+        cfg, s, world = self.cfg, self.s, dist.world_size()
+        mb, cols = trim(r.batch, rows)
+        m = r.mask[rows, cols]
+        logp, entropy = response_logprobs(s.train_policy, mb, cfg.temperature, with_entropy=True)
+        pl, pstats = ppo_policy_loss(logp, r.logprobs[rows, cols], advantages[rows, cols], m, cfg.clip, n)
+        v = response_values(s.train_value, mb)
+        vl, vstats = value_loss(v, r.values[rows, cols], returns[rows, cols], m, cfg.value_clip, n)
+        loss = pl + cfg.vf_coef * vl
+        ptx_part = ptx_term(s, *ptx) if ptx is not None else None
+        if ptx_part is not None:
+            loss = loss + ptx_part
+        (loss * world).backward()
+        rec = {"loss": loss.item() * world, "policy/loss": pl.item() * world, "value/loss": vl.item() * world,
+               "policy/entropy": masked_mean(entropy.detach(), m, n=n).item() * world,
+               **{f"policy/{k}": float(x) * world for k, x in pstats.items()},
+               "value/clipfrac": float(vstats["vf_clipfrac"]) * world}
+        if ptx_part is not None:
+            rec["ptx/loss"] = ptx_part.item() / cfg.ptx_coef * world
+        return rec
 
 
 def train_ppo(cfg: PPOConfig) -> dict:

@@ -22,9 +22,9 @@ from . import distributed as dist
 from .chat import encode_demo, use_chat_template
 from .data import DataError, Demo, Prompt, Ranking, Response, collate_right, read_demos, read_rankings
 from .losses import pairwise_accuracy, ranking_loss
-from .models import ScalarHeadModel, apply_lora, context_length, load_tokenizer, trainable_parameters
+from .models import ScalarHeadModel, apply_lora, checkpoint_activations, context_length, load_tokenizer, trainable_parameters
 from .optim import adam
-from .options import LoraOptions, PairDataOptions, RunOptions, config, group, option
+from .options import LoraOptions, MemoryOptions, PairDataOptions, RunOptions, config, group, option
 from .run import Run
 
 
@@ -50,6 +50,7 @@ class RewardConfig:
     truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
     run: RunOptions = group(RunOptions)
     lora: LoraOptions = group(LoraOptions, "lora_")
+    mem: MemoryOptions = group(MemoryOptions)
     fmt: PairDataOptions = group(PairDataOptions)  # split: of --data; the columns: of --data and --demos
 
 
@@ -88,16 +89,16 @@ def score_texts_all_ranks(model, tokenizer, prompts: list[Prompt], responses: li
     return dist.gather_cat(s) if gather else s
 
 
-def rm_loss(raw: torch.Tensor, groups: list, counts: bool = True) -> torch.Tensor:
-    """The ranking loss as a mean over the global batch's prompts with ranked pairs: this rank's mean × its share
-    of those prompts × the number of ranks (DDP averages gradients). In one process: `ranking_loss` itself."""
-    if not dist.active():
-        return ranking_loss(raw, groups)
+def rm_loss(raw: torch.Tensor, groups: list, counts: bool, n: float) -> torch.Tensor:
+    """This micro-batch's share of the ranking loss as a mean over the global batch's prompts with ranked pairs
+    (`n`, counted over every micro-batch and rank): its own mean × its share of those prompts × the number of
+    ranks (DDP averages gradients). In one process without accumulation: `ranking_loss` itself."""
     n_local = sum(len(g) > 1 for g in groups) if counts else 0
-    (n_global,) = dist.sum_floats(float(n_local))
+    if n_local == n and not dist.active():
+        return ranking_loss(raw, groups)
     if n_local == 0:
         return raw.sum() * 0.0
-    return ranking_loss(raw, groups) * (n_local * dist.world_size() / n_global)
+    return ranking_loss(raw, groups) * (n_local * dist.world_size() / n)
 
 
 def _raw_rewards(model, tokenizer, batch: list[Ranking], max_len: int, truncate: bool, device, path) -> torch.Tensor:
@@ -167,6 +168,7 @@ def prompt_key(prompt: Prompt) -> str:
 
 def train_reward_model(cfg: RewardConfig) -> dict:
     dist.check_fsdp(cfg.run, cfg.lora)
+    cfg.mem.check()
     run = Run("reward", cfg, cfg.run, cfg.out)
     device, dtype = run.device, run.dtype
     rankings = read_rankings(cfg.data, split=cfg.fmt.split, columns=cfg.fmt.columns())
@@ -201,6 +203,8 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     steps = max(1, math.ceil(cfg.epochs * len(train_items) / batch_size))
     if cfg.lora.r:
         model.backbone = apply_lora(model.backbone, cfg.lora, causal_lm=False)
+    if cfg.mem.gradient_checkpointing:
+        checkpoint_activations(model)
     if cfg.run.fsdp:
         dist.fsdp_shard(model)
     train_model = dist.wrap(model, cfg.run.fsdp)  # training forwards (gradients averaged over ranks)
@@ -216,22 +220,32 @@ def train_reward_model(cfg: RewardConfig) -> dict:
                 fresh = list(range(len(train_items)))
                 rng.shuffle(fresh)
                 st["order"] += fresh
-            batch, counts = dist.local_batch([train_items[i] for i in st["order"][:batch_size]])
+            micro = dist.micro_batches([train_items[i] for i in st["order"][:batch_size]], cfg.mem.micro_batch_size)
             del st["order"][:batch_size]
+            (n,) = dist.sum_floats(float(sum(len(r.groups) > 1 for b, counts in micro if counts for r in b)))
             optimizer.zero_grad(set_to_none=True)
-            raw = _raw_rewards(train_model, tokenizer, batch, max_len, cfg.truncate_prompts, device, cfg.data)
-            groups = [r.groups for r in batch]
-            loss = rm_loss(raw, groups, counts)
+            parts, c, t = [], 0, 0
+            for i, (batch, counts) in enumerate(micro):  # gradient accumulation (DDP reduces on the last one)
+                with dist.accumulating(train_model, sync=i == len(micro) - 1):
+                    raw = _raw_rewards(train_model, tokenizer, batch, max_len, cfg.truncate_prompts, device, cfg.data)
+                    groups = [r.groups for r in batch]
+                    part = rm_loss(raw, groups, counts, n)
+                    part.backward()
+                parts.append(part.detach())
+                if counts:
+                    pc, pt = pairwise_accuracy(raw.detach(), groups)
+                    c, t = c + pc, t + pt
+            loss = torch.stack(parts).sum()
+            grad_norm = float("nan")
             if run.nonfinite.ok(step, loss=loss):
-                loss.backward()
                 grad_norm = clip_grad_norm_(params, cfg.max_grad_norm)
                 if run.nonfinite.ok(step, grad_norm=grad_norm):
                     optimizer.step()
             scheduler.step()
-            c, t = pairwise_accuracy(raw.detach(), groups) if counts else (0, 0)
             c, t = dist.sum_floats(c, t)
-            rec = {"step": step, "train/loss": dist.all_reduce_mean(loss.detach()).item(),
-                   "train/accuracy": c / max(1, t), "train/lr": scheduler.get_last_lr()[0]}
+            rec = {"step": step, "train/loss": dist.all_reduce_mean(loss).item(),
+                   "train/accuracy": c / max(1, t), "train/grad_norm": float(grad_norm),
+                   "train/lr": scheduler.get_last_lr()[0]}
             if val and cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
                 rec.update({f"eval/{k}": v for k, v in evaluate_rankings(model, tokenizer, val, cfg, device).items()})
                 model.train()

@@ -27,10 +27,10 @@ import torch
 from . import distributed as dist
 from .data import DataError, read_prompts, read_texts
 from .losses import adaptive_kl_beta, ptx_loss
-from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, context_length, freeze, load_causal_lm,
-                     load_tokenizer, save_causal_lm, token_logprobs)
+from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, checkpoint_activations,
+                     context_length, freeze, load_causal_lm, load_tokenizer, save_causal_lm, token_logprobs)
 from .chat import use_chat_template
-from .options import DataOptions, LoraOptions, RunOptions, config, group, option
+from .options import DataOptions, LoraOptions, MemoryOptions, RunOptions, config, group, option
 from .rollout import KL_ESTIMATORS, make_rollout, rollout_metrics
 from .run import Run
 from .sampling import PromptTooLong, encode_prompts
@@ -67,6 +67,7 @@ class RLConfig:
     truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
     run: RunOptions = group(RunOptions)
     lora: LoraOptions = group(LoraOptions, "lora_")
+    mem: MemoryOptions = group(MemoryOptions)
     fmt: DataOptions = group(DataOptions)  # of --prompts
 
     def check(self) -> None:
@@ -164,6 +165,10 @@ def load_rl_models(cfg: RLConfig, device, dtype, with_value: bool):
     value_model = ScalarHeadModel.from_pretrained(cfg.value or cfg.reward, device, dtype) if with_value else None
     if cfg.lora.r and value_model is not None:
         value_model.backbone = apply_lora(value_model.backbone, cfg.lora, causal_lm=False)
+    if cfg.mem.gradient_checkpointing:  # the trained models (the reference and reward model run without grad)
+        for m in (policy, value_model):
+            if m is not None:
+                checkpoint_activations(m)
     if cfg.run.fsdp:
         for m in (policy, ref, reward_model, value_model):
             if m is not None:
@@ -181,6 +186,7 @@ def per_rank(n: int, what: str) -> int:
 def check_rl(cfg: RLConfig) -> None:
     """The options every algorithm needs to be sane, checked before anything is loaded."""
     dist.check_fsdp(cfg.run, cfg.lora)
+    cfg.mem.check()
     if not cfg.temperature > 0:
         raise ValueError(f"temperature must be > 0 for RL (log-probs are taken at the sampling temperature), "
                          f"not {cfg.temperature}")
@@ -214,13 +220,21 @@ def setup_rl(cfg: RLConfig, device: torch.device, dtype: torch.dtype, with_value
                    lockstep=cfg.run.fsdp and dist.active())
 
 
-def ptx_term(s: RLSetup) -> torch.Tensor | None:
-    """γ · (−mean log-likelihood) of a batch of pretraining text [IG Eq. 2]; None without PPO-ptx."""
+def ptx_batches(s: RLSetup, k: int) -> list[tuple]:
+    """This update's pretraining text for PPO-ptx in up to `k` micro-batches, each (ids, mask, n) with n the token
+    count of every rank's text; [] without PPO-ptx."""
     if s.ptx is None:
-        return None
+        return []
     ids, mask = s.ptx.next(max(1, s.cfg.ptx_batch_size // dist.world_size()))
     ids, mask = ids.to(s.device), mask.to(s.device)
-    return ptx_loss(token_logprobs(s.train_policy, ids, mask), mask[:, 1:].float(), s.cfg.ptx_coef)
+    n = dist.all_reduce_sum(mask[:, 1:].float().sum())
+    size = -(-len(ids) // k)
+    return [(i, m, n) for i, m in zip(ids.split(size), mask.split(size))]
+
+
+def ptx_term(s: RLSetup, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's share of γ · (−mean log-likelihood) of the update's pretraining text [IG Eq. 2]."""
+    return ptx_loss(token_logprobs(s.train_policy, ids, mask), mask[:, 1:].float(), s.cfg.ptx_coef, n)
 
 
 # --- the algorithms -----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from . import distributed as dist
 from .chat import stop_token_id
 from .losses import kl_k1, kl_k3, shaped_rewards
-from .models import ScalarHeadModel, base_model
+from .models import ScalarHeadModel, base_model, evaluating
 from .sampling import SampleBatch, decode_responses, response_logprobs, sample
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
@@ -45,9 +45,11 @@ def make_rollout(s, prompts: list[str], prompt_ids: list[list[int]], with_values
     """Sample responses from `s.policy` (an `rl.RLSetup`), then one batched forward pass per model, no gradients."""
     with dist.inference(s.lockstep):
         cfg = s.cfg
-        batch = sample(s.policy, prompt_ids, eos_id=stop_token_id(s.tokenizer), pad_id=s.tokenizer.pad_token_id,
-                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=s.generator,
-                       lockstep=s.lockstep)
+        with evaluating(s.policy):  # a checkpointed model in training mode would sample without its KV cache
+            batch = sample(s.policy, prompt_ids, eos_id=stop_token_id(s.tokenizer),
+                           pad_id=s.tokenizer.pad_token_id,
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           generator=s.generator, lockstep=s.lockstep)
         mask = batch.response_mask.float()
         # log π_old: in float32 the sampler's own log-probs of the tokens it drew (same weights, dropout off, same
         # temperature) equal a full forward pass to ~1e-6 (tests/test_rl.py), so that pass is skipped. In bf16/fp16

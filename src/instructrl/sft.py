@@ -20,10 +20,10 @@ from transformers import get_cosine_schedule_with_warmup
 from . import distributed as dist
 from .chat import encode_demo, use_chat_template
 from .data import DataError, collate_right, read_demos
-from .models import (apply_lora, context_length, load_causal_lm, load_tokenizer, save_causal_lm, token_logprobs,
+from .models import (apply_lora, checkpoint_activations, context_length, load_causal_lm, load_tokenizer, save_causal_lm, token_logprobs,
                      trainable_parameters, trainable_state)
 from .optim import adam
-from .options import DemoDataOptions, LoraOptions, RunOptions, config, group, option
+from .options import DemoDataOptions, LoraOptions, MemoryOptions, RunOptions, config, group, option
 from .run import Run
 
 
@@ -45,18 +45,19 @@ class SFTConfig:
     truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
     run: RunOptions = group(RunOptions)
     lora: LoraOptions = group(LoraOptions, "lora_")
+    mem: MemoryOptions = group(MemoryOptions)
     fmt: DemoDataOptions = group(DemoDataOptions)
 
 
-def sft_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean NLL over the response tokens of the global batch: this rank's sum / the token count of all ranks,
-    × the number of ranks because DDP averages gradients. In one process: the plain masked mean."""
-    n = dist.all_reduce_sum(loss_mask.sum())
+def sft_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """This micro-batch's share of the mean NLL over the response tokens of the global batch: its sum / `n`, the
+    token count of all micro-batches of all ranks, × the number of ranks because DDP averages gradients. In one
+    process without accumulation: the plain masked mean."""
     return -(logprobs * loss_mask).sum() / n.clamp(min=1) * dist.world_size()
 
 
-def sft_loss(model, ids, mask, loss_mask) -> torch.Tensor:
-    return sft_nll(token_logprobs(model, ids, mask), loss_mask.to(ids.device))
+def sft_loss(model, ids, mask, loss_mask, n) -> torch.Tensor:
+    return sft_nll(token_logprobs(model, ids, mask), loss_mask.to(ids.device), n)
 
 
 @torch.no_grad()
@@ -92,6 +93,7 @@ def keep_best(best: dict | None, model) -> dict:
 
 def sft(cfg: SFTConfig) -> dict:
     dist.check_fsdp(cfg.run, cfg.lora)
+    cfg.mem.check()
     run = Run("sft", cfg, cfg.run, cfg.out)
     device, dtype = run.device, run.dtype
     lines: list[int] = []
@@ -126,6 +128,8 @@ def sft(cfg: SFTConfig) -> dict:
     total = steps_per_epoch * cfg.epochs
     if cfg.lora.r:
         model = apply_lora(model, cfg.lora)
+    if cfg.mem.gradient_checkpointing:
+        checkpoint_activations(model)
     if cfg.run.fsdp:
         dist.fsdp_shard(model)
     train_model = dist.wrap(model, cfg.run.fsdp)  # training forwards (gradients averaged over ranks)
@@ -152,13 +156,21 @@ def sft(cfg: SFTConfig) -> dict:
                 st["order"] = list(range(len(train)))
                 rng.shuffle(st["order"])
             rows = st["order"][b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            batch, counts = dist.local_batch([train[i] for i in rows])
-            ids, mask, lm = (t.to(device) for t in collate_right(batch, pad))
+            micro = []  # this rank's micro-batches; a share that does not count has weight 0
+            for batch, counts in dist.micro_batches([train[i] for i in rows], cfg.mem.micro_batch_size):
+                ids, mask, lm = (t.to(device) for t in collate_right(batch, pad))
+                micro.append((ids, mask, lm if counts else lm * 0))
+            n = dist.all_reduce_sum(sum(lm.sum() for *_, lm in micro))  # response tokens of the global batch
             optimizer.zero_grad(set_to_none=True)
-            loss = sft_loss(train_model, ids, mask, lm if counts else lm * 0)
+            parts = []
+            for i, (ids, mask, lm) in enumerate(micro):  # gradient accumulation (DDP reduces on the last one)
+                with dist.accumulating(train_model, sync=i == len(micro) - 1):
+                    part = sft_loss(train_model, ids, mask, lm, n)
+                    part.backward()
+                parts.append(part.detach())
+            loss = torch.stack(parts).sum()
             grad_norm = float("nan")
             if run.nonfinite.ok(step, loss=loss):
-                loss.backward()
                 grad_norm = clip_grad_norm_(trainable_parameters(model), cfg.max_grad_norm)
                 if run.nonfinite.ok(step, grad_norm=grad_norm):
                     optimizer.step()
