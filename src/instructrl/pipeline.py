@@ -125,7 +125,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
         ["held_out", "demo_score_mean"])
 
     # Step 3: PPO-ptx, and the comparison runs.
-    rl_common = dict(policy=str(sdir), reward=str(rdir), prompts=data["prompts_train"], judge=judge_dir,
+    rl_common = dict(policy=str(sdir), reward=[str(rdir)], prompts=data["prompts_train"], judge=judge_dir,
                      ptx_data=data["pretrain_text"], **common)
     runs = {"ppo_ptx": lambda d: train_rl(dataclasses.replace(cfg.ppo, out=str(d), **rl_common), PPO)}
     if cfg.compare:
@@ -150,7 +150,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
             continue
         console.print(f"[bold]eval[/] {name} …")
         ecfg = dataclasses.replace(cfg.eval, model=model, prompts=data["prompts_eval"], reference=str(sdir),
-                                   reward=str(rdir), world=judge_dir, pretrain_text=data["pretrain_val"],
+                                   reward=[str(rdir)], world=judge_dir, pretrain_text=data["pretrain_val"],
                                    bias_probes=data["bias_probes"], device=cfg.device, out=None)
         evals[name] = evaluate(ecfg)
         write_json(f, evals[name])
