@@ -272,3 +272,43 @@ def test_rm_with_another_tokenizer_scores_its_own_tokenisation(tiny_sft_dir, tin
         expected = [float(hf(torch.tensor([rm_tok(p)["input_ids"] + rm_tok(t, add_special_tokens=False)["input_ids"]
                                            + [rm_tok.eos_token_id]])).logits[0, 0]) for p, t in zip(prompts, texts)]
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_serve_rm_command_answers_the_contract(tiny_rm_dir):
+    """`instructrl serve-rm` in its own process: POST {"query": [...]} to /get_reward → {"rewards": [...]}, equal to
+    the model's own scores; a body without queries is a 400."""
+    import socket
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from instructrl.rewards import post_json
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "instructrl.cli", "serve-rm", "--reward", str(tiny_rm_dir),
+                             "--port", str(port), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/get_reward"
+    tok = load_tokenizer(tiny_rm_dir)
+    queries = ["Say hello.\nHello!" + tok.eos_token, "Hi" + tok.eos_token]
+    try:
+        deadline = time.time() + 120
+        while True:  # until it listens
+            try:
+                got = post_json(url, {"query": queries, "prompts": ["", ""], "labels": None}, 10, 0)["rewards"]
+                break
+            except RewardError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
+                time.sleep(0.5)
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(urllib.request.Request(url, b'{"prompts": []}',
+                                                          {"Content-Type": "application/json"}), timeout=10)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    model = ScalarHeadModel.from_pretrained(tiny_rm_dir).eval()
+    with torch.no_grad():
+        expected = [float(model.score(ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1])))
+                    for ids in (torch.tensor([tok(q, add_special_tokens=False)["input_ids"]]) for q in queries)]
+    assert got == pytest.approx(expected, abs=1e-5)
