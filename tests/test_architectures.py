@@ -117,7 +117,9 @@ def test_ppo_in_bfloat16_on_cpu(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path):
     cfg = PPOConfig(policy=str(tiny_sft_dir), reward=str(tiny_rm_dir), prompts=str(world_dir / "prompts_train.jsonl"),
                     out=str(tmp_path / "ppo"), episodes=32, batch_size=16, minibatch_size=8, max_new_tokens=12,
                     dtype="bfloat16", progress=False, device="cpu")
-    policy, ref, reward_model, value_model = load_rl_models(cfg, torch.device("cpu"), torch.bfloat16, True)
+    policy, ref, rewards, value_model = load_rl_models(cfg, torch.device("cpu"), torch.bfloat16, True,
+                                                       load_tokenizer(tiny_sft_dir))
+    reward_model = rewards.sources[0].model
     for m in (policy, ref, reward_model.backbone, value_model.backbone):
         assert next(m.parameters()).dtype == torch.bfloat16
     assert reward_model.head.weight.dtype == value_model.head.weight.dtype == torch.float32

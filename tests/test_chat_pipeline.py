@@ -21,6 +21,7 @@ from instructrl.chat import end_of_turn_ids, stop_token_id, use_chat_template
 from instructrl.data import DataError
 from instructrl.models import load_causal_lm, load_tokenizer, train_tokenizer
 from instructrl.reward import encode_pair, last_token_index
+from instructrl.rewards import ModelReward, Rewards
 from instructrl.rollout import make_rollout
 from instructrl.sampling import decode_responses, encode_prompts
 
@@ -170,7 +171,8 @@ def test_sampler_stops_at_the_end_of_turn_and_the_reward_is_read_there(tmp_path)
             return input_ids.gather(1, last_index[:, None]).squeeze(1).float()
 
     cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_eos_penalty=-1.0)
-    s = SimpleNamespace(cfg=cfg, policy=policy, ref=policy, value_model=None, reward_model=ReadToken(), tokenizer=tok,
+    s = SimpleNamespace(cfg=cfg, policy=policy, ref=policy, value_model=None, reward=Rewards([ModelReward("read", ReadToken())], [1.0]),
+                        tokenizer=tok,
                         generator=torch.Generator().manual_seed(0), lockstep=False, judge=None)
     r = make_rollout(s, prompts, ids, with_values=False)
     b = r.batch

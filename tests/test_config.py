@@ -60,9 +60,13 @@ def test_yaml_sets_every_settable_field(tmp_path):
         lines.append(f"{section}:")
         for name, f in settable(cls).items():
             value = f.get(getattr(cfg0, section))
-            tp = next((a for a in typing.get_args(f.type) if a is not type(None)), f.type)  # X of `X | None`
-            new = {bool: lambda v: not v, int: lambda v: (v or 0) + 1, float: lambda v: (v or 0.0) + 0.5,
-                   str: lambda v: (v or "") + "x"}[tp](value)
+            change = {bool: lambda v: not v, int: lambda v: (v or 0) + 1, float: lambda v: (v or 0.0) + 0.5,
+                      str: lambda v: (v or "") + "x"}
+            if typing.get_origin(f.type) is list:  # a repeatable option: one more item
+                new = value + [change[typing.get_args(f.type)[0]](None)]
+            else:
+                tp = next((a for a in typing.get_args(f.type) if a is not type(None)), f.type)  # X of `X | None`
+                new = change[tp](value)
             lines.append(f"  {name}: {yaml.safe_dump(new, default_flow_style=True).strip().removesuffix('...').strip()}")
             expected[(section, name)] = new
     path = tmp_path / "all.yaml"
@@ -82,3 +86,17 @@ def test_flat_constructor_and_replace_keep_groups_apart():
     assert b.run.seed == 5 and a.run.seed == 3 and b.lora.r == 8 and b.run is not a.run
     with pytest.raises(TypeError, match="no option 'lora_rank'"):
         SFTConfig(lora_rank=8)
+
+
+def test_yaml_list_options_are_checked_item_by_item(tmp_path):
+    from instructrl.data import DataError
+
+    f = tmp_path / "c.yaml"
+    f.write_text("ppo:\n  reward_weights: [1, 0.5]\n")
+    assert load_pipeline_config(f).ppo.rewards.weights == [1.0, 0.5]
+    f.write_text("ppo:\n  reward_weights: 0.5\n")
+    with pytest.raises(DataError, match=r"ppo.reward_weights.*expected a list, got float"):
+        load_pipeline_config(f)
+    f.write_text("ppo:\n  reward_weights: [1, x]\n")
+    with pytest.raises(DataError, match=r"ppo.reward_weights\[1\].*expected float, got str"):
+        load_pipeline_config(f)

@@ -25,7 +25,7 @@ def ppo_kw(tiny_sft_dir, tiny_rm_dir, world_dir):
 
 def lora_models(ppo_kw, tmp_path):
     cfg = PPOConfig(out=str(tmp_path / "x"), **ppo_kw)
-    return load_rl_models(cfg, torch.device("cpu"), torch.float32, with_value=True)
+    return load_rl_models(cfg, torch.device("cpu"), torch.float32, True, load_tokenizer(cfg.policy))
 
 
 def test_reference_is_the_base_model_with_adapters_off(ppo_kw, tiny_sft_dir, world_dir, tmp_path):

@@ -6,6 +6,7 @@ import torch
 
 from instructrl.losses import gae, masked_whiten
 from instructrl.models import ScalarHeadModel, freeze, load_causal_lm, load_tokenizer
+from instructrl.rewards import ModelReward, Rewards
 from instructrl.rl import RLConfig, RLSetup
 from instructrl.rollout import kl_in_reward, make_rollout, trim
 from instructrl.sampling import encode_prompts, response_logprobs, sample
@@ -27,8 +28,8 @@ def rollout_parts(tiny_sft_dir, tiny_rm_dir, world_dir):
 
 def run_rollout(cfg, tok, policy, ref, rm, value, prompts, ids, beta, seed):
     """A rollout with its PPO/PG-style shaped rewards and per-token k1 attached (as .rewards and .kl)."""
-    s = RLSetup(cfg, torch.device("cpu"), tok, policy, ref, rm, value, None, None, None,
-                torch.Generator().manual_seed(seed))
+    s = RLSetup(cfg, torch.device("cpu"), tok, policy, ref, Rewards([ModelReward("rm", rm)], [1.0]), value, None,
+                None, None, torch.Generator().manual_seed(seed))
     r = make_rollout(s, prompts, ids, with_values=value is not None)
     r.rewards, r.kl = kl_in_reward(r, beta, "k1"), (r.logprobs - r.ref_logprobs) * r.mask
     return r
@@ -176,11 +177,12 @@ def test_frozen_models_hold_no_gradients_or_optimizer_state(tiny_sft_dir, tiny_r
     params, optimizer = ppo.params, ppo.optimizer
     prompts, ids = s.prompts.next(cfg.batch_size)
     ppo.update(make_rollout(s, prompts, ids, with_values=True), cfg.beta, 1)
-    for frozen in (s.ref, s.reward_model):
+    rm = s.reward.sources[0].model
+    for frozen in (s.ref, rm):
         assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
     stateful = {id(p) for p in optimizer.state}
     assert stateful == {id(p) for p in params} and len(params) > 0
-    assert not stateful & {id(p) for m in (s.ref, s.reward_model) for p in m.parameters()}
+    assert not stateful & {id(p) for m in (s.ref, rm) for p in m.parameters()}
 
 
 def test_rl_refuses_temperature_zero(tiny_sft_dir, tiny_rm_dir, world_dir):

@@ -24,8 +24,11 @@ Dev = typer.Option("auto", help="auto | cpu | cuda")
 
 
 def _cli_type(tp):
-    """typer's spelling of a field type (`str | None` → Optional[str])."""
+    """typer's spelling of a field type (`str | None` → Optional[str]; `list[str]` → List[str], a repeatable
+    option)."""
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        return typing.List[args[0]]
     if type(None) in args:
         return Optional[next(a for a in args if a is not type(None))]
     return tp
@@ -160,6 +163,24 @@ def _register_steps() -> None:
 
 
 _register_steps()
+
+
+@app.command("serve-rm")
+def serve_rm(reward: Path = typer.Option(..., help="reward-model directory (ours, or a Hugging Face sequence "
+                                                  "classifier with one label)"),
+             port: int = typer.Option(8000, help="TCP port"),
+             host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+             batch_size: int = typer.Option(64, help="texts per forward pass"), device: str = Dev):
+    """Serve a reward model over HTTP with OpenRLHF's remote-RM contract: POST {"query": [texts]} to / or
+    /get_reward, get {"rewards": [floats]}. Use it from another run as --reward http://HOST:PORT/get_reward."""
+    import uvicorn
+
+    from .models import ScalarHeadModel, load_tokenizer
+    from .rewards import rm_app
+    from .utils import resolve_device
+
+    model = ScalarHeadModel.from_pretrained(reward, resolve_device(device)).eval()
+    uvicorn.run(rm_app(model, load_tokenizer(reward), batch_size), host=host, port=port, log_level="warning")
 
 
 @app.command()

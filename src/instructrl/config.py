@@ -85,6 +85,10 @@ def _check_type(value, tp, where: str, path: Path):
         if value is None and type(None) in args:
             return value
         tp = next(a for a in args if a is not type(None))
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise DataError(path, None, f"expected a list, got {type(value).__name__} ({value!r})", where)
+        return [_check_type(v, typing.get_args(tp)[0], f"{where}[{i}]", path) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):

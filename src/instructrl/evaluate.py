@@ -15,6 +15,7 @@ from .judges import (ToxicityClassifier, generation_bias, multiple_choice, read_
                      win_rate)
 from .models import ScalarHeadModel, context_length, load_causal_lm, load_tokenizer, token_logprobs
 from .options import DataOptions, config, group, option, to_flat
+from .rewards import RewardOptions, load_rewards
 from .sampling import PromptTooLong, decode_responses, encode_prompts, response_logprobs, sample
 from .utils import resolve_device, set_seed
 
@@ -29,7 +30,8 @@ class EvalConfig:
     prompts: str = option("", "prompts {prompt} (text or messages): JSONL, or a .json/.parquet/.arrow file or "
                               "directory read with `datasets`", wired=True, required=True)
     reference: str | None = option(None, "KL to this model (usually the SFT model)", wired=True)
-    reward: str | None = option(None, "reward model: mean score of the samples", wired=True)
+    reward: list[str] = option(factory=list, help="reward sources (as ppo's --reward, repeatable): mean score of the "
+                               "samples", wired=True)
     world: str | None = option(None, "embedded-world directory: gold judge and toxic lexicon", wired=True)
     pretrain_text: str | None = option(None, "{text} JSONL: held-out pretraining-text loss", wired=True)
     bias_probes: str | None = option(None, "{stereotyped, anti_stereotyped} sentence pairs JSONL", wired=True)
@@ -53,6 +55,7 @@ class EvalConfig:
                                             "the built-in occupations/religions/nationalities set)")
     mc_benchmark: str | None = option(None, "multiple-choice items {question, choices, answer} JSONL, scored by "
                                             "log-likelihood (alignment tax)")
+    rewards: RewardOptions = group(RewardOptions, "reward_")
     fmt: DataOptions = group(DataOptions)  # of --prompts
 
     def check(self) -> None:
@@ -148,7 +151,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise DataError(cfg.prompts, lines[e.index // cfg.samples_per_prompt], str(e), "prompt") from None
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     ref = load_causal_lm(cfg.reference, device).eval() if cfg.reference else None
-    rm = ScalarHeadModel.from_pretrained(cfg.reward, device).eval() if cfg.reward else None
+    rewards = load_rewards(cfg.reward, cfg.rewards, tokenizer, device) if cfg.reward else None
 
     toxicity = ToxicityClassifier(cfg.toxicity_model, device, cfg.toxic_label, cfg.toxicity_threshold) \
         if cfg.toxicity_model else None
@@ -156,19 +159,23 @@ def evaluate(cfg: EvalConfig) -> dict:
     bias_pairs = read_bias_pairs(cfg.bias_prompts) if cfg.bias_samples else None
     mc_items = read_mc(cfg.mc_benchmark) if cfg.mc_benchmark else None
 
-    texts, kls, scores, lengths = [], [], [], []
+    texts, kls, scores, lengths, parts = [], [], [], [], {}
     for i in range(0, len(ids), cfg.batch_size):
         batch = sample(model, ids[i:i + cfg.batch_size], eos_id=stop_token_id(tokenizer), pad_id=tokenizer.pad_token_id,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=g)
-        texts += decode_responses(tokenizer, batch)
+        new = decode_responses(tokenizer, batch)
+        texts += new
         mask = batch.response_mask.float()
         lengths.append(mask.sum(1))
         if ref is not None:
             lp = response_logprobs(model, batch, cfg.temperature)
             ref_lp = response_logprobs(ref, batch, cfg.temperature)
             kls.append(((lp - ref_lp) * mask).sum(1))
-        if rm is not None:
-            scores.append(rm.score(batch.input_ids, batch.attention_mask, batch.last_index))
+        if rewards is not None:
+            total, by_source = rewards.score(prompts[i:i + cfg.batch_size], new, batch)
+            scores.append(total)
+            for name, part in by_source.items():
+                parts.setdefault(name, []).append(part)
     words = judge.toxic if judge else DEFAULT_TOXIC_WORDS
     result = {"model": str(cfg.model), "n_samples": len(texts),
               "toxicity_rate": sum(toxic(t, words) for t in texts) / max(1, len(texts)),
@@ -176,8 +183,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     if judge is not None:
         gold = judge.score_batch(prompts, texts)
         result["gold_reward"] = sum(gold) / len(texts)
-    if rm is not None:
+    if rewards is not None:
         result["rm_reward"] = float(torch.cat(scores).mean())
+        if len(parts) > 1:
+            result.update({f"rm_reward/{name}": float(torch.cat(p).mean()) for name, p in parts.items()})
         if judge is not None:  # how well the reward model tracks the hidden judge on these fresh samples
             result["rm_gold_spearman"] = spearman(torch.cat(scores).tolist(), gold)
     if ref is not None:

@@ -136,7 +136,7 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
     if not cfg.data.rankings:
         p["rankings"] = cfg.label
     p["reward"] = dataclasses.replace(cfg.reward, model=sdir, data=rankings, demos=data["demos"], out=rdir, **common)
-    rl = dict(policy=sdir, reward=rdir, prompts=data["prompts_train"], judge=judge_dir, ptx_data=data["pretrain_text"],
+    rl = dict(policy=sdir, reward=[rdir], prompts=data["prompts_train"], judge=judge_dir, ptx_data=data["pretrain_text"],
               **common)
     p["ppo_ptx"] = dataclasses.replace(cfg.ppo, out=str(out / "ppo_ptx"), **rl)
     if cfg.compare:
@@ -145,7 +145,7 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
         p["pg"] = dataclasses.replace(cfg.pg, out=str(out / "pg"), episodes=cfg.ppo.episodes, **{**rl, "ptx_coef": 0.0})
     evaluated = ["pretrained", "sft"] + [n for n in ("ppo_ptx", "ppo", "ppo_beta0", "pg") if n in p]
     p["eval"] = {name: dataclasses.replace(cfg.eval, model=pretrained if name == "pretrained" else str(out / name),
-                                           prompts=data["prompts_eval"], reference=sdir, reward=rdir, world=judge_dir,
+                                           prompts=data["prompts_eval"], reference=sdir, reward=[rdir], world=judge_dir,
                                            pretrain_text=data["pretrain_val"], bias_probes=data["bias_probes"],
                                            device=cfg.device, out=None, judge=_judges(name, judge_dir, rdir))
                  for name in evaluated}

@@ -31,6 +31,7 @@ from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, c
                      context_length, freeze, load_causal_lm, load_tokenizer, save_causal_lm, token_logprobs)
 from .chat import use_chat_template
 from .options import DataOptions, LoraOptions, MemoryOptions, RunOptions, config, group, option
+from .rewards import RewardOptions, Rewards, load_rewards, model_dirs
 from .rollout import KL_ESTIMATORS, make_rollout, rollout_metrics
 from .run import Run
 from .sampling import PromptTooLong, encode_prompts
@@ -42,12 +43,16 @@ class RLConfig:
 
     policy: str = option("", "the SFT model: initial policy and, unless --ref is given, the frozen reference",
                          wired=True, required=True)
-    reward: str = option("", "the reward model directory (Step 2)", wired=True, required=True)
+    reward: list[str] = option(factory=list, help="reward source, repeatable, each optionally SPEC@WEIGHT: a reward-model "
+                               "directory (Step 2, or a Hugging Face sequence classifier), module:function, an "
+                               "http(s) reward server, or gold:WORLD_DIR (see README, Reward sources)",
+                               wired=True, required=True)
     prompts: str = option("", "prompts {prompt} (text or messages): JSONL, or a .json/.parquet/.arrow file or "
                               "directory read with `datasets`", wired=True, required=True)
     out: str = option("", "output directory", wired=True, required=True)
     ref: str | None = option(None, "reference model (default: the policy's initial weights)", wired=True)
-    value: str | None = option(None, "value-model init (default: the reward model [IG, N+ D22])", wired=True)
+    value: str | None = option(None, "value-model init (default: the first reward-model directory [IG, N+ D22])",
+                               wired=True)
     judge: str | None = option(None, "embedded-world directory: log gold reward beside proxy reward", wired=True)
     episodes: int = option(3072, "total sampled responses", ge=1)
     batch_size: int = option(64, "rollouts per iteration (global: under torchrun each process samples 1/N)", ge=1)
@@ -65,6 +70,7 @@ class RLConfig:
     max_grad_norm: float = option(1.0, "gradient-norm clip", gt=0)
     adam_eps: float = option(1e-5, "Adam epsilon [37]", gt=0)
     truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
+    rewards: RewardOptions = group(RewardOptions, "reward_")
     run: RunOptions = group(RunOptions)
     lora: LoraOptions = group(LoraOptions, "lora_")
     mem: MemoryOptions = group(MemoryOptions)
@@ -128,7 +134,7 @@ class RLSetup:
     tokenizer: object
     policy: torch.nn.Module
     ref: torch.nn.Module
-    reward_model: ScalarHeadModel
+    reward: Rewards
     value_model: ScalarHeadModel | None
     prompts: PromptStream | None
     ptx: TextStream | None
@@ -150,10 +156,19 @@ class RLSetup:
         return g
 
 
-def load_rl_models(cfg: RLConfig, device, dtype, with_value: bool):
-    """Policy, reference, reward and value model, all in `dtype` (heads in float32). With LoRA the policy and the
+def value_init(cfg: RLConfig) -> str:
+    """Where the value model starts: --value, else the first reward-model directory [IG, N+ D22]."""
+    init = cfg.value or next(iter(model_dirs(cfg.reward)), None)
+    if init is None:
+        raise ValueError("PPO needs a value-model init and no --reward is a model directory: pass --value DIR "
+                         "(a reward-model directory)")
+    return init
+
+
+def load_rl_models(cfg: RLConfig, device, dtype, with_value: bool, tokenizer):
+    """Policy, reference, rewards and value model, all in `dtype` (heads in float32). With LoRA the policy and the
     value backbone get adapters and the reference is the policy with its adapters off (unless --ref names another
-    model): the SFT weights are held once. With FSDP all four are sharded over the ranks."""
+    model): the SFT weights are held once. With FSDP the models are sharded over the ranks."""
     policy = load_causal_lm(cfg.policy, device, dtype)
     if cfg.lora.r:
         policy = apply_lora(policy, cfg.lora)
@@ -161,8 +176,8 @@ def load_rl_models(cfg: RLConfig, device, dtype, with_value: bool):
         ref = AdapterDisabled(policy)
     else:
         ref = freeze(load_causal_lm(cfg.ref or cfg.policy, device, dtype))
-    reward_model = freeze(ScalarHeadModel.from_pretrained(cfg.reward, device, dtype))
-    value_model = ScalarHeadModel.from_pretrained(cfg.value or cfg.reward, device, dtype) if with_value else None
+    rewards = load_rewards(cfg.reward, cfg.rewards, tokenizer, device, dtype)
+    value_model = ScalarHeadModel.from_pretrained(value_init(cfg), device, dtype) if with_value else None
     if cfg.lora.r and value_model is not None:
         value_model.backbone = apply_lora(value_model.backbone, cfg.lora, causal_lm=False)
     if cfg.mem.gradient_checkpointing:  # the trained models (the reference and reward model run without grad)
@@ -170,10 +185,10 @@ def load_rl_models(cfg: RLConfig, device, dtype, with_value: bool):
             if m is not None:
                 checkpoint_activations(m)
     if cfg.run.fsdp:
-        for m in (policy, ref, reward_model, value_model):
+        for m in (policy, ref, value_model, *(getattr(r, "model", None) for r in rewards.sources)):
             if m is not None:
                 dist.fsdp_shard(m)
-    return policy, ref, reward_model, value_model
+    return policy, ref, rewards, value_model
 
 
 def per_rank(n: int, what: str) -> int:
@@ -204,7 +219,9 @@ def setup_rl(cfg: RLConfig, device: torch.device, dtype: torch.dtype, with_value
     ptx_texts = read_texts(cfg.ptx_data) if cfg.ptx_coef > 0 else None
     per_rank(cfg.batch_size, "batch_size")
     tokenizer = use_chat_template(load_tokenizer(cfg.policy), cfg.fmt.chat_template)
-    policy, ref, reward_model, value_model = load_rl_models(cfg, device, dtype, with_value)
+    if with_value:
+        value_init(cfg)  # before anything is loaded
+    policy, ref, rewards, value_model = load_rl_models(cfg, device, dtype, with_value, tokenizer)
     max_prompt = context_length(policy) - cfg.max_new_tokens
     try:
         ids = encode_prompts(tokenizer, prompts, max_prompt, cfg.truncate_prompts)
@@ -214,7 +231,7 @@ def setup_rl(cfg: RLConfig, device: torch.device, dtype: torch.dtype, with_value
     ptx = TextStream(ptx_texts, tokenizer, context_length(policy), seed + 7) if ptx_texts else None
     judge = GoldJudge.from_world(cfg.judge) if cfg.judge and (Path(cfg.judge) / "judge.json").is_file() else None
     gen = torch.Generator(device=device).manual_seed(seed)
-    return RLSetup(cfg, device, tokenizer, policy, ref, reward_model, value_model, PromptStream(prompts, ids, seed),
+    return RLSetup(cfg, device, tokenizer, policy, ref, rewards, value_model, PromptStream(prompts, ids, seed),
                    ptx, judge, gen, train_policy=dist.wrap(policy, cfg.run.fsdp),
                    train_value=dist.wrap(value_model, cfg.run.fsdp) if value_model is not None else None,
                    lockstep=cfg.run.fsdp and dist.active())

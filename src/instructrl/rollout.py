@@ -1,4 +1,4 @@
-"""One batch of experience for every RL algorithm: sample → score (policy, reference, value, reward model).
+"""One batch of experience for every RL algorithm: sample → score (policy, reference, value, reward sources).
 
 What the rollout does not decide is the algorithm's: where the KL goes (`kl_in_reward` shapes per-token rewards
 the PPO and PG way; an algorithm may instead put the KL in its loss) and how advantages are formed. Under torchrun
@@ -25,10 +25,11 @@ class Rollout:
     logprobs: torch.Tensor        # [B, R] log π_old(y_t | s_t), temperature-scaled
     ref_logprobs: torch.Tensor    # [B, R] log π_ref(y_t | s_t), same temperature
     values: torch.Tensor | None   # [B, R] V(s_t) from the value model (algorithms with a critic)
-    scores: torch.Tensor          # [B] reward-model score at the end of turn (missing-EOS penalty applied)
+    scores: torch.Tensor          # [B] the (weighted) reward (missing-EOS penalty applied)
     prompts: list                 # text or messages
     texts: list[str]
     gold: list[float] | None = None
+    parts: dict[str, torch.Tensor] | None = None  # [B] each reward source's own score, by name
 
     @property
     def mask(self) -> torch.Tensor:
@@ -60,11 +61,11 @@ def make_rollout(s, prompts: list[str], prompt_ids: list[list[int]], with_values
             logprobs = response_logprobs(s.policy, batch, cfg.temperature) * mask
         ref_logprobs = response_logprobs(s.ref, batch, cfg.temperature) * mask
         values = response_values(s.value_model, batch) * mask if with_values else None
-        scores = s.reward_model.score(batch.input_ids, batch.attention_mask, batch.last_index)
-        scores = torch.where(batch.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
         texts = decode_responses(s.tokenizer, batch)
+        scores, parts = s.reward.score(prompts, texts, batch)
+        scores = torch.where(batch.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
         gold = s.judge.score_batch(prompts, texts) if s.judge is not None else None
-        return Rollout(batch, logprobs, ref_logprobs, values, scores, prompts, texts, gold)
+        return Rollout(batch, logprobs, ref_logprobs, values, scores, prompts, texts, gold, parts)
 
 
 def kl_in_reward(r: Rollout, beta: float, estimator: str) -> torch.Tensor:
@@ -96,6 +97,8 @@ def rollout_metrics(r: Rollout) -> dict:
     out = {"objective/score": float(scores.mean()), "objective/score_std": float(scores.std()),
            "objective/kl": float(seq_kl.mean()), "rollout/response_length": float(lengths.mean()),
            "rollout/eos_rate": float(ended.float().mean())}
+    for name, part in (r.parts or {}).items():  # each source's own score, before weights and the missing-EOS penalty
+        out[f"objective/score/{name}"] = float(dist.gather_rows(part)[0].mean())
     if r.gold is not None:
         gold = [g for part in dist.gather_objects(r.gold) for g in part]
         out["objective/gold"] = sum(gold) / len(gold)

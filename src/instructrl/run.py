@@ -49,6 +49,7 @@ class Run:
         self.start, self.previous, self.dir, self.metrics = 0, [], None, None
         self._saved: tuple = ({}, None, None, None)
         inputs = [f.get(cfg) for f in flat_fields(type(cfg)) if f.wired and f.path[0] != "run" and f.name != "out"]
+        inputs = [x for v in inputs for x in (v if isinstance(v, list) else [v])]  # a repeatable option: each one
         self.inputs = [v for v in inputs if isinstance(v, str) and v]
         check_output(out, stage, self.inputs, opts.overwrite)
         if dist.is_main():

@@ -1,0 +1,314 @@
+"""Reward sources (issue 17): PPO with a Python callable, an HTTP reward server (OpenRLHF's contract), a weighted
+pair; failing servers stop the run cleanly; reward models with another tokenizer score their own tokenisation."""
+import contextlib
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from instructrl import cli
+from instructrl.models import ScalarHeadModel, load_causal_lm, load_tokenizer, train_tokenizer
+from instructrl.ppo import PPOConfig, train_ppo
+from instructrl.rewards import (HTTPReward, ModelReward, RewardError, RewardOptions, Rewards, load_rewards, parse,
+                                rm_app)
+from instructrl.rl import setup_rl
+from instructrl.rollout import make_rollout
+from instructrl.sampling import decode_responses, encode_prompts, sample
+from instructrl.utils import checkpoint_dir
+
+TOY = '''
+CALLS = []
+
+def words(prompts, responses):
+    CALLS.append((prompts, responses))
+    return [0.1 * len(r.split()) for r in responses]
+'''
+
+
+@pytest.fixture
+def toy_module(tmp_path, monkeypatch):
+    (tmp_path / "toy_rewards.py").write_text(TOY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("toy_rewards", None)
+    yield "toy_rewards"
+    sys.modules.pop("toy_rewards", None)
+
+
+@pytest.fixture
+def ppo_kw(tiny_sft_dir, tiny_rm_dir, world_dir):
+    return dict(policy=str(tiny_sft_dir), value=str(tiny_rm_dir), prompts=str(world_dir / "prompts_train.jsonl"),
+                episodes=16, batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=8, progress=False,
+                device="cpu")
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def serving_app(app):
+    """A FastAPI app under uvicorn on 127.0.0.1 (a free port), in a thread; yields its /get_reward URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/get_reward"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+@contextlib.contextmanager
+def failing_server(good: int, failure: str):
+    """Answers the first `good` requests with zero rewards, then `failure`: 'slow' (later than any timeout here)
+    or 'malformed' (not JSON). Yields its URL."""
+    served = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            n = len(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["query"])
+            served.append(n)
+            if len(served) > good and failure == "slow":
+                time.sleep(1.5)
+            body = json.dumps({"rewards": [0.0] * n}).encode() if len(served) <= good else b"{rewards: oops"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):  # the client may have given up (timeout)
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/reward", served
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# --- PPO with each kind -------------------------------------------------------------------------------------------
+def test_ppo_with_a_python_callable(ppo_kw, toy_module, tmp_path):
+    s = train_ppo(PPOConfig(reward=[f"{toy_module}:words"], out=str(tmp_path / "ppo"), **ppo_kw))
+    calls = sys.modules[toy_module].CALLS
+    assert s["episodes"] == 16 and len(calls) == 2  # one call per iteration, with the batch's texts
+    prompts, responses = calls[0]
+    assert len(prompts) == len(responses) == 8 and all(isinstance(x, str) for x in prompts + responses)
+    recs = metrics(tmp_path / "ppo")
+    for rec, (_, responses) in zip(recs, calls):
+        assert rec["objective/score/words"] == pytest.approx(sum(0.1 * len(r.split()) for r in responses) / 8)
+
+
+def test_ppo_with_an_http_reward_server_serving_our_rm(ppo_kw, tiny_rm_dir, tmp_path):
+    model, tok = ScalarHeadModel.from_pretrained(tiny_rm_dir).eval(), load_tokenizer(tiny_rm_dir)
+    with serving_app(rm_app(model, tok)) as url:
+        s = train_ppo(PPOConfig(reward=[url], out=str(tmp_path / "ppo"), **ppo_kw))
+    assert s["episodes"] == 16
+    name = url.split("://")[1].replace(".", "_").replace(":", "_").replace("/", "_")  # 127_0_0_1_PORT_get_reward
+    assert all(f"objective/score/{name}" in rec for rec in metrics(tmp_path / "ppo"))
+
+
+def test_serve_rm_scores_each_query_as_the_model_scores_its_tokens(tiny_rm_dir, world_dir):
+    """Queries of different lengths in one request: each reward equals the model's score of that text's own
+    tokens alone (the server's padding changes nothing)."""
+    model, tok = ScalarHeadModel.from_pretrained(tiny_rm_dir).eval(), load_tokenizer(tiny_rm_dir)
+    queries = ["Say hello.\nHello there, friend." + tok.eos_token, "List three fruits.\napple" + tok.eos_token,
+               "Hi" + tok.eos_token]
+    with torch.no_grad():
+        expected = []
+        for q in queries:
+            ids = torch.tensor([tok(q, add_special_tokens=False)["input_ids"]])
+            expected.append(float(model.score(ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1]))))
+    from instructrl.rewards import post_json
+
+    with serving_app(rm_app(model, tok, batch_size=2)) as url:
+        got = post_json(url, {"query": queries, "prompts": ["", "", ""], "labels": None}, 10, 0)["rewards"]
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_ppo_with_a_weighted_pair_logs_each_part(ppo_kw, tiny_rm_dir, toy_module, tmp_path):
+    train_ppo(PPOConfig(reward=[str(tiny_rm_dir), f"{toy_module}:words"], reward_weights=[0.5, 2.0],
+                        out=str(tmp_path / "ppo"), **ppo_kw))
+    for rec in metrics(tmp_path / "ppo"):
+        assert {"objective/score", f"objective/score/{tiny_rm_dir.name}", "objective/score/words"} <= set(rec)
+
+
+def test_weighted_sum_and_normalised_sum_equal_the_hand_computation():
+    a, b = [0.3, -1.2, 2.5, 0.0], [4.0, 1.0, -2.0, 3.5]
+
+    class Fixed:
+        def __init__(self, name, values):
+            self.name, self.values = name, values
+
+        def score(self, prompts, responses, batch):
+            return torch.tensor(self.values)
+
+    total, parts = Rewards([Fixed("a", a), Fixed("b", b)], [0.5, -2.0]).score(None, None, None)
+    assert total.tolist() == pytest.approx([0.5 * x - 2.0 * y for x, y in zip(a, b)], abs=1e-6)
+    assert parts["a"].tolist() == pytest.approx(a) and parts["b"].tolist() == pytest.approx(b)
+
+    def whitened(x):  # population variance, eps 1e-8 (as masked_whiten), in float64
+        m = sum(x) / len(x)
+        v = sum((t - m) ** 2 for t in x) / len(x)
+        return [(t - m) / (v + 1e-8) ** 0.5 for t in x]
+    total, _ = Rewards([Fixed("a", a), Fixed("b", b)], [0.5, -2.0], normalize=True).score(None, None, None)
+    assert total.tolist() == pytest.approx([0.5 * x - 2.0 * y for x, y in zip(whitened(a), whitened(b))], abs=1e-5)
+
+
+def test_rollout_reward_is_the_weighted_sum_of_its_parts_with_the_eos_penalty(tiny_sft_dir, tiny_rm_dir, world_dir):
+    """The real path: an RM at 0.5 and the gold judge at 2 (SPEC@WEIGHT); r.scores = 0.5·rm + 2·gold where the
+    response ended, the missing-EOS penalty elsewhere; the gold part equals the judge's own scores."""
+    cfg = PPOConfig(policy=str(tiny_sft_dir), reward=[f"{tiny_rm_dir}@0.5", f"gold:{world_dir}@2"],
+                    judge=str(world_dir), prompts=str(world_dir / "prompts_train.jsonl"), out="", batch_size=16,
+                    max_new_tokens=10, missing_eos_penalty=-3.0, progress=False, device="cpu")
+    s = setup_rl(cfg, torch.device("cpu"), torch.float32, with_value=False)
+    prompts, ids = s.prompts.next(16)
+    r = make_rollout(s, prompts, ids, with_values=False)
+    rm, gold = r.parts[tiny_rm_dir.name], r.parts["gold"]
+    assert gold.tolist() == pytest.approx(r.gold)
+    with torch.no_grad():
+        own = s.reward.sources[0].model.score(r.batch.input_ids, r.batch.attention_mask, r.batch.last_index)
+    assert torch.equal(rm, own)
+    hand = [0.5 * x + 2 * y if e else -3.0 for x, y, e in zip(rm.tolist(), gold.tolist(), r.batch.ended.tolist())]
+    assert r.scores.tolist() == pytest.approx(hand, abs=1e-6)
+
+
+# --- failures -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("failure", ["slow", "malformed"])
+def test_a_failing_server_stops_the_run_cleanly_after_the_retries(failure, ppo_kw, tmp_path):
+    """Iteration 1 is served and checkpointed; iteration 2's server fails every attempt: RewardError naming the
+    URL, the checkpoint of step 1 intact, no output directory (nor its lock) left."""
+    out = tmp_path / "ppo"
+    with failing_server(good=1, failure=failure) as (url, served):
+        t0 = time.time()
+        with pytest.raises(RewardError, match=rf"{url}.*after 3 attempts"):
+            train_ppo(PPOConfig(reward=[url], out=str(out), save_every=1, reward_timeout=0.5, reward_retries=2,
+                                **ppo_kw))
+    assert len(served) == 1 + 3 and time.time() - t0 < 60
+    assert not out.exists() and not (tmp_path / ".ppo.lock").exists()
+    assert [p.name for p in checkpoint_dir(out).iterdir() if p.name.startswith("step-")] == ["step-00000001"]
+    # the checkpoint is whole: the run resumes from it, and fails again at step 2 (the server is gone now)
+    with pytest.raises(RewardError, match=rf"{url}.*after 3 attempts"):
+        train_ppo(PPOConfig(reward=[url], out=str(out), save_every=1, reward_timeout=0.5, reward_retries=2,
+                            resume=True, **ppo_kw))
+    assert not out.exists()
+
+
+def test_cli_eval_with_a_malformed_server_exits_2_naming_the_url(tiny_sft_dir, world_dir, monkeypatch, capsys):
+    with failing_server(good=0, failure="malformed") as (url, served):
+        args = ["eval", "--model", tiny_sft_dir, "--prompts", world_dir / "prompts_eval.jsonl", "--reward", url,
+                "--reward-retries", "1", "--max-new-tokens", "4", "--device", "cpu"]
+        monkeypatch.setattr(sys, "argv", ["instructrl", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(served) == 2, err
+    assert err.startswith("error:") and url in err and "malformed JSON" in err, err
+
+
+def test_ppo_without_a_model_reward_asks_for_a_value_init(ppo_kw, world_dir, tmp_path):
+    kw = {**ppo_kw, "value": None}
+    with pytest.raises(ValueError, match="pass --value"):
+        train_ppo(PPOConfig(reward=[f"gold:{world_dir}"], out=str(tmp_path / "ppo"), **kw))
+    assert not (tmp_path / "ppo").exists()
+
+
+def test_specs_weights_and_their_errors(tiny_rm_dir):
+    assert parse([f"{tiny_rm_dir}@0.25", "m.x:f", "http://h:1/r@2", "gold:/w"], []) == [
+        ("model", str(tiny_rm_dir), 0.25), ("function", "m.x:f", 1.0), ("http", "http://h:1/r", 2.0),
+        ("gold", "gold:/w", 1.0)]
+    assert [w for *_, w in parse(["a:f", "b:g"], [0.5, 3.0])] == [0.5, 3.0]
+    with pytest.raises(ValueError, match="2 weights for 1"):
+        parse(["a:f"], [1.0, 2.0])
+    with pytest.raises(ValueError, match="either with @ or with --reward-weights"):
+        parse(["a:f@2"], [1.0])
+    with pytest.raises(ValueError, match="cannot import"):
+        load_rewards(["no_such_module_xyz:f"], RewardOptions(), None, torch.device("cpu"))
+
+
+# --- another tokenizer --------------------------------------------------------------------------------------------
+def test_rm_with_another_tokenizer_scores_its_own_tokenisation(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path):
+    """A Hugging Face classifier with its own (different) tokenizer: the decoded prompt + response is re-tokenised
+    with it (prompt, response, its EOS), and the reward equals that classifier's own logit on those tokens. Our RM,
+    saved with the policy's tokenizer, keeps reading the sampled ids."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from instructrl.data import read_prompts, read_texts
+
+    rm_tok = train_tokenizer(read_texts(world_dir / "corpus.jsonl")[:500], vocab_size=300)
+    torch.manual_seed(0)
+    hf = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(rm_tok), n_embd=32, n_layer=2, n_head=2,
+                                                  n_positions=128, num_labels=1, pad_token_id=rm_tok.pad_token_id,
+                                                  eos_token_id=rm_tok.eos_token_id)).eval()
+    hf.save_pretrained(tmp_path / "hf_rm", safe_serialization=True)
+    rm_tok.save_pretrained(tmp_path / "hf_rm")
+
+    policy_tok, policy = load_tokenizer(tiny_sft_dir), load_causal_lm(tiny_sft_dir)
+    rewards = load_rewards([str(tmp_path / "hf_rm"), str(tiny_rm_dir)], RewardOptions(), policy_tok,
+                           torch.device("cpu"))
+    other, ours = rewards.sources
+    assert other.tokenizer is not None and ours.tokenizer is None
+    prompts = read_prompts(world_dir / "prompts_train.jsonl")[:6]
+    batch = sample(policy, encode_prompts(policy_tok, prompts, 100), eos_id=policy_tok.eos_token_id,
+                   pad_id=policy_tok.pad_token_id, max_new_tokens=10, temperature=1.0,
+                   generator=torch.Generator().manual_seed(0))
+    texts = decode_responses(policy_tok, batch)
+    with torch.no_grad():
+        got = other.score(prompts, texts, batch)
+        expected = [float(hf(torch.tensor([rm_tok(p)["input_ids"] + rm_tok(t, add_special_tokens=False)["input_ids"]
+                                           + [rm_tok.eos_token_id]])).logits[0, 0]) for p, t in zip(prompts, texts)]
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_serve_rm_command_answers_the_contract(tiny_rm_dir):
+    """`instructrl serve-rm` in its own process: POST {"query": [...]} to /get_reward → {"rewards": [...]}, equal to
+    the model's own scores; a body without queries is a 400."""
+    import socket
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from instructrl.rewards import post_json
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "instructrl.cli", "serve-rm", "--reward", str(tiny_rm_dir),
+                             "--port", str(port), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/get_reward"
+    tok = load_tokenizer(tiny_rm_dir)
+    queries = ["Say hello.\nHello!" + tok.eos_token, "Hi" + tok.eos_token]
+    try:
+        deadline = time.time() + 120
+        while True:  # until it listens
+            try:
+                got = post_json(url, {"query": queries, "prompts": ["", ""], "labels": None}, 10, 0)["rewards"]
+                break
+            except RewardError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
+                time.sleep(0.5)
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(urllib.request.Request(url, b'{"prompts": []}',
+                                                          {"Content-Type": "application/json"}), timeout=10)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    model = ScalarHeadModel.from_pretrained(tiny_rm_dir).eval()
+    with torch.no_grad():
+        expected = [float(model.score(ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1])))
+                    for ids in (torch.tensor([tok(q, add_special_tokens=False)["input_ids"]]) for q in queries)]
+    assert got == pytest.approx(expected, abs=1e-5)
