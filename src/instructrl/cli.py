@@ -131,6 +131,7 @@ def _eval(cfg, out: Optional[str] = None) -> dict:
 
 def _register_steps() -> None:
     """The commands derived from the steps' config classes: `--help` lists every field."""
+    from .dpo import DPOConfig, dpo
     from .evaluate import EvalConfig
     from .pretrain import PretrainConfig, pretrain
     from .reward import RewardConfig, train_reward_model
@@ -147,6 +148,8 @@ def _register_steps() -> None:
                    "Step 1: supervised fine-tuning on demonstrations (loss on response tokens only).")
     config_command("rm", RewardConfig, train_reward_model, ["held_out", "demo_score_mean", "seconds"],
                    "Step 2: train a reward model on K-way rankings with the InstructGPT loss.")
+    config_command("dpo", DPOConfig, dpo, ["final", "held_out", "seconds"],
+                   "Offline DPO / IPO / conservative DPO on the rankings (no reward model, no sampling).")
     docs = {"ppo": "Step 3: PPO (PPO-ptx with --ptx-coef/--ptx-data) with a per-token KL penalty to the SFT model.",
             "pg": "Step 3 baseline: vanilla policy gradient, one gradient step per batch of fresh samples."}
     for name, algo in algorithms().items():

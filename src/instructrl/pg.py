@@ -16,7 +16,7 @@ from .models import trainable_parameters
 from .optim import adam
 from .options import config, option
 from .rl import RLConfig, ptx_term, register
-from .rollout import Rollout, kl_in_reward
+from .rollout import Rollout, kl_in_loss, kl_in_reward, reward_beta
 from .sampling import response_logprobs
 
 
@@ -27,11 +27,12 @@ class PGConfig(RLConfig):
     gamma: float = option(1.0, "discount of the reward-to-go")
 
 
-def pg_advantages(rewards: torch.Tensor, mask: torch.Tensor, cfg: PGConfig) -> torch.Tensor:
-    """A_t = G_t − b, with b from the sequence returns G_0 of the batch (all ranks' rows for the mean baseline)."""
-    returns = reward_to_go(rewards, mask, cfg.gamma)
+def pg_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, loo_k: int | None) -> torch.Tensor:
+    """A_t = G_t − b, with b from the sequence returns G_0: the leave-one-out mean over loo_k samples per prompt
+    [RLOO], or (loo_k None) the batch mean (all ranks' rows)."""
+    returns = reward_to_go(rewards, mask, gamma)
     g0 = returns[:, 0]
-    baseline = leave_one_out_baseline(g0, cfg.samples_per_prompt) if cfg.baseline == "loo" \
+    baseline = leave_one_out_baseline(g0, loo_k) if loo_k \
         else dist.all_reduce_mean(g0.mean()).expand_as(g0)
     return (returns - baseline[:, None]) * mask
 
@@ -59,10 +60,14 @@ class PolicyGradient:
     def update(self, r: Rollout, beta: float, step: int) -> dict:
         """The one gradient step this batch of samples gets."""
         cfg, s, mask = self.cfg, self.s, r.mask
-        advantages = pg_advantages(kl_in_reward(r, beta, cfg.kl_estimator), mask, cfg)
+        advantages = pg_advantages(kl_in_reward(r, reward_beta(cfg, beta), cfg.kl_estimator), mask, cfg.gamma,
+                                   cfg.samples_per_prompt if cfg.baseline == "loo" else None)
         self.optimizer.zero_grad(set_to_none=True)
         logp, entropy = response_logprobs(s.train_policy, r.batch, cfg.temperature, with_entropy=True)
         loss = pg_loss(logp, advantages, mask)
+        kl = kl_in_loss(logp, r.logprobs, r.ref_logprobs, mask, beta, cfg.kl_estimator) if cfg.kl_in == "loss" else None
+        if kl is not None:
+            loss = loss + kl
         ptx = ptx_term(s)
         if ptx is not None:
             loss = loss + ptx
@@ -74,7 +79,8 @@ class PolicyGradient:
                 self.optimizer.step()
         return dist.mean_dict({"policy/loss": loss.item(), "policy/entropy": masked_mean(entropy.detach(), mask).item(),
                                "policy/grad_norm": float(grad_norm),
-                               **({"ptx/loss": ptx.item() / cfg.ptx_coef} if ptx is not None else {})})
+                               **({"ptx/loss": ptx.item() / cfg.ptx_coef} if ptx is not None else {}),
+                               **({"policy/kl_loss": kl.item()} if kl is not None else {})})
 
 
 def train_pg(cfg: PGConfig) -> dict:

@@ -19,7 +19,7 @@ from .models import trainable_parameters
 from .optim import adam
 from .options import config, option
 from .rl import RLConfig, per_rank, ptx_term, register
-from .rollout import Rollout, kl_in_reward, response_values, trim
+from .rollout import Rollout, kl_in_loss, kl_in_reward, response_values, reward_beta, trim
 from .sampling import response_logprobs
 
 
@@ -64,7 +64,7 @@ class PPO:
     def update(self, r: Rollout, beta: float, step: int) -> dict:
         """Advantages, then ppo_epochs passes over shuffled minibatches of this batch; statistics averaged."""
         cfg, s, mask = self.cfg, self.s, r.mask
-        rewards = kl_in_reward(r, beta, cfg.kl_estimator)
+        rewards = kl_in_reward(r, reward_beta(cfg, beta), cfg.kl_estimator)
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, **whitening(rewards, mask))
         advantages, returns = gae(rewards, r.values, mask, cfg.gamma, cfg.lam)
@@ -80,6 +80,10 @@ class PPO:
                 v = response_values(s.train_value, mb)
                 vl, vstats = value_loss(v, r.values[rows, cols], returns[rows, cols], m, cfg.value_clip)
                 loss = pl + cfg.vf_coef * vl
+                kl = kl_in_loss(logp, r.logprobs[rows, cols], r.ref_logprobs[rows, cols], m, beta,
+                                cfg.kl_estimator) if cfg.kl_in == "loss" else None
+                if kl is not None:
+                    loss = loss + kl
                 ptx = ptx_term(s)
                 if ptx is not None:
                     loss = loss + ptx
@@ -96,6 +100,8 @@ class PPO:
                        "value/clipfrac": float(vstats["vf_clipfrac"])}
                 if ptx is not None:
                     rec["ptx/loss"] = ptx.item() / cfg.ptx_coef
+                if kl is not None:
+                    rec["policy/kl_loss"] = kl.item()
                 for key, x in rec.items():
                     stats.setdefault(key, []).append(x)
         out = {k: sum(v) / len(v) for k, v in stats.items()}
