@@ -166,7 +166,7 @@ _register_steps()
 @app.command()
 def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory (finished stages are reused)"),
              config: Optional[Path] = typer.Option(None, help="YAML config; see configs/default.yaml"),
-             compare: bool = typer.Option(False, help="also run vanilla PG, PPO without ptx and PPO with β = 0"),
+             compare: bool = typer.Option(False, help="also run PPO without ptx, PPO with β = 0, vanilla PG, GRPO, RLOO and DPO"),
              threads: Optional[int] = typer.Option(None, help="torch CPU threads")):
     """The main job: world → pretrain → SFT → rankings → reward model → PPO-ptx → eval → report."""
     from .config import load_pipeline_config

@@ -44,12 +44,15 @@ def _fmt(v):
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
+    from .dpo import dpo
     from .evaluate import evaluate
+    from .grpo import GRPO
     from .pg import PolicyGradient
     from .ppo import PPO
     from .rl import train_rl
     from .pretrain import pretrain
     from .reward import train_reward_model
+    from .rloo import RLOO
     from .sft import sft
     from .world import GoldJudge, generate_world
     from .world.labelers import simulate_rankings
@@ -135,6 +138,13 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
             cfg.ppo, out=str(d), **{**rl_common, "ptx_coef": 0.0, "beta": 0.0}), PPO)
         runs["pg"] = lambda d: train_rl(dataclasses.replace(
             cfg.pg, out=str(d), episodes=cfg.ppo.episodes, **{**rl_common, "ptx_coef": 0.0}), PolicyGradient)
+        # the critic-free methods at PPO's number of sampled episodes; DPO on the same rankings as the reward model
+        runs["grpo"] = lambda d: train_rl(dataclasses.replace(
+            cfg.grpo, out=str(d), episodes=cfg.ppo.episodes, **{**rl_common, "ptx_coef": 0.0}), GRPO)
+        runs["rloo"] = lambda d: train_rl(dataclasses.replace(
+            cfg.rloo, out=str(d), episodes=cfg.ppo.episodes, **{**rl_common, "ptx_coef": 0.0}), RLOO)
+        runs["dpo"] = lambda d: dpo(dataclasses.replace(cfg.dpo, policy=str(sdir), data=rankings, out=str(d),
+                                                        **common))
     for name, fn in runs.items():
         d = out / name
         _stage(name, d, lambda fn=fn, d=d: fn(d), ["final", "seconds"])
