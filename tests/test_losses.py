@@ -206,3 +206,166 @@ def test_adaptive_kl_controller():
     assert L.adaptive_kl_beta(0.1, 12.0, 6.0, 64, 10000) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
     assert L.adaptive_kl_beta(0.1, 6.6, 6.0, 64, 10000) == pytest.approx(0.1 * (1 + 0.1 * 64 / 10000))
     assert L.adaptive_kl_beta(0.1, 0.0, 6.0, 100, 100) == pytest.approx(0.1 * 0.8)
+
+
+# --- KL estimators in the loss ----------------------------------------------------------------------------------
+def test_kl_k2_matches_loop():
+    a, b = rand(3, 5, seed=11), rand(3, 5, seed=12)
+    ref = [[0.5 * (a[i, t].item() - b[i, t].item()) ** 2 for t in range(5)] for i in range(3)]
+    assert torch.allclose(L.kl_k2(a, b), f64(ref), atol=1e-14)
+
+
+def categorical_case(theta_logits):
+    """Three categories; π_old = (1/2, 1/4, 1/4) exactly, so the 4 'sampled' tokens (0, 0, 1, 2) average to the
+    exact expectation under π_old. Returns (loss function of the estimator, θ logits, p_θ, q = π_ref)."""
+    old = torch.log(f64([0.5, 0.25, 0.25]))
+    ref_logits = f64([0.3, -0.4, 0.9])
+    tokens = torch.tensor([0, 0, 1, 2])
+    theta = f64(theta_logits).requires_grad_(True)
+
+    def loss(estimator):
+        logp = torch.log_softmax(theta, 0)[tokens][None]
+        return L.masked_mean(L.kl_loss_terms(logp, old[tokens][None], torch.log_softmax(ref_logits, 0)[tokens][None],
+                                             estimator), torch.ones(1, 4, dtype=torch.float64))
+
+    p = [math.exp(x) for x in torch.log_softmax(theta.detach(), 0).tolist()]
+    q = [math.exp(x) for x in torch.log_softmax(ref_logits, 0).tolist()]
+    return loss, theta, p, q
+
+
+def reverse_kl_grad(p, q):
+    """∂/∂z_j KL(p‖q) for p = softmax(z): p_j (log p_j − log q_j − KL), written out."""
+    kl = sum(p[i] * (math.log(p[i]) - math.log(q[i])) for i in range(len(p)))
+    return [p[j] * (math.log(p[j]) - math.log(q[j]) - kl) for j in range(len(p))]
+
+
+@pytest.mark.parametrize("theta_logits", [[math.log(0.5), math.log(0.25), math.log(0.25)], [0.2, -0.1, 0.5]])
+def test_k3_in_the_loss_with_the_ratio_has_the_reverse_kl_gradient(theta_logits):
+    """On- and off-policy (θ ≠ old), ∇ E_old[ρ·k3] = ∇ KL(π_θ‖π_ref) exactly; its value is the KL itself."""
+    loss, theta, p, q = categorical_case(theta_logits)
+    value = loss("k3")
+    value.backward()
+    assert torch.allclose(theta.grad, f64(reverse_kl_grad(p, q)), atol=1e-12)
+    assert value.item() == pytest.approx(sum(p[i] * math.log(p[i] / q[i]) for i in range(3)), abs=1e-12)
+
+
+def test_k3_without_the_ratio_has_the_forward_kl_gradient():
+    """The pitfall the ratio corrects: on-policy, ∇ E[k3] (no ratio) is ∇ KL(π_ref‖π_θ) = p − q, not the reverse."""
+    _, theta, p, q = categorical_case([math.log(0.5), math.log(0.25), math.log(0.25)])
+    tokens = torch.tensor([0, 0, 1, 2])
+    L.kl_k3(torch.log_softmax(theta, 0)[tokens], torch.log(f64(q))[tokens]).mean().backward()
+    assert torch.allclose(theta.grad, f64([p[j] - q[j] for j in range(3)]), atol=1e-12)
+    assert not torch.allclose(theta.grad, f64(reverse_kl_grad(p, q)), atol=1e-3)
+
+
+def test_k2_in_the_loss_on_policy_has_the_reverse_kl_gradient():
+    loss, theta, p, q = categorical_case([math.log(0.5), math.log(0.25), math.log(0.25)])
+    loss("k2").backward()
+    assert torch.allclose(theta.grad, f64(reverse_kl_grad(p, q)), atol=1e-12)
+
+
+def test_k1_has_no_loss_form():
+    with pytest.raises(ValueError, match="k2 \\| k3"):
+        L.kl_loss_terms(rand(2, 3), rand(2, 3), rand(2, 3), "k1")
+
+
+# --- GRPO: group advantages and loss aggregation ------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_advantages_match_loop(scale):
+    k, r = 4, rand(12, seed=21)
+    out = L.group_advantages(r, k, scale)
+    for g in range(3):
+        xs = r[g * k:(g + 1) * k].tolist()
+        mean = sum(xs) / k
+        std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (k - 1))  # unbiased, as TRL
+        for i, x in enumerate(xs):
+            want = (x - mean) / (std + 1e-4) if scale else x - mean
+            assert out[g * k + i].item() == pytest.approx(want, abs=1e-12)
+
+
+def test_loss_aggregation_modes_match_loops():
+    x, lengths, T = rand(3, 5, seed=22), [5, 2, 3], 5
+    m = mask_of(lengths, T)
+    tokens = [x[i, t].item() for i in range(3) for t in range(lengths[i])]
+    assert L.aggregate(x, m, "token").item() == pytest.approx(sum(tokens) / len(tokens), abs=1e-12)
+    seq = [sum(x[i, t].item() for t in range(lengths[i])) / lengths[i] for i in range(3)]
+    assert L.aggregate(x, m, "sequence").item() == pytest.approx(sum(seq) / 3, abs=1e-12)
+    assert L.aggregate(x, m, "dr_grpo", max_len=8).item() == pytest.approx(sum(tokens) / (8 * 3), abs=1e-12)
+    with pytest.raises(ValueError, match="token \\| sequence \\| dr_grpo"):
+        L.aggregate(x, m, "mean")
+
+
+def test_clipped_surrogate_per_token_matches_ppo_loss():
+    logp, old, adv = rand(2, 4, seed=23) * 0.3, rand(2, 4, seed=24) * 0.3, rand(2, 4, seed=25)
+    m = mask_of([4, 2], 4)
+    per_token, *_ = L.clipped_surrogate(logp, old, adv, m, 0.2)
+    for i, n in enumerate([4, 2]):
+        for t in range(n):
+            rho = math.exp(logp[i, t].item() - old[i, t].item())
+            a = adv[i, t].item()
+            assert per_token[i, t].item() == pytest.approx(max(-a * rho, -a * min(max(rho, 0.8), 1.2)), abs=1e-12)
+    assert L.ppo_policy_loss(logp, old, adv, m, 0.2)[0].item() == pytest.approx(
+        L.masked_mean(per_token, m).item(), abs=1e-15)
+
+
+# --- DPO family ---------------------------------------------------------------------------------------------------
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def dpo_ref(pi, ref, groups_per_prompt, beta, kind, eps):
+    """Loss and d loss / d log π(response), prompt by prompt, pair by pair."""
+    loss, grad, offset = 0.0, [0.0] * len(pi), 0
+    n_prompts = len(groups_per_prompt)
+    for groups in groups_per_prompt:
+        pairs = [(offset + w, offset + l) for i, g in enumerate(groups) for h in groups[i + 1:] for w in g for l in h]
+        for w, l in pairs:
+            h = (pi[w] - ref[w]) - (pi[l] - ref[l])
+            if kind == "ipo":
+                value, slope = (h - 1 / (2 * beta)) ** 2, 2 * (h - 1 / (2 * beta))
+            else:
+                value = -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)
+                slope = -(1 - eps) * beta / (1 + math.exp(beta * h)) + eps * beta / (1 + math.exp(-beta * h))
+            loss += value / len(pairs) / n_prompts
+            grad[w] += slope / len(pairs) / n_prompts
+            grad[l] -= slope / len(pairs) / n_prompts
+        offset += sum(len(g) for g in groups)
+    return loss, grad
+
+
+@pytest.mark.parametrize("kind,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0)])
+def test_dpo_family_losses_and_gradients_match_loops_on_k_way_rankings(kind, eps):
+    groups = [[[1], [0]], [[3], [0, 2], [1]], [[i] for i in range(5)]]  # K = 2, 4 with a tie, 5
+    pi, ref = rand(11, seed=31), rand(11, seed=32)
+    pi.requires_grad_(True)
+    loss, stats = L.dpo_loss(pi, ref, groups, beta=0.3, kind=kind, label_smoothing=eps)
+    loss.backward()
+    want, want_grad = dpo_ref(pi.tolist(), ref.tolist(), groups, 0.3, kind, eps)
+    assert loss.item() == pytest.approx(want, abs=1e-12)
+    assert torch.allclose(pi.grad, f64(want_grad), atol=1e-12)
+    win, lose, _ = L.ranking_pairs(groups)
+    margins = [0.3 * ((pi[w] - ref[w]) - (pi[l] - ref[l])).item() for w, l in zip(win.tolist(), lose.tolist())]
+    assert stats["margin"].item() == pytest.approx(sum(margins) / len(margins), abs=1e-12)
+    assert stats["accuracy"].item() == pytest.approx(sum(m > 0 for m in margins) / len(margins), abs=1e-12)
+
+
+def test_dpo_on_pairs_is_the_plain_pairwise_formula():
+    """K = 2: one pair per prompt, so the per-prompt grouping is the mean of −log σ(β·h) over pairs [DPO]."""
+    n, beta = 6, 0.5
+    pi, ref = rand(2 * n, seed=33), rand(2 * n, seed=34)
+    plain = -sum(log_sigmoid(beta * ((pi[2 * i] - ref[2 * i]) - (pi[2 * i + 1] - ref[2 * i + 1])).item())
+                 for i in range(n)) / n
+    loss, _ = L.dpo_loss(pi, ref, [[[0], [1]]] * n, beta)
+    assert loss.item() == pytest.approx(plain, abs=1e-12)
+
+
+def test_dpo_groups_per_prompt_not_per_pair():
+    """A prompt with 6 pairs weighs as much as a prompt with 1 (as the InstructGPT RM loss), unlike a pair mean."""
+    groups = [[[0], [1]], [[i] for i in range(4)]]
+    pi, ref = rand(6, seed=35), torch.zeros(6, dtype=torch.float64)
+    per_prompt = [dpo_ref(pi[:2].tolist(), [0.0] * 2, groups[:1], 1.0, "sigmoid", 0.0)[0],
+                  dpo_ref(pi[2:].tolist(), [0.0] * 4, groups[1:], 1.0, "sigmoid", 0.0)[0]]
+    assert L.dpo_loss(pi, ref, groups, 1.0)[0].item() == pytest.approx(sum(per_prompt) / 2, abs=1e-12)
+    win, lose, _ = L.ranking_pairs(groups)
+    pair_mean = -sum(log_sigmoid((pi[w] - pi[l]).item()) for w, l in zip(win.tolist(), lose.tolist())) / 7
+    assert L.dpo_loss(pi, ref, groups, 1.0)[0].item() != pytest.approx(pair_mean, abs=1e-6)

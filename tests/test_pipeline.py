@@ -22,6 +22,9 @@ label: {k: 4, n_prompts: 80}
 reward: {lr: 1.0e-4}
 ppo: {episodes: 256, batch_size: 32, minibatch_size: 8, max_new_tokens: 16, lr: 2.0e-4, ptx_batch_size: 8}
 pg: {batch_size: 32, max_new_tokens: 16, lr: 2.0e-4}
+grpo: {batch_size: 32, minibatch_size: 16, max_new_tokens: 16, lr: 2.0e-4}
+rloo: {batch_size: 32, minibatch_size: 16, max_new_tokens: 16, lr: 2.0e-4}
+dpo: {batch_size: 8, epochs: 2}
 eval: {max_new_tokens: 16, samples_per_prompt: 2}
 """
 
@@ -51,7 +54,7 @@ def tiny_run(tmp_path_factory):
     sft_mtime = (out / "sft" / "model.safetensors").stat().st_mtime_ns
 
     p = run_cli("pipeline", "--config", cfg, "--out", out, "--threads", "2")
-    log, _ = p.communicate(timeout=600)
+    log, _ = p.communicate(timeout=1500)
     assert p.returncode == 0, log
     assert "pretrain: reused" in log and "sft (step 1): reused" in log
     assert (out / "pretrained" / "model.safetensors").stat().st_mtime_ns == pretrained_mtime
@@ -64,15 +67,15 @@ def test_pipeline_report_structure(tiny_run):
     out = tiny_run
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
-    assert set(stages) == {"pretrained", "sft", "ppo_ptx", "ppo", "ppo_beta0", "pg"}
+    assert set(stages) == {"pretrained", "sft", "ppo_ptx", "ppo", "ppo_beta0", "pg", "grpo", "rloo", "dpo"}
     for st in stages.values():
         for key in ("toxicity_rate", "gold_reward", "rm_reward", "kl_to_reference", "pretrain_loss", "bias_gap",
                     "episodes", "seconds"):
             assert key in st and st[key] is not None, key
     assert stages["sft"]["kl_to_reference"] == 0.0
-    assert stages["ppo_ptx"]["episodes"] == 256
+    assert stages["ppo_ptx"]["episodes"] == stages["grpo"]["episodes"] == stages["rloo"]["episodes"] == 256
     # RL moved the reward it optimises up: last iterations vs first ones, on its own rollouts.
-    for run in ("ppo_ptx", "ppo_beta0", "pg"):
+    for run in ("ppo_ptx", "ppo_beta0", "pg", "grpo", "rloo"):
         rewards = [c["objective/score"] for c in report["curves"][run]]
         assert len(rewards) == 8
         assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, (run, rewards)

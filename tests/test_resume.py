@@ -155,3 +155,24 @@ def test_pretrain_resume_after_sigkill_is_identical(world_dir, tmp_path):
     assert same_weights(tmp_path / "ref", tmp_path / "run")
     assert metrics_without_timing(tmp_path / "ref" / "metrics.jsonl") == \
         metrics_without_timing(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_grpo_resume_after_sigkill_is_identical(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path):
+    args = ["grpo", "--policy", tiny_sft_dir, "--reward", tiny_rm_dir, "--prompts", world_dir / "prompts_train.jsonl",
+            "--judge", world_dir, "--episodes", 96, "--batch-size", 16, "--minibatch-size", 8, "--max-new-tokens", 12,
+            "--ptx-coef", 0.5, "--ptx-data", world_dir / "corpus.jsonl", "--kl-target", 1.0, "--device", "cpu"]
+    assert subprocess.run(cli(*args, "--out", tmp_path / "ref"), capture_output=True).returncode == 0
+    _kill_and_resume(args, tmp_path / "run", tmp_path, seed=4)
+    assert same_weights(tmp_path / "ref", tmp_path / "run")
+    assert metrics_without_timing(tmp_path / "ref" / "metrics.jsonl") == \
+        metrics_without_timing(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_dpo_resume_after_sigkill_is_identical(tiny_sft_dir, tiny_rm_dir, tmp_path):
+    args = ["dpo", "--policy", tiny_sft_dir, "--data", tiny_rm_dir.parent / "rankings.jsonl", "--epochs", 3,
+            "--batch-size", 2, "--device", "cpu"]
+    assert subprocess.run(cli(*args, "--out", tmp_path / "ref"), capture_output=True).returncode == 0
+    _kill_and_resume(args, tmp_path / "run", tmp_path, seed=5)
+    assert same_weights(tmp_path / "ref", tmp_path / "run")
+    assert metrics_without_timing(tmp_path / "ref" / "metrics.jsonl") == \
+        metrics_without_timing(tmp_path / "run" / "metrics.jsonl")

@@ -136,6 +136,7 @@ def _eval(cfg, out: Optional[str] = None) -> dict:
 
 def _register_steps() -> None:
     """The commands derived from the steps' config classes: `--help` lists every field."""
+    from .dpo import DPOConfig, dpo
     from .evaluate import EvalConfig
     from .pretrain import PretrainConfig, pretrain
     from .reward import RewardConfig, train_reward_model
@@ -152,6 +153,8 @@ def _register_steps() -> None:
                    "Step 1: supervised fine-tuning on demonstrations (loss on response tokens only).")
     config_command("rm", RewardConfig, train_reward_model, ["held_out", "demo_score_mean", "seconds"],
                    "Step 2: train a reward model on K-way rankings with the InstructGPT loss.")
+    config_command("dpo", DPOConfig, dpo, ["final", "held_out", "seconds"],
+                   "Offline DPO / IPO / conservative DPO on the rankings (no reward model, no sampling).")
     docs = {"ppo": "Step 3: PPO (PPO-ptx with --ptx-coef/--ptx-data) with a per-token KL penalty to the SFT model.",
             "pg": "Step 3 baseline: vanilla policy gradient, one gradient step per batch of fresh samples."}
     for name, algo in algorithms().items():
@@ -186,7 +189,8 @@ def serve_rm(reward: Path = typer.Option(..., help="reward-model directory (ours
 @app.command()
 def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory (finished stages are reused)"),
              config: Optional[Path] = typer.Option(None, help="YAML config; see configs/default.yaml"),
-             compare: bool = typer.Option(False, help="also run vanilla PG, PPO without ptx and PPO with β = 0"),
+             compare: bool = typer.Option(False, help="also run PPO without ptx, PPO with β = 0, vanilla PG, GRPO, "
+                                                       "RLOO and DPO"),
              threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
              rerun_changed: bool = typer.Option(False, help="recompute finished stages whose options or inputs "
                                                             "changed (default: stop, naming what changed)")):

@@ -16,12 +16,15 @@ from pathlib import Path
 import yaml
 
 from .data import DataError
+from .dpo import DPOConfig
 from .evaluate import EvalConfig
+from .grpo import GRPOConfig
 from .options import config, flat_fields, option
 from .pg import PGConfig
 from .ppo import PPOConfig
 from .pretrain import PretrainConfig
 from .reward import RewardConfig
+from .rloo import RLOOConfig
 from .sft import SFTConfig
 from .world import WorldConfig
 
@@ -57,7 +60,7 @@ class PipelineConfig:
     device: str = option("auto", "auto | cpu | cuda")
     dtype: str = option("float32", "float32 | bfloat16 | float16")
     base_model: str | None = option(None, "any local HF causal-LM directory; skips the tiny model's pretraining")
-    compare: bool = option(False, "also run vanilla PG, PPO without ptx and PPO with β = 0")
+    compare: bool = option(False, "also run PPO without ptx, PPO with β = 0, vanilla PG, GRPO, RLOO and DPO")
     data: DataPaths = field(default_factory=DataPaths)
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -66,6 +69,9 @@ class PipelineConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(ptx_coef=0.1))  # γ tuned on the embedded world
     pg: PGConfig = field(default_factory=PGConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(bias_samples=2))  # generation bias in the report
 
 
@@ -160,7 +166,7 @@ def _yaml_line(key: str, value, help: str, indent: str) -> str:
 
 
 SECTION_OF = {"world": "world", "pretrained": "pretrain", "sft": "sft", "rankings": "label", "reward": "reward",
-              "ppo_ptx": "ppo", "ppo": "ppo", "ppo_beta0": "ppo", "pg": "pg"}
+              "ppo_ptx": "ppo", "ppo": "ppo", "ppo_beta0": "ppo", "pg": "pg", "grpo": "grpo", "rloo": "rloo", "dpo": "dpo"}
 
 
 def validate_pipeline(cfg: PipelineConfig, plan: dict) -> None:

@@ -64,6 +64,22 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     log_ratio = logp - ref_logp
     return torch.expm1(-log_ratio) + log_ratio
 
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k2 = ½ ℓ² with ℓ = log π_θ − log π_ref: biased, ≥ 0; on-policy its gradient is the reverse KL's [KL, KLG]."""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def kl_loss_terms(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL penalty for the loss (tokens drawn from π_old) [KLG]:
+    k2 as is (on-policy its gradient is ∇ KL(π_θ‖π_ref)); k3 weighted by ρ = π_θ/π_old, since
+    E_{π_old}[ρ·k3] = E_{π_θ}[k3] = KL(π_θ‖π_ref) whose gradient is the reverse KL's (without ρ, the gradient of
+    E_{π_old}[k3] is the forward KL's). k1 has zero expected gradient and is refused by the caller."""
+    if estimator == "k2":
+        return kl_k2(logp, ref_logp)
+    if estimator == "k3":
+        return torch.exp(logp - old_logp) * kl_k3(logp, ref_logp)
+    raise ValueError(f"no loss form of the KL estimator {estimator!r} (k2 | k3)")
+
 
 def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """r_t = −β·k_t on every response token, plus the sequence score on the last real token (EOS) [LHP, N+]."""
@@ -128,22 +144,55 @@ def leave_one_out_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:
     grouped = returns.view(-1, k)
     return ((grouped.sum(1, keepdim=True) - grouped) / (k - 1)).view(-1)
 
+def group_advantages(scores: torch.Tensor, k: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO: for k samples per prompt (consecutive rows), A_i = (r_i − mean_group) / (std_group + eps), std unbiased
+    as in [GRPO, TRL]; scale=False keeps only the mean shift [DrGRPO]. [B]"""
+    grouped = scores.view(-1, k)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(1, keepdim=True) + eps)
+    return centred.view(-1)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None,
+              n: torch.Tensor | None = None) -> torch.Tensor:
+    """A per-token loss to a scalar: `token` = mean over all real tokens [DAPO]; `sequence` = mean over rows of
+    each row's token mean [GRPO]; `dr_grpo` = sum / (max_len · rows), a constant normaliser [DrGRPO]."""
+    if mode == "token":
+        return masked_mean(per_token, mask, n=n)
+    if mode == "sequence":
+        return masked_mean(per_token, mask, dim=1).mean()
+    if mode == "dr_grpo":
+        return (per_token * mask).sum() / (max_len * per_token.shape[0])
+    raise ValueError(f"loss aggregation must be token | sequence | dr_grpo, not {mode!r}")
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token [PPO]: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = exp(log π_θ − log π_old).
+    Returns (loss per token, clipped, unclipped, log ρ) — the last three for statistics."""
+    log_ratio = (logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    return torch.max(unclipped, clipped), clipped, unclipped, log_ratio
+
+
+def surrogate_stats(clipped, unclipped, log_ratio, mask, n: torch.Tensor | None = None) -> dict:
+    """Clip fraction, approximate KL ½(log ρ)² and mean ratio over real tokens [LHP, N+] (`n`: see masked_mean)."""
+    with torch.no_grad():
+        return {"clipfrac": masked_mean((clipped > unclipped).float(), mask, n=n),
+                "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask, n=n),
+                "ratio_mean": masked_mean(torch.exp(log_ratio), mask, n=n)}
+
 
 # --- Losses -----------------------------------------------------------------------------------------------------
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip: float = 0.2, n: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate [PPO]: mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))), ρ = exp(log π_θ − log π_old).
     `n`: the token count the means divide by (default: the mask's; see masked_mean), statistics alike."""
-    log_ratio = (logp - old_logp) * mask
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.max(unclipped, clipped), mask, n=n)
-    with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask, n=n),
-                 "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask, n=n),
-                 "ratio_mean": masked_mean(ratio, mask, n=n)}
-    return loss, stats
+    per_token, clipped, unclipped, log_ratio = clipped_surrogate(logp, old_logp, advantages, mask, clip)
+    return masked_mean(per_token, mask, n=n), surrogate_stats(clipped, unclipped, log_ratio, mask, n)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -169,8 +218,38 @@ def ptx_loss(logp: torch.Tensor, mask: torch.Tensor, coef: float, n: torch.Tenso
     """PPO-ptx [IG Eq. 2]: −γ · mean token log-likelihood of pretraining text; `n` as in ppo_policy_loss."""
     return -coef * masked_mean(logp, mask, n=n)
 
+def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, groups_per_prompt: list[list[list[int]]],
+             beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """DPO on K-way rankings, one prompt per batch element, averaged over prompts as the InstructGPT RM loss [IG §3.5]:
+    loss_i = 1/C_i · Σ_{(w,l)} ℓ(h_wl), h = (log π(w) − log π_ref(w)) − (log π(l) − log π_ref(l)) (sequence log-probs):
+      sigmoid: ℓ = −log σ(β h) [DPO];  label smoothing ε > 0: −(1−ε) log σ(β h) − ε log σ(−β h) [cDPO];
+      ipo: ℓ = (h − 1/(2β))² [IPO].
+    Pairs data is K = 2. Returns (loss, stats): implicit rewards β(log π − log π_ref), their mean margin and the
+    share of pairs they order correctly."""
+    win, lose, elem = (t.to(policy_logps.device) for t in ranking_pairs(groups_per_prompt))
+    logratio = policy_logps - ref_logps
+    h = logratio[win] - logratio[lose]
+    if kind == "sigmoid":
+        pair = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif kind == "ipo":
+        pair = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"DPO loss must be sigmoid | ipo, not {kind!r}")
+    n_prompts = len(groups_per_prompt)
+    zeros = torch.zeros(n_prompts, device=pair.device, dtype=pair.dtype)
+    n_pairs = zeros.index_add(0, elem, torch.ones_like(pair))
+    per_prompt = zeros.index_add(0, elem, pair)
+    has_pairs = n_pairs > 0
+    loss = (per_prompt[has_pairs] / n_pairs[has_pairs]).mean()
+    with torch.no_grad():
+        margin = beta * h.detach()
+        stats = {"margin": margin.mean(), "accuracy": (margin > 0).float().mean(),
+                 "chosen": beta * logratio[win].detach().mean(), "rejected": beta * logratio[lose].detach().mean()}
+    return loss, stats
+
 
 # --- KL control ---------------------------------------------------------------------------------------------------
+
 def adaptive_kl_beta(beta: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
     """[LHP] e = clip(KL/target − 1, −0.2, 0.2); β ← β·(1 + e·n/horizon)."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)

@@ -17,7 +17,7 @@ from .models import trainable_parameters
 from .optim import adam
 from .options import config, option
 from .rl import RLConfig, ptx_batches, ptx_term, register
-from .rollout import Rollout, kl_in_reward, trim
+from .rollout import Rollout, kl_in_loss, kl_in_reward, reward_beta, trim
 from .sampling import response_logprobs
 
 
@@ -32,11 +32,12 @@ class PGConfig(RLConfig):
         PolicyGradient.check(self)
 
 
-def pg_advantages(rewards: torch.Tensor, mask: torch.Tensor, cfg: PGConfig) -> torch.Tensor:
-    """A_t = G_t − b, with b from the sequence returns G_0 of the batch (all ranks' rows for the mean baseline)."""
-    returns = reward_to_go(rewards, mask, cfg.gamma)
+def pg_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, loo_k: int | None) -> torch.Tensor:
+    """A_t = G_t − b, with b from the sequence returns G_0: the leave-one-out mean over loo_k samples per prompt
+    [RLOO], or (loo_k None) the batch mean (all ranks' rows)."""
+    returns = reward_to_go(rewards, mask, gamma)
     g0 = returns[:, 0]
-    baseline = leave_one_out_baseline(g0, cfg.samples_per_prompt) if cfg.baseline == "loo" \
+    baseline = leave_one_out_baseline(g0, loo_k) if loo_k \
         else dist.all_reduce_mean(g0.mean()).expand_as(g0)
     return (returns - baseline[:, None]) * mask
 
@@ -64,7 +65,8 @@ class PolicyGradient:
     def update(self, r: Rollout, beta: float, step: int) -> dict:
         """The one gradient step this batch of samples gets."""
         cfg, s, mask = self.cfg, self.s, r.mask
-        advantages = pg_advantages(kl_in_reward(r, beta, cfg.kl_estimator), mask, cfg)
+        advantages = pg_advantages(kl_in_reward(r, reward_beta(cfg, beta), cfg.kl_estimator), mask, cfg.gamma,
+                                   cfg.samples_per_prompt if cfg.baseline == "loo" else None)
         rows, size, world = torch.arange(mask.shape[0]), cfg.mem.micro_batch_size, dist.world_size()
         micro = rows.split(size) if size else (rows,)
         n = dist.all_reduce_sum(mask.sum())  # response tokens of the batch, all ranks
@@ -77,13 +79,18 @@ class PolicyGradient:
                 m = mask[sub, cols]
                 logp, entropy = response_logprobs(s.train_policy, mb, cfg.temperature, with_entropy=True)
                 loss = pg_loss(logp, advantages[sub, cols], m, n)
+                kl = kl_in_loss(logp, r.logprobs[sub, cols], r.ref_logprobs[sub, cols], m, beta, cfg.kl_estimator,
+                                n=n) if cfg.kl_in == "loss" else None
+                if kl is not None:
+                    loss = loss + kl
                 ptx_part = ptx_term(s, *ptx[i]) if i < len(ptx) else None
                 if ptx_part is not None:
                     loss = loss + ptx_part
                 (loss * world).backward()
             rec = {"policy/loss": loss.item() * world,
                    "policy/entropy": masked_mean(entropy.detach(), m, n=n).item() * world,
-                   **({"ptx/loss": ptx_part.item() / cfg.ptx_coef * world} if ptx_part is not None else {})}
+                   **({"ptx/loss": ptx_part.item() / cfg.ptx_coef * world} if ptx_part is not None else {}),
+                   **({"policy/kl_loss": kl.item() * world} if kl is not None else {})}
             for key, x in rec.items():
                 parts.setdefault(key, []).append(x)
         out = {key: sum(v) for key, v in parts.items()}

@@ -112,6 +112,9 @@ def _fmt(v):
     return str(v)
 
 
+RL_STAGES = ("ppo_ptx", "ppo", "ppo_beta0", "pg", "grpo", "rloo")  # stages trained by the RL driver
+
+
 def plan(cfg: PipelineConfig, out: Path) -> dict:
     """Every stage's config, paths filled in: name → config (the rankings stage: its LabelSettings)."""
     wdir = out / "world"
@@ -143,7 +146,12 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
         p["ppo"] = dataclasses.replace(cfg.ppo, out=str(out / "ppo"), **{**rl, "ptx_coef": 0.0})
         p["ppo_beta0"] = dataclasses.replace(cfg.ppo, out=str(out / "ppo_beta0"), **{**rl, "ptx_coef": 0.0, "beta": 0.0})
         p["pg"] = dataclasses.replace(cfg.pg, out=str(out / "pg"), episodes=cfg.ppo.episodes, **{**rl, "ptx_coef": 0.0})
-    evaluated = ["pretrained", "sft"] + [n for n in ("ppo_ptx", "ppo", "ppo_beta0", "pg") if n in p]
+        # the critic-free methods at PPO's number of sampled episodes; DPO on the same rankings as the reward model
+        for name in ("grpo", "rloo"):
+            p[name] = dataclasses.replace(getattr(cfg, name), out=str(out / name), episodes=cfg.ppo.episodes,
+                                          **{**rl, "ptx_coef": 0.0})
+        p["dpo"] = dataclasses.replace(cfg.dpo, policy=sdir, data=rankings, out=str(out / "dpo"), **common)
+    evaluated = ["pretrained", "sft"] + [n for n in RL_STAGES + ("dpo",) if n in p]
     p["eval"] = {name: dataclasses.replace(cfg.eval, model=pretrained if name == "pretrained" else str(out / name),
                                            prompts=data["prompts_eval"], reference=sdir, reward=[rdir], world=judge_dir,
                                            pretrain_text=data["pretrain_val"], bias_probes=data["bias_probes"],
@@ -164,12 +172,15 @@ def _label_fingerprint(cfg: PipelineConfig, p: dict, contents: bool) -> dict:
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = False) -> dict:
+    from .dpo import dpo
     from .evaluate import evaluate
+    from .grpo import GRPO
     from .pg import PolicyGradient
     from .ppo import PPO
     from .rl import train_rl
     from .pretrain import pretrain
     from .reward import train_reward_model
+    from .rloo import RLOO
     from .sft import sft
     from .world import GoldJudge, generate_world
     from .world.labelers import simulate_rankings
@@ -179,7 +190,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = Fal
     p = plan(cfg, out)
     validate_pipeline(cfg, p)  # every section, before the first stage runs
     stages = Stages(out, rerun_changed)
-    trained = [n for n in ("world", "pretrained", "sft", "reward", "ppo_ptx", "ppo", "ppo_beta0", "pg") if n in p]
+    trained = [n for n in ("world", "pretrained", "sft", "reward", *RL_STAGES, "dpo") if n in p]
     for name in trained:  # a changed option is refused now, not after the stages before it ran
         stages.check_options(name, out / name, stage_fingerprint(p[name], contents=False))
     if "rankings" in p:
@@ -235,10 +246,14 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = Fal
     rm_summary = run("reward", lambda: train_reward_model(p["reward"]), ["held_out", "demo_score_mean"])
 
     # Step 3: PPO-ptx, and the comparison runs.
-    for name in ("ppo_ptx", "ppo", "ppo_beta0", "pg"):
+    algorithms = {"ppo_ptx": PPO, "ppo": PPO, "ppo_beta0": PPO, "pg": PolicyGradient, "grpo": GRPO, "rloo": RLOO}
+    for name in RL_STAGES:
         if name in p:
-            run(name, lambda name=name: train_rl(p[name], PolicyGradient if name == "pg" else PPO), ["final", "seconds"])
+            run(name, lambda name=name: train_rl(p[name], algorithms[name]), ["final", "seconds"])
             stages_dirs[name] = p[name].out
+    if "dpo" in p:
+        run("dpo", lambda: dpo(p["dpo"]), ["final", "seconds"])
+        stages_dirs["dpo"] = p["dpo"].out
 
     # Evaluation of every stage on the held-out prompts.
     evals = {}

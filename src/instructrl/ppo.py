@@ -20,7 +20,7 @@ from .models import trainable_parameters
 from .optim import adam
 from .options import config, option
 from .rl import RLConfig, per_rank, ptx_batches, ptx_term, register
-from .rollout import Rollout, kl_in_reward, response_values, trim
+from .rollout import Rollout, kl_in_loss, kl_in_reward, response_values, reward_beta, trim
 from .sampling import response_logprobs
 
 
@@ -70,7 +70,7 @@ class PPO:
     def update(self, r: Rollout, beta: float, step: int) -> dict:
         """Advantages, then ppo_epochs passes over shuffled minibatches of this batch; statistics averaged."""
         cfg, s, mask = self.cfg, self.s, r.mask
-        rewards = kl_in_reward(r, beta, cfg.kl_estimator)
+        rewards = kl_in_reward(r, reward_beta(cfg, beta), cfg.kl_estimator)
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, **whitening(rewards, mask))
         advantages, returns = gae(rewards, r.values, mask, cfg.gamma, cfg.lam)
@@ -85,7 +85,7 @@ class PPO:
                 parts: dict[str, list[float]] = {}
                 for i, sub in enumerate(micro):  # gradient accumulation (DDP reduces on the last one)
                     with dist.accumulating(s.train_policy, s.train_value, sync=i == len(micro) - 1):
-                        part = self.backward(r, sub, advantages, returns, n, ptx[i] if i < len(ptx) else None)
+                        part = self.backward(r, sub, advantages, returns, n, ptx[i] if i < len(ptx) else None, beta)
                     for key, x in part.items():
                         parts.setdefault(key, []).append(x)
                 rec = {key: sum(v) for key, v in parts.items()}  # the minibatch's means (× N: see backward)
@@ -104,7 +104,7 @@ class PPO:
             out["policy/first_approx_kl"] = stats["policy/approx_kl"][0]
         return dist.mean_dict(out)
 
-    def backward(self, r: Rollout, rows: torch.Tensor, advantages, returns, n, ptx) -> dict:
+    def backward(self, r: Rollout, rows: torch.Tensor, advantages, returns, n, ptx, beta: float) -> dict:
         """Forward and backward of one micro-batch. Its loss and statistics are its share of the minibatch's token
         means (`n`: the minibatch's tokens over all ranks) × the number of ranks, as DDP averages gradients and
         `mean_dict` the statistics; summed over micro-batches they are the minibatch's means."""
@@ -116,6 +116,10 @@ class PPO:
         v = response_values(s.train_value, mb)
         vl, vstats = value_loss(v, r.values[rows, cols], returns[rows, cols], m, cfg.value_clip, n)
         loss = pl + cfg.vf_coef * vl
+        kl = kl_in_loss(logp, r.logprobs[rows, cols], r.ref_logprobs[rows, cols], m, beta, cfg.kl_estimator, n=n) \
+            if cfg.kl_in == "loss" else None
+        if kl is not None:
+            loss = loss + kl
         ptx_part = ptx_term(s, *ptx) if ptx is not None else None
         if ptx_part is not None:
             loss = loss + ptx_part
@@ -126,6 +130,8 @@ class PPO:
                "value/clipfrac": float(vstats["vf_clipfrac"]) * world}
         if ptx_part is not None:
             rec["ptx/loss"] = ptx_part.item() / cfg.ptx_coef * world
+        if kl is not None:
+            rec["policy/kl_loss"] = kl.item() * world
         return rec
 
 

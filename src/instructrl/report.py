@@ -95,16 +95,20 @@ def figures(stages: dict, curves: dict, out: Path) -> dict[str, str]:
     """The report's plots as PNG files under out/plots and base64 for the HTML page."""
     figs = {}
     rl = [k for k in curves if curves[k]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
     for k in rl:
         ep = [c["train/episodes"] for c in curves[k]]
+        kl = _smooth([c["objective/kl"] for c in curves[k]])
         line, = axes[0].plot(ep, _smooth([c["objective/score"] for c in curves[k]]), label=f"{label(k)} proxy")
         if "objective/gold" in curves[k][0]:
-            axes[0].plot(ep, _smooth([c["objective/gold"] for c in curves[k]]), "--", color=line.get_color(),
-                         label=f"{label(k)} gold")
-        axes[1].plot(ep, _smooth([c["objective/kl"] for c in curves[k]]), label=label(k))
+            gold = _smooth([c["objective/gold"] for c in curves[k]])
+            axes[0].plot(ep, gold, "--", color=line.get_color(), label=f"{label(k)} gold")
+            axes[2].plot(kl, gold, color=line.get_color(), label=label(k))
+        axes[1].plot(ep, kl, label=label(k))
     axes[0].set(title="Reward vs episodes (solid: reward model, dashed: gold)", xlabel="episodes", ylabel="reward")
     axes[1].set(title="KL to SFT vs episodes", xlabel="episodes", ylabel="Σ_t k1 per response")
+    axes[2].set(title="Gold reward vs KL to SFT (training rollouts)", xlabel="Σ_t k1 per response",
+                ylabel="gold reward")
     for a in axes:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)

@@ -32,7 +32,7 @@ from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, c
 from .chat import use_chat_template
 from .options import DataOptions, LoraOptions, MemoryOptions, RunOptions, config, group, option
 from .rewards import RewardOptions, Rewards, load_rewards, model_dirs
-from .rollout import KL_ESTIMATORS, make_rollout, rollout_metrics
+from .rollout import KL_ESTIMATORS, KL_PLACES, make_rollout, rollout_metrics
 from .run import Run
 from .sampling import PromptTooLong, encode_prompts
 
@@ -60,7 +60,9 @@ class RLConfig:
     temperature: float = option(0.7, "sampling temperature, also used in every log-prob [LHP]", gt=0)
     lr: float = option(3e-5, "learning rate (Adam)", gt=0)
     beta: float = option(0.05, "KL coefficient β (initial β with the adaptive controller)", ge=0)
-    kl_estimator: str = option("k1", "per-token KL estimator in the reward: k1 | k3 [KL]")
+    kl_estimator: str = option("k1", "per-token KL estimator: k1 | k3 in the reward; k2 | k3 in the loss [KL, KLG]")
+    kl_in: str = option("reward", "where the KL penalty goes: reward (−β·k_t per token) | loss (β·mean k_t added to "
+                                  "the policy loss; k3 with the ratio π_θ/π_old) [KLG]")
     kl_target: float | None = option(None, "set to use the adaptive KL controller with this target [LHP]", gt=0)
     kl_horizon: int = option(10000, "horizon of the adaptive KL controller [LHP]", ge=1)
     missing_eos_penalty: float = option(-1.0, "score of a response that does not end within max_new_tokens [N+ D23]")
@@ -207,6 +209,12 @@ def check_rl(cfg: RLConfig) -> None:
                          f"not {cfg.temperature}")
     if cfg.kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, not {cfg.kl_estimator!r}")
+    if cfg.kl_in not in KL_PLACES:
+        raise ValueError(f"kl_in must be reward or loss, not {cfg.kl_in!r}")
+    if cfg.kl_estimator not in KL_PLACES[cfg.kl_in]:
+        why = {"reward": "k2 is a biased estimate of the KL (use k1, or k2 with --kl-in loss)",
+               "loss": "k1 in the loss has zero expected gradient (use k2 or k3, or k1 with --kl-in reward)"}
+        raise ValueError(f"kl_estimator {cfg.kl_estimator} with kl_in {cfg.kl_in}: {why[cfg.kl_in]}")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text in the {\"text\": ...} format)")
 
@@ -255,7 +263,7 @@ def ptx_term(s: RLSetup, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor)
 
 
 # --- the algorithms -----------------------------------------------------------------------------------------------
-BUILTIN = ("ppo", "pg")   # modules under instructrl that register an algorithm
+BUILTIN = ("ppo", "pg", "grpo", "rloo")   # modules under instructrl that register an algorithm
 ALGORITHMS: dict[str, type] = {}
 
 

@@ -12,11 +12,15 @@ import torch
 
 from . import distributed as dist
 from .chat import stop_token_id
-from .losses import kl_k1, kl_k3, shaped_rewards
+from .losses import aggregate, kl_k1, kl_k2, kl_k3, kl_loss_terms, shaped_rewards
 from .models import ScalarHeadModel, base_model, evaluating
 from .sampling import SampleBatch, decode_responses, response_logprobs, sample
 
-KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+# Allowed estimators per placement (README "KL: estimator and placement") [KLG]: in the reward the estimate is a
+# return, so it must be unbiased (k1; k3 is kept: unbiased value, biased gradient); in the loss its gradient is what
+# counts (k2; k3 with the ratio), and k1's is zero in expectation.
+KL_PLACES = {"reward": ("k1", "k3"), "loss": ("k2", "k3")}
 
 
 @dataclass
@@ -73,6 +77,19 @@ def kl_in_reward(r: Rollout, beta: float, estimator: str) -> torch.Tensor:
     mask = r.mask
     kl = KL_ESTIMATORS[estimator](r.logprobs, r.ref_logprobs) * mask
     return shaped_rewards(r.scores, kl, mask, beta)
+
+
+def reward_beta(cfg, beta: float) -> float:
+    """β of the per-token shaping: 0 when the KL is in the loss instead."""
+    return beta if cfg.kl_in == "reward" else 0.0
+
+
+def kl_in_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float,
+               estimator: str, mode: str = "token", max_len: int | None = None,
+               n: torch.Tensor | None = None) -> torch.Tensor:
+    """β · the per-token KL penalty aggregated like the policy loss (`losses.kl_loss_terms`) [KLG, GRPO];
+    `n`: the token count of a whole (accumulated, all-rank) batch for the `token` mode (see masked_mean)."""
+    return beta * aggregate(kl_loss_terms(logp, old_logp, ref_logp, estimator), mask, mode, max_len, n)
 
 
 def trim(batch: SampleBatch, rows: torch.Tensor) -> tuple[SampleBatch, slice]:

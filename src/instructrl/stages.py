@@ -23,6 +23,9 @@ STAGES = [
     Stage("ppo", "PPO without ptx", "PPO (no ptx)"),
     Stage("ppo_beta0", "PPO with β = 0", "PPO β=0"),
     Stage("pg", "vanilla policy gradient", "vanilla PG"),
+    Stage("grpo", "GRPO", "GRPO"),
+    Stage("rloo", "RLOO (clipped)", "RLOO"),
+    Stage("dpo", "DPO on the rankings", "DPO"),
 ]
 BY_NAME = {s.name: s for s in STAGES}
 
