@@ -51,8 +51,29 @@ def steps(w: Path) -> list[tuple[str, list[str], list[str]]]:
     ]
 
 
+def tensors(path: Path) -> dict:
+    """A model file's tensors under the names of the plain backbone. A scalar-head directory (reward or value model)
+    written since the transformers export (`AutoModelForSequenceClassification` layout) prefixes the backbone's
+    names, adds `score.weight` (the head with the normalisation folded in) and may shift GPT-2's `ln_f.bias` by the
+    offset; the trained tensors themselves are in `scalar_head.safetensors` beside it, so compare those."""
+    t = load_file(str(path))
+    head = path.with_name("scalar_head.safetensors")
+    if "score.weight" not in t or not head.is_file():
+        if head.is_file():
+            t.update({f"head.{k}": v for k, v in load_file(str(head)).items()})
+        return t
+    prefix = next(k for k in t if k.endswith("ln_f.weight") or k.endswith("norm.weight")).split(".")[0] + "."
+    out = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+    for k, v in load_file(str(head)).items():
+        if k.startswith("backbone."):
+            out[k[len("backbone."):]] = v   # the original, unshifted backbone tensor
+        else:
+            out[f"head.{k}"] = v
+    return out
+
+
 def digest(path: Path) -> dict[str, str]:
-    return {k: hashlib.sha256(v.tobytes()).hexdigest()[:16] + str(v.dtype) for k, v in load_file(str(path)).items()}
+    return {k: hashlib.sha256(v.tobytes()).hexdigest()[:16] + str(v.dtype) for k, v in tensors(path).items()}
 
 
 def run(src: str, work: Path, name: str, args: list[str]) -> None:
