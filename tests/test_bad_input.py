@@ -92,3 +92,13 @@ def test_truncate_prompts_runs_with_a_warning(tmp_path, monkeypatch, tiny_sft_di
     with pytest.warns(UserWarning, match="left-truncated"):
         assert run_main(monkeypatch, args) == 0
     assert (tmp_path / "out" / "summary.json").is_file()
+
+
+def test_sft_truncate_prompts_warns(tmp_path, monkeypatch, tiny_lm_dir):
+    path = tmp_path / "demos.jsonl"
+    path.write_text(GOOD_DEMO + "\n" + json.dumps({"prompt": LONG_PROMPT, "response": " ok"}) + "\n" + GOOD_DEMO + "\n")
+    args = ["sft", "--model", tiny_lm_dir, "--data", path, "--out", tmp_path / "out", "--device", "cpu",
+            "--epochs", 1, "--truncate-prompts"]
+    with pytest.warns(UserWarning, match=r"1 demonstration\(s\) longer than the context.*left-truncated"):
+        assert run_main(monkeypatch, args) == 0
+    assert (tmp_path / "out" / "summary.json").is_file()
