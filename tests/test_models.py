@@ -75,7 +75,7 @@ def test_sft_loss_ignores_prompt_targets(tiny_lm_dir, world_dir):
     ids, mask, loss_mask = collate_right(ex, tok.pad_token_id)
     lp = token_logprobs(model, ids, mask)
     lp.retain_grad()
-    sft_nll(lp, loss_mask).backward()
+    sft_nll(lp, loss_mask, loss_mask.sum()).backward()
     for i, (seq, n_prompt) in enumerate(ex):
         assert (lp.grad[i, : n_prompt - 1] == 0).all()               # targets that are prompt tokens
         assert (lp.grad[i, n_prompt - 1: len(seq) - 1] != 0).all()   # response tokens, EOS included
@@ -93,9 +93,10 @@ def test_sft_loss_unchanged_when_prompt_targets_change(tiny_lm_dir, world_dir):
         lp = token_logprobs(model, ids, mask)
     changed = lp.clone()
     changed[loss_mask == 0] = -123.0
-    assert sft_nll(lp, loss_mask).item() == sft_nll(changed, loss_mask).item()
+    n = loss_mask.sum()
+    assert sft_nll(lp, loss_mask, n).item() == sft_nll(changed, loss_mask, n).item()
     reference = -lp.double()[loss_mask == 1].mean().item()  # float64 mean over the response tokens
-    assert sft_nll(lp, loss_mask).item() == pytest.approx(reference, rel=1e-6)
+    assert sft_nll(lp, loss_mask, n).item() == pytest.approx(reference, rel=1e-6)
 
 
 def test_sft_is_deterministic_by_seed(tiny_lm_dir, world_dir, tmp_path):

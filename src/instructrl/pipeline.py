@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ def stage_fingerprint(cfg, extra_inputs: dict | None = None, contents: bool = Tr
         value = f.get(cfg)
         if f.wired and f.name not in ("seed", "dtype", "device", "progress", "overwrite"):
             if f.name != "out" and value:
-                inputs[f.name] = value
+                for i, v in enumerate(value if isinstance(value, list) else [value]):  # e.g. several --reward
+                    inputs[f"{f.name}[{i}]" if isinstance(value, list) else f.name] = re.sub(r"@[0-9.eE+-]+$", "", v)
         elif f.name not in NOT_LEARNED:
             options[f.name] = value
     return {"options": options, "inputs": {k: content_id(v) if contents else None for k, v in inputs.items()}}
