@@ -14,17 +14,16 @@ import random
 
 import torch
 from torch.nn.utils import clip_grad_norm_
-from transformers import get_cosine_schedule_with_warmup
 
 from . import distributed as dist
 from .chat import use_chat_template
-from .data import DataError, Ranking, collate_right, read_rankings
+from .data import Ranking, collate_right, read_rankings
 from .losses import dpo_loss
 from .models import (AdapterDisabled, apply_lora, context_length, freeze, load_causal_lm, load_tokenizer,
                      save_causal_lm, token_logprobs, trainable_parameters)
-from .optim import adam
+from .optim import adamw_cosine
 from .options import LoraOptions, PairDataOptions, RunOptions, config, group, option
-from .reward import encode_pair, prompt_key
+from .reward import check_fits, encode_pair, next_indices, split_by_prompt
 from .run import Run
 
 LOSSES = ("sigmoid", "ipo")
@@ -109,37 +108,21 @@ def dpo(cfg: DPOConfig) -> dict:
     tokenizer = use_chat_template(load_tokenizer(cfg.policy), cfg.fmt.chat_template)
     policy = load_causal_lm(cfg.policy, device, dtype)
     max_len = context_length(policy)
-    for r in rankings:  # every example must fit the context: fail now, naming the line, not mid-training
-        for resp in r.responses:
-            try:
-                encode_pair(tokenizer, r.prompt, resp, max_len, cfg.truncate_prompts)
-            except ValueError as e:
-                raise DataError(cfg.data, r.line, str(e), "responses") from None
+    check_fits(rankings, tokenizer, max_len, cfg.truncate_prompts, cfg.data)
     if cfg.lora.r:
         policy = apply_lora(policy, cfg.lora)
     ref = AdapterDisabled(policy) if cfg.lora.r and not cfg.ref else freeze(load_causal_lm(cfg.ref or cfg.policy,
                                                                                           device, dtype))
     # Held-out split by prompt, as the reward model's (same seed: the same prompts held out).
     rng = random.Random(cfg.run.seed)
-    prompts = sorted({prompt_key(r.prompt) for r in rankings})
-    rng.shuffle(prompts)
-    held = set(prompts[: max(1, int(len(prompts) * cfg.val_fraction))]) if len(prompts) > 1 else set()
-    train = [r for r in rankings if prompt_key(r.prompt) not in held]
-    val = [r for r in rankings if prompt_key(r.prompt) in held]
-    steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
-    params = trainable_parameters(policy)
-    optimizer = adam(params, decoupled_weight_decay=True, lr=cfg.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+    train, val = split_by_prompt(rankings, cfg.val_fraction, rng)  # as the reward model splits them
+    steps, params = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size)), trainable_parameters(policy)
+    optimizer, scheduler = adamw_cosine(params, cfg.lr, steps, cfg.warmup_ratio)
     st = run.resume({"policy": policy}, optimizer, scheduler, {"shuffle": rng}) or {"order": []}
     with run.output() as tmp:
         policy.train()
         for step in run.progress(steps, desc="dpo"):
-            if len(st["order"]) < cfg.batch_size:
-                fresh = list(range(len(train)))
-                rng.shuffle(fresh)
-                st["order"] += fresh
-            batch = [train[i] for i in st["order"][:cfg.batch_size]]
-            del st["order"][:cfg.batch_size]
+            batch = [train[i] for i in next_indices(st["order"], len(train), cfg.batch_size, rng)]
             optimizer.zero_grad(set_to_none=True)
             loss, stats = batch_loss(policy, ref, tokenizer, batch, cfg, max_len, device)
             grad_norm = float("nan")

@@ -94,12 +94,19 @@ def clipped_epochs(algo, r: Rollout, advantages: torch.Tensor, beta: float, step
 
 
 class ClippedGroupAlgorithm:
-    """What GRPO and clipped RLOO share: a policy, Adam, a shuffle stream, k samples per prompt."""
+    """What GRPO and clipped RLOO share: a policy, Adam, a shuffle stream, k samples per prompt (the config field
+    named by `group_field`)."""
 
     needs_value = False
+    group_field = "samples_per_prompt"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        group_update_check(cfg, getattr(cfg, cls.group_field))
 
     def __init__(self, cfg, s, nonfinite):
         self.cfg, self.s, self.nonfinite = cfg, s, nonfinite
+        self.samples_per_prompt = getattr(cfg, self.group_field)
         self.minibatch = per_rank(cfg.minibatch_size, "minibatch_size")
         s.policy.train()
         self.params = trainable_parameters(s.policy)
@@ -112,17 +119,13 @@ class ClippedGroupAlgorithm:
 class GRPO(ClippedGroupAlgorithm):
     """Step 3 with GRPO: group-normalised advantages, clipped updates, no value model, KL in the loss."""
 
-    name, config = "grpo", GRPOConfig
+    name, config, group_field = "grpo", GRPOConfig, "group_size"
 
-    @staticmethod
-    def check(cfg: GRPOConfig) -> None:
-        group_update_check(cfg, cfg.group_size)
+    @classmethod
+    def check(cls, cfg: GRPOConfig) -> None:
+        super().check(cfg)
         if cfg.loss_agg not in AGGREGATIONS:
             raise ValueError(f"loss_agg must be one of {', '.join(AGGREGATIONS)}, not {cfg.loss_agg!r}")
-
-    def __init__(self, cfg: GRPOConfig, s, nonfinite):
-        super().__init__(cfg, s, nonfinite)
-        self.samples_per_prompt = cfg.group_size
 
     def update(self, r: Rollout, beta: float, step: int) -> dict:
         cfg, mask = self.cfg, r.mask

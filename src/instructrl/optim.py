@@ -55,3 +55,12 @@ def adam(params, decoupled_weight_decay: bool = False, **kw) -> torch.optim.Opti
         except RuntimeError:  # torch < 2.4 has no fused kernel for CPU tensors
             pass
     return cls(params, **kw)
+
+
+def adamw_cosine(params, lr: float, steps: int, warmup_ratio: float, weight_decay: float = 0.0):
+    """AdamW with a linear warm-up over warmup_ratio · steps, then cosine decay to 0 (SFT, RM, DPO).
+    Returns (optimizer, scheduler)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = adam(params, decoupled_weight_decay=True, lr=lr, weight_decay=weight_decay)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * steps), steps)

@@ -16,14 +16,13 @@ import random
 
 import torch
 from torch.nn.utils import clip_grad_norm_
-from transformers import get_cosine_schedule_with_warmup
 
 from . import distributed as dist
 from .chat import encode_demo, use_chat_template
 from .data import DataError, Demo, Prompt, Ranking, Response, collate_right, read_demos, read_rankings
 from .losses import pairwise_accuracy, ranking_loss
 from .models import ScalarHeadModel, apply_lora, checkpoint_activations, context_length, load_tokenizer, trainable_parameters
-from .optim import adam
+from .optim import adamw_cosine
 from .options import LoraOptions, MemoryOptions, PairDataOptions, RunOptions, config, group, option
 from .run import Run
 
@@ -166,9 +165,38 @@ def prompt_key(prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
+def check_fits(rankings: list[Ranking], tokenizer, max_len: int, truncate: bool, path) -> None:
+    """Every (prompt, response) must fit the context: fail now, naming the line, not mid-training."""
+    for r in rankings:
+        for resp in r.responses:
+            try:
+                encode_pair(tokenizer, r.prompt, resp, max_len, truncate)
+            except ValueError as e:
+                raise DataError(path, r.line, str(e), "responses") from None
+
+
+def split_by_prompt(rankings: list[Ranking], val_fraction: float, rng: random.Random) -> tuple[list, list]:
+    """(train, held out): held-out prompts drawn in a seeded order, so no prompt's responses are in both."""
+    prompts = sorted({prompt_key(r.prompt) for r in rankings})
+    rng.shuffle(prompts)
+    held = set(prompts[: max(1, int(len(prompts) * val_fraction))]) if len(prompts) > 1 else set()
+    train = [r for r in rankings if prompt_key(r.prompt) not in held]
+    return train, [r for r in rankings if prompt_key(r.prompt) in held]
+
+
+def next_indices(order: list[int], n_items: int, size: int, rng: random.Random) -> list[int]:
+    """The next `size` indices of passes over n_items, each pass in a fresh seeded order; `order` (the rest of the
+    current pass, kept in checkpoints) is consumed in place."""
+    if len(order) < size:
+        fresh = list(range(n_items))
+        rng.shuffle(fresh)
+        order += fresh
+    taken = order[:size]
+    del order[:size]
+    return taken
+
+
 def train_reward_model(cfg: RewardConfig) -> dict:
-    dist.check_fsdp(cfg.run, cfg.lora)
-    cfg.mem.check()
     run = Run("reward", cfg, cfg.run, cfg.out)
     device, dtype = run.device, run.dtype
     rankings = read_rankings(cfg.data, split=cfg.fmt.split, columns=cfg.fmt.columns())
@@ -180,20 +208,11 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     tokenizer = use_chat_template(load_tokenizer(cfg.model), cfg.fmt.chat_template)
     model = ScalarHeadModel.from_backbone(cfg.model, device, dtype)
     max_len = context_length(model.backbone)
-    for r in rankings:  # every example must fit the context: fail now, naming the line, not mid-training
-        for resp in r.responses:
-            try:
-                encode_pair(tokenizer, r.prompt, resp, max_len, cfg.truncate_prompts)
-            except ValueError as e:
-                raise DataError(cfg.data, r.line, str(e), "responses") from None
+    check_fits(rankings, tokenizer, max_len, cfg.truncate_prompts, cfg.data)
 
     # Held-out split by prompt, so no prompt's responses are in both.
     rng = random.Random(cfg.run.seed)
-    prompts = sorted({prompt_key(r.prompt) for r in rankings})
-    rng.shuffle(prompts)
-    held = set(prompts[: max(1, int(len(prompts) * cfg.val_fraction))]) if len(prompts) > 1 else set()
-    train = [r for r in rankings if prompt_key(r.prompt) not in held]
-    val = [r for r in rankings if prompt_key(r.prompt) in held]
+    train, val = split_by_prompt(rankings, cfg.val_fraction, rng)
     train_items = train if cfg.grouped else as_independent_pairs(train)
 
     comparisons = sum(len(r.pairs()) for r in train)
@@ -209,19 +228,14 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         dist.fsdp_shard(model)
     train_model = dist.wrap(model, cfg.run.fsdp)  # training forwards (gradients averaged over ranks)
     params = trainable_parameters(model)
-    optimizer = adam(params, decoupled_weight_decay=True, lr=cfg.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+    optimizer, scheduler = adamw_cosine(params, cfg.lr, steps, cfg.warmup_ratio)
     # the data position: indices still to visit in the current pass
     st = run.resume({"model": model}, optimizer, scheduler, {"shuffle": rng}) or {"order": []}
     with run.output() as tmp:
         model.train()
         for step in run.progress(steps, desc="reward model"):
-            if len(st["order"]) < batch_size:
-                fresh = list(range(len(train_items)))
-                rng.shuffle(fresh)
-                st["order"] += fresh
-            micro = dist.micro_batches([train_items[i] for i in st["order"][:batch_size]], cfg.mem.micro_batch_size)
-            del st["order"][:batch_size]
+            rows = next_indices(st["order"], len(train_items), batch_size, rng)
+            micro = dist.micro_batches([train_items[i] for i in rows], cfg.mem.micro_batch_size)
             (n,) = dist.sum_floats(float(sum(len(r.groups) > 1 for b, counts in micro if counts for r in b)))
             optimizer.zero_grad(set_to_none=True)
             parts, c, t = [], 0, 0

@@ -11,7 +11,7 @@ surrogate's gradient is the policy gradient's; tests/test_algorithms.py checks t
 """
 from __future__ import annotations
 
-from .grpo import ClippedGroupAlgorithm, clipped_epochs, group_update_check
+from .grpo import ClippedGroupAlgorithm, clipped_epochs
 from .options import config, option
 from .pg import pg_advantages
 from .rl import RLConfig, register
@@ -32,14 +32,6 @@ class RLOO(ClippedGroupAlgorithm):
     """Step 3 with RLOO: leave-one-out baseline over k samples per prompt, clipped updates over several epochs."""
 
     name, config = "rloo", RLOOConfig
-
-    @staticmethod
-    def check(cfg: RLOOConfig) -> None:
-        group_update_check(cfg, cfg.samples_per_prompt)
-
-    def __init__(self, cfg: RLOOConfig, s, nonfinite):
-        super().__init__(cfg, s, nonfinite)
-        self.samples_per_prompt = cfg.samples_per_prompt
 
     def update(self, r: Rollout, beta: float, step: int) -> dict:
         cfg = self.cfg

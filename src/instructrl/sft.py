@@ -15,14 +15,13 @@ import warnings
 
 import torch
 from torch.nn.utils import clip_grad_norm_
-from transformers import get_cosine_schedule_with_warmup
 
 from . import distributed as dist
 from .chat import encode_demo, use_chat_template
 from .data import DataError, collate_right, read_demos
 from .models import (apply_lora, checkpoint_activations, context_length, load_causal_lm, load_tokenizer, save_causal_lm, token_logprobs,
                      trainable_parameters, trainable_state)
-from .optim import adam
+from .optim import adamw_cosine
 from .options import DemoDataOptions, LoraOptions, MemoryOptions, RunOptions, config, group, option
 from .run import Run
 
@@ -92,8 +91,6 @@ def keep_best(best: dict | None, model) -> dict:
 
 
 def sft(cfg: SFTConfig) -> dict:
-    dist.check_fsdp(cfg.run, cfg.lora)
-    cfg.mem.check()
     run = Run("sft", cfg, cfg.run, cfg.out)
     device, dtype = run.device, run.dtype
     lines: list[int] = []
@@ -133,9 +130,7 @@ def sft(cfg: SFTConfig) -> dict:
     if cfg.run.fsdp:
         dist.fsdp_shard(model)
     train_model = dist.wrap(model, cfg.run.fsdp)  # training forwards (gradients averaged over ranks)
-    optimizer = adam(trainable_parameters(model), decoupled_weight_decay=True, lr=cfg.lr,
-                     weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    optimizer, scheduler = adamw_cosine(trainable_parameters(model), cfg.lr, total, cfg.warmup_ratio, cfg.weight_decay)
     pad = tokenizer.pad_token_id
     # The run's state: the current epoch's order and early stopping (+ the best weights, trainable part only:
     # under LoRA the adapters).
