@@ -146,7 +146,10 @@ def flood(base: str, token: str, mb: float, stop, out) -> None:
     """The abusive labeler: POST bodies of `mb` MB in a loop, alternately with Content-Length and streamed
     (chunked, no length); count the answers. Runs in a process of its own, so it competes for the server only."""
     body = b'{"task_id": 1, "ranking": [' + b"0, " * int(mb * 2**20 / 3) + b"0]}"
-    chunks = lambda: (body[i:i + 2**20] for i in range(0, len(body), 2**20))  # noqa: E731
+
+    def chunks():
+        return (body[i:i + 2**20] for i in range(0, len(body), 2**20))
+
     seen = Counter()
     with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {token}",
                                                            "Content-Type": "application/json"}) as client:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from .stages import label
+from .utils import atomic_write_text, write_json
 
-from .stages import label  # noqa: E402
-from .utils import atomic_write_text, write_json  # noqa: E402
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
 METRICS = ["toxicity_rate", "gold_reward", "rm_reward", "win_rate_gold", "win_rate_rm", "rm_gold_spearman",
            "kl_to_reference", "pretrain_loss",
