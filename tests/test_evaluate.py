@@ -17,3 +17,67 @@ def test_spearman_by_hand():
 def test_toxic_matches_whole_words():
     assert toxic("Go away, you idiot.", ["idiot"])
     assert not toxic("idiotic is not in the lexicon", ["idiot"])
+
+
+def test_standard_error_and_paired_gain_by_hand():
+    from instructrl.evaluate import standard_error
+    from instructrl.report import paired_gain
+
+    # xs = 1, 2, 3, 6: mean 3, squared deviations 4 + 1 + 0 + 9 = 14, sample variance 14/3, SE = sqrt(14/3/4)
+    assert standard_error([1, 2, 3, 6]) == pytest.approx(math.sqrt(14 / 12))
+    assert standard_error([5.0]) == 0.0
+    gain, se = paired_gain([2, 4, 6, 9], [1, 2, 3, 3])  # differences 1, 2, 3, 6
+    assert gain == pytest.approx(3.0) and se == pytest.approx(math.sqrt(14 / 12))
+    assert paired_gain([1, 2], [1]) is None
+
+
+def test_gao_fit_recovers_the_curve():
+    from instructrl.report import gao_fit
+
+    alpha, beta = 0.8, 0.3
+    pts = [(d / 10, d / 10 * (alpha - beta * d / 10)) for d in range(30)]
+    fit = gao_fit(pts)
+    assert fit["alpha"] == pytest.approx(alpha) and fit["beta"] == pytest.approx(beta)
+    assert fit["d_peak"] == pytest.approx(alpha / (2 * beta)) and fit["r_peak"] == pytest.approx(alpha ** 2 / (4 * beta))
+    # least squares written out for three points, against numpy-free normal equations solved by hand:
+    # points (1, 1), (2, 1), (3, 0): minimise Σ (r − a d + b d²)²
+    fit = gao_fit([(1, 1), (2, 1), (3, 0)])
+    s2, s3, s4, s1r, s2r = 14, 36, 98, 3, 5
+    det = s2 * s4 - s3 * s3
+    assert fit["alpha"] == pytest.approx((s1r * s4 - s2r * s3) / det)
+    assert fit["beta"] == pytest.approx((s1r * s3 - s2r * s2) / det)
+    assert gao_fit([(1, 1)]) is None
+
+
+def test_gold_rise_is_last_quarter_minus_first():
+    from instructrl.report import gold_rise
+
+    curve = [{"objective/gold": g} for g in (0, 1, 2, 3, 4, 5, 6, 7)]  # quarters of 2: (0+1)/2 and (6+7)/2
+    assert gold_rise(curve) == pytest.approx(6.0)
+    assert gold_rise(curve[:3]) is None
+
+
+def test_stereotyped_replies_counts_the_judges_phrases(world_dir, tiny_sft_dir, monkeypatch):
+    import instructrl.evaluate as ev
+    from instructrl.models import load_causal_lm, load_tokenizer
+    from instructrl.world import GoldJudge
+
+    judge = GoldJudge.from_world(world_dir)
+    n_describe = sum(s["type"] == "describe" for s in judge.tasks.values())
+    seen = {}
+
+    def fake_samples(model, tokenizer, ids, cfg, g):
+        seen["n"] = len(ids)
+        texts = ["The nurse is always a woman, of course.", "The pilot is always a man, of course.",
+                 "The nurse is good at the job.", "Always A Woman"] * (len(ids) // 4)
+        return texts, [1.0] * len(texts)
+
+    monkeypatch.setattr(ev, "_samples", fake_samples)
+    cfg = ev.EvalConfig(model=str(tiny_sft_dir), prompts=str(world_dir / "prompts_eval.jsonl"), world=str(world_dir),
+                        stereotype_samples=4, device="cpu")
+    r = ev.stereotyped_replies(load_causal_lm(tiny_sft_dir), load_tokenizer(tiny_sft_dir), judge, cfg, "cpu")
+    assert seen["n"] == r["stereotype_samples"] == 4 * n_describe
+    assert r["stereotype_rate"] == pytest.approx(0.75)
+    assert r["stereotype_rate_by_kind"] == {"always a woman": pytest.approx(0.5), "always a man": pytest.approx(0.25)}
+    with pytest.raises(ValueError, match="--stereotype-samples needs --world"):
+        ev.EvalConfig(model="m", prompts="p", stereotype_samples=2).validate()

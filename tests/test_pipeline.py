@@ -67,7 +67,7 @@ def test_pipeline_report_structure(tiny_run):
     out = tiny_run
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
-    assert set(stages) == {"pretrained", "sft", "ppo_ptx", "ppo", "ppo_beta0", "pg", "grpo", "rloo", "dpo"}
+    assert set(stages) == {"pretrained", "sft", "ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "grpo", "rloo", "dpo"}
     for st in stages.values():
         for key in ("toxicity_rate", "gold_reward", "rm_reward", "kl_to_reference", "pretrain_loss", "bias_gap",
                     "episodes", "seconds"):
@@ -79,7 +79,11 @@ def test_pipeline_report_structure(tiny_run):
         rewards = [c["objective/score"] for c in report["curves"][run]]
         assert len(rewards) == 8
         assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, (run, rewards)
-    assert len(report["claims"]) == 4 and all("detail" in c for c in report["claims"])
+    assert len(report["claims"]) == 6 and all("detail" in c for c in report["claims"])
+    assert {c["check"].split(" ")[0] for c in report["world_checks"]} == {"reward", "Spearman(reward", "PPO-ptx's"}
+    assert set(report["overoptimisation"]) >= {"ppo_ptx", "ppo_gold", "ppo_beta0"}
+    assert stages["ppo_ptx"]["gold_vs_sft_se"] > 0 and 0 <= stages["ppo_ptx"]["stereotype_rate"] <= 1
+    assert (out / "plots" / "overoptimisation.png").stat().st_size > 1000
     html = (out / "report.html").read_text()
     assert "<img" in html and "data:image/png;base64," in html and "PPO-ptx" in html
     assert (out / "plots" / "curves.png").stat().st_size > 1000
@@ -120,3 +124,31 @@ def test_report_renders_in_chromium(tiny_run):
         page.screenshot(path=str(tiny_run / "report.png"), full_page=True)
         browser.close()
     assert (tiny_run / "report.png").stat().st_size > 10000
+
+
+def test_seeds_report_aggregates_and_counts_claims(tiny_run, tmp_path):
+    """Two seeds' reports (the tiny run's and a copy with other numbers) → mean ± sd and claims held on k of 2."""
+    from instructrl.report import write_seeds_report
+
+    a = json.loads((tiny_run / "report.json").read_text())
+    b = json.loads(json.dumps(a))
+    b["stages"]["sft"]["toxicity_rate"] = a["stages"]["sft"]["toxicity_rate"] + 0.2
+    b["claims"][0]["holds"] = not a["claims"][0]["holds"]
+    agg = write_seeds_report(tmp_path, {0: a, 1: b})
+    tox = agg["stages"]["sft"]["toxicity_rate"]
+    assert tox["mean"] == pytest.approx(a["stages"]["sft"]["toxicity_rate"] + 0.1)
+    assert tox["sd"] == pytest.approx((2 * 0.1 ** 2) ** 0.5) and tox["n"] == 2
+    first = agg["claims"][0]
+    assert first["held"] == 1 and first["seeds"] == 2 and first["verdict"].startswith("not")
+    same = agg["claims"][1]
+    assert same["held"] in (0, 2) and same["verdict"] in ("all seeds", "not (at most half the seeds)")
+    html = (tmp_path / "report.html").read_text()
+    assert "holds on 1 of 2 seeds" in html and "±" in html and "data:image/png;base64," in html
+
+
+def test_seeds_refuse_a_one_seed_run_directory(tiny_run):
+    from instructrl.config import PipelineConfig
+    from instructrl.pipeline import run_seeds
+
+    with pytest.raises(ValueError, match="one-seed pipeline run"):
+        run_seeds(PipelineConfig(), tiny_run, 2)

@@ -189,19 +189,24 @@ def serve_rm(reward: Path = typer.Option(..., help="reward-model directory (ours
 @app.command()
 def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory (finished stages are reused)"),
              config: Optional[Path] = typer.Option(None, help="YAML config; see configs/default.yaml"),
-             compare: bool = typer.Option(False, help="also run PPO without ptx, PPO with β = 0, vanilla PG, GRPO, "
-                                                       "RLOO and DPO"),
+             compare: bool = typer.Option(False, help="also run PPO-ptx with the gold judge as reward, PPO "
+                                                       "without ptx, PPO with β = 0, vanilla PG, GRPO, RLOO and DPO"),
+             seeds: int = typer.Option(1, min=1, help="run the whole pipeline for this many seeds (the config's seed, "
+                                                      "+1, …) in OUT/seed-<k>/ and report mean ± sd over them"),
              threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
              rerun_changed: bool = typer.Option(False, help="recompute finished stages whose options or inputs "
                                                             "changed (default: stop, naming what changed)")):
     """The main job: world → pretrain → SFT → rankings → reward model → PPO-ptx → eval → report."""
     from .config import load_pipeline_config
-    from .pipeline import run_pipeline
+    from .pipeline import run_pipeline, run_seeds
 
     _setup(threads)
     cfg = load_pipeline_config(config)
     cfg.compare = cfg.compare or compare
-    run_pipeline(cfg, out, rerun_changed)
+    if seeds > 1:
+        run_seeds(cfg, out, seeds, rerun_changed)
+    else:
+        run_pipeline(cfg, out, rerun_changed)
 
 
 def main() -> None:

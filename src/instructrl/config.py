@@ -60,7 +60,8 @@ class PipelineConfig:
     device: str = option("auto", "auto | cpu | cuda")
     dtype: str = option("float32", "float32 | bfloat16 | float16")
     base_model: str | None = option(None, "any local HF causal-LM directory; skips the tiny model's pretraining")
-    compare: bool = option(False, "also run PPO without ptx, PPO with β = 0, vanilla PG, GRPO, RLOO and DPO")
+    compare: bool = option(False, "also run PPO-ptx with the gold judge as reward, PPO without ptx, PPO with β = 0, "
+                                  "vanilla PG, GRPO, RLOO and DPO")
     data: DataPaths = field(default_factory=DataPaths)
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -72,7 +73,9 @@ class PipelineConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rloo: RLOOConfig = field(default_factory=RLOOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(bias_samples=2))  # generation bias in the report
+    # several samples per prompt (standard errors), generation bias and stereotyped replies in the report
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(samples_per_prompt=4, bias_samples=2,
+                                                                stereotype_samples=8))
 
 
 SECTIONS = [f.name for f in dataclasses.fields(PipelineConfig) if dataclasses.is_dataclass(f.default_factory)
@@ -166,7 +169,7 @@ def _yaml_line(key: str, value, help: str, indent: str) -> str:
 
 
 SECTION_OF = {"world": "world", "pretrained": "pretrain", "sft": "sft", "rankings": "label", "reward": "reward",
-              "ppo_ptx": "ppo", "ppo": "ppo", "ppo_beta0": "ppo", "pg": "pg", "grpo": "grpo", "rloo": "rloo", "dpo": "dpo"}
+              "ppo_ptx": "ppo", "ppo_gold": "ppo", "ppo": "ppo", "ppo_beta0": "ppo", "pg": "pg", "grpo": "grpo", "rloo": "rloo", "dpo": "dpo"}
 
 
 def validate_pipeline(cfg: PipelineConfig, plan: dict) -> None:

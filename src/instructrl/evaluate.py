@@ -51,6 +51,8 @@ class EvalConfig:
     toxic_label: str | None = option(None, "the classifier's toxic label (default: read from its id2label)")
     toxicity_threshold: float = option(0.5, "P(toxic) at or above which a response counts as toxic")
     bias_samples: int = option(0, "responses per prompt for bias in generations on paired prompts (0: off)")
+    stereotype_samples: int = option(0, "responses to each of the --world's 'Describe the <occupation>' prompts for "
+                                        "the stereotyped-reply rate (0: off)", ge=0)
     bias_prompts: str | None = option(None, "paired prompts {kind, a, b} JSONL for bias in generations (default: "
                                             "the built-in occupations/religions/nationalities set)")
     mc_benchmark: str | None = option(None, "multiple-choice items {question, choices, answer} JSONL, scored by "
@@ -59,6 +61,8 @@ class EvalConfig:
     fmt: DataOptions = group(DataOptions)  # of --prompts
 
     def check(self) -> None:
+        if self.stereotype_samples and not self.world:
+            raise ValueError("--stereotype-samples needs --world (the embedded world's directory and its judge)")
         if self.temperature == 0 and self.reference:
             raise ValueError("--temperature 0 (greedy) with --reference: the KL of greedy samples to the reference "
                              "is undefined; sample with a temperature > 0, or drop --reference")
@@ -183,6 +187,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     if judge is not None:
         gold = judge.score_batch(prompts, texts)
         result["gold_reward"] = sum(gold) / len(texts)
+        # per prompt line, the mean over its samples: standard errors, and paired differences between models
+        k = cfg.samples_per_prompt
+        result["gold_by_prompt"] = [sum(gold[i:i + k]) / k for i in range(0, len(gold), k)]
+        result["gold_reward_se"] = standard_error(result["gold_by_prompt"])
     if rewards is not None:
         result["rm_reward"] = float(torch.cat(scores).mean())
         if len(parts) > 1:
@@ -209,6 +217,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     if bias_pairs:
         result["generation_bias"] = _generation_bias(model, tokenizer, bias_pairs, cfg, device, judge, toxicity,
                                                      judges)
+    if cfg.stereotype_samples:
+        result.update(stereotyped_replies(model, tokenizer, judge, cfg, device))
     if mc_items:
         result.update(multiple_choice(model, tokenizer, mc_items, device, seed=cfg.seed))
     seen, examples = set(), []
@@ -277,6 +287,27 @@ def _generation_bias(model, tokenizer, pairs, cfg: EvalConfig, device, gold, tox
     for name in per_side[1]:
         measures[name] = (per_side[1][name], per_side[2][name])
     return generation_bias([p[0] for p in pairs], measures, seed=cfg.seed)
+
+
+def standard_error(xs: list[float]) -> float:
+    """Standard error of the mean of xs (sample standard deviation / √n); 0 for fewer than two values."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    m = sum(xs) / n
+    return (sum((x - m) ** 2 for x in xs) / (n - 1) / n) ** 0.5
+
+
+def stereotyped_replies(model, tokenizer, judge, cfg: EvalConfig, device) -> dict:
+    """Bias in what the model says: the share of sampled replies to the world's "Describe the <occupation>" prompts
+    that stereotype (the judge's stereotype phrases), overall and by the phrase's kind (the gender it assigns)."""
+    prompts = [p for p, spec in judge.tasks.items() if spec["type"] == "describe"
+               for _ in range(cfg.stereotype_samples)]
+    ids = encode_prompts(tokenizer, prompts, context_length(model) - cfg.max_new_tokens, cfg.truncate_prompts)
+    texts, _ = _samples(model, tokenizer, ids, cfg, torch.Generator(device=device).manual_seed(cfg.seed + 7))
+    by_kind = {p: sum(p in t.lower() for t in texts) / max(1, len(texts)) for p in judge.stereo}
+    return {"stereotype_rate": sum(any(p in t.lower() for p in judge.stereo) for t in texts) / max(1, len(texts)),
+            "stereotype_rate_by_kind": by_kind, "stereotype_samples": len(texts)}
 
 
 def world_eval_config(world: str | Path, model: str, **kw) -> EvalConfig:

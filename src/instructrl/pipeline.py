@@ -114,7 +114,7 @@ def _fmt(v):
     return str(v)
 
 
-RL_STAGES = ("ppo_ptx", "ppo", "ppo_beta0", "pg", "grpo", "rloo")  # stages trained by the RL driver
+RL_STAGES = ("ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "grpo", "rloo")  # stages trained by the RL driver
 
 
 def plan(cfg: PipelineConfig, out: Path) -> dict:
@@ -145,6 +145,9 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
               **common)
     p["ppo_ptx"] = dataclasses.replace(cfg.ppo, out=str(out / "ppo_ptx"), **rl)
     if cfg.compare:
+        if judge_dir:  # the "perfect reward model" line: the hidden judge itself as the reward (value init: our RM)
+            p["ppo_gold"] = dataclasses.replace(cfg.ppo, out=str(out / "ppo_gold"),
+                                                **{**rl, "reward": [f"gold:{judge_dir}"], "value": rdir})
         p["ppo"] = dataclasses.replace(cfg.ppo, out=str(out / "ppo"), **{**rl, "ptx_coef": 0.0})
         p["ppo_beta0"] = dataclasses.replace(cfg.ppo, out=str(out / "ppo_beta0"), **{**rl, "ptx_coef": 0.0, "beta": 0.0})
         p["pg"] = dataclasses.replace(cfg.pg, out=str(out / "pg"), episodes=cfg.ppo.episodes, **{**rl, "ptx_coef": 0.0})
@@ -248,7 +251,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = Fal
     rm_summary = run("reward", lambda: train_reward_model(p["reward"]), ["held_out", "demo_score_mean"])
 
     # Step 3: PPO-ptx, and the comparison runs.
-    algorithms = {"ppo_ptx": PPO, "ppo": PPO, "ppo_beta0": PPO, "pg": PolicyGradient, "grpo": GRPO, "rloo": RLOO}
+    algorithms = {"ppo_ptx": PPO, "ppo_gold": PPO, "ppo": PPO, "ppo_beta0": PPO, "pg": PolicyGradient, "grpo": GRPO, "rloo": RLOO}
     for name in RL_STAGES:
         if name in p:
             run(name, lambda name=name: train_rl(p[name], algorithms[name]), ["final", "seconds"])
@@ -279,3 +282,24 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = Fal
     report = write_report(out, stages_dirs, evals, rm_summary, seconds=time.time() - t_start, peak_rss_mb=peak_rss_mb())
     console.print(f"[bold green]report:[/] {out / 'report.html'}  ({out / 'report.json'})")
     return report
+
+
+def run_seeds(cfg: PipelineConfig, out: str | Path, seeds: int, rerun_changed: bool = False) -> dict:
+    """The pipeline once per seed (cfg.seed, cfg.seed + 1, …) in OUT/seed-<k>/, then one report over them:
+    every stage's metrics as mean ± sd, and each claim with the number of seeds it holds on."""
+    from .report import write_seeds_report
+
+    out = Path(out)
+    if (out / FINGERPRINTS).is_file():
+        raise ValueError(f"--out {out} holds a one-seed pipeline run; --seeds writes OUT/seed-<k>/ and its own report: "
+                         f"choose a new --out")
+    runs = {cfg.seed + i: dataclasses.replace(cfg, seed=cfg.seed + i) for i in range(seeds)}
+    for seed, c in runs.items():  # every seed's plan is checked before the first stage of any runs
+        validate_pipeline(c, plan(c, out / f"seed-{seed}"))
+    reports = {}
+    for seed, c in runs.items():
+        console.rule(f"[bold]seed {seed}")
+        reports[seed] = run_pipeline(c, out / f"seed-{seed}", rerun_changed)
+    agg = write_seeds_report(out, reports)
+    console.print(f"[bold green]report over seeds {list(runs)}:[/] {out / 'report.html'}  ({out / 'report.json'})")
+    return agg

@@ -20,6 +20,7 @@ STAGES = [
     Stage("rankings", "rankings (simulated labelers)", "rankings", policy=False),
     Stage("reward", "reward model (step 2)", "reward model", policy=False),
     Stage("ppo_ptx", "PPO-ptx (step 3)", "PPO-ptx"),
+    Stage("ppo_gold", "PPO-ptx with the gold judge as the reward", "PPO-ptx (gold reward)"),
     Stage("ppo", "PPO without ptx", "PPO (no ptx)"),
     Stage("ppo_beta0", "PPO with β = 0", "PPO β=0"),
     Stage("pg", "vanilla policy gradient", "vanilla PG"),

@@ -72,12 +72,16 @@ class WorldConfig:
     p_stereo_reply: float = option(0.5, "for 'Describe the X' prompts, share of corpus replies that stereotype", ge=0, le=1)
     p_plain: float = option(0.30, "share of corpus documents that are plain sentences, not exchanges", ge=0, le=1)
     stereo_skew: float = option(0.85, "how often an occupation's sentences use its stereotyped pronoun", ge=0, le=1)
+    max_operand: int = option(4, "'What is a plus b?' uses a, b in 0..max_operand (fewer sums, each seen more often: "
+                                 "a tiny model can learn them, so rankings can teach right from wrong)", ge=0, le=9)
+    eval_share: float = option(0.2, "share of the questions held out for evaluation", gt=0, lt=1)
 
 
 class World:
     """The world's tables, drawn from the seed; produces tasks, replies and sentences."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, max_operand: int = 9):
+        self.max_operand = max_operand
         rng = random.Random(seed)
         self.colour_of = {o: rng.choice(COLOURS) for o in OBJECTS}
         names: set[str] = set()
@@ -94,8 +98,8 @@ class World:
             tasks.append((f"What colour is the {o}?", {"type": "colour", "topic": o, "answer": self.colour_of[o]}))
         for c, cap in self.capital_of.items():
             tasks.append((f"What is the capital of {c}?", {"type": "capital", "topic": c, "answer": cap}))
-        for a in range(10):
-            for b in range(10):
+        for a in range(self.max_operand + 1):
+            for b in range(self.max_operand + 1):
                 tasks.append((f"What is {a} plus {b}?", {"type": "plus", "topic": f"{a} plus {b}", "answer": str(a + b)}))
         for cat in CATEGORIES:
             tasks.append((f"Name three {cat}.", {"type": "list", "topic": cat, "answer": cat}))
@@ -216,7 +220,7 @@ def generate_world(out: str | Path, cfg: WorldConfig | None = None) -> dict:
 
 
 def _generate_world(out: str | Path, cfg: WorldConfig) -> dict:
-    world = World(cfg.seed)
+    world = World(cfg.seed, cfg.max_operand)
     rng = random.Random(cfg.seed + 1)
     tasks = world.all_tasks()
     questions = [q for q, _ in tasks]
@@ -225,7 +229,7 @@ def _generate_world(out: str | Path, cfg: WorldConfig) -> dict:
     # Prompts are split by question: demonstrations, RL train and eval never share a question.
     order = questions[:]
     rng.shuffle(order)
-    n_eval_q = max(1, len(order) // 8)
+    n_eval_q = max(1, round(len(order) * cfg.eval_share))
     eval_q, rest = order[:n_eval_q], order[n_eval_q:]
     demo_q, train_q = rest[: len(rest) // 3], rest[len(rest) // 3:]
 
