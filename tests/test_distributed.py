@@ -206,7 +206,7 @@ def test_ppo_two_ranks_single_writer_and_exact_resume(tiny_sft_dir, tiny_rm_dir,
     assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
 
 
-# --- FSDP + LoRA + checkpoints: SIGKILL after a checkpoint, --resume, the same final weights ---------------------------
+# --- FSDP + LoRA + checkpoints: SIGKILL after a checkpoint, --resume, the same final weights -----------------------
 def torchrun_cmd(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
             "--master_port", str(free_port()), "-m", "instructrl.cli", *map(str, args)]

@@ -8,9 +8,10 @@ skipped with a warning and the previous one is used.
 
 Models are saved unwrapped (a DDP module's keys are the plain model's) and without frozen weights (under LoRA only
 the adapters and heads, the base being re-read from its directory). FSDP-sharded models and their optimizer state
-are gathered whole into the same files (see `distributed.gathered_state`) and scattered back to the shards on resume. Under torch.distributed every rank calls
-`save`; their random states and per-rank counters are gathered and rank 0 alone writes (`rng.safetensors` for rank
-0, `rng.rank{r}.safetensors` for the others); on resume each rank restores its own.
+are gathered whole into the same files (see `distributed.gathered_state`) and scattered back to the shards on resume.
+Under torch.distributed every rank calls `save`; their random states and per-rank counters are gathered and rank 0
+alone writes (`rng.safetensors` for rank 0, `rng.rank{r}.safetensors` for the others); on resume each rank restores
+its own.
 """
 from __future__ import annotations
 
