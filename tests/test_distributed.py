@@ -251,7 +251,7 @@ def test_fsdp_lora_sft_sigkill_resume_is_identical(tiny_lm_dir, world_dir, tmp_p
     save is the merged model, as one process without FSDP writes it (to 1e-6)."""
     from instructrl.sft import SFTConfig, sft
 
-    kw = dict(epochs=4, batch_size=36, lr=1e-3, eval_every=3, patience=100)
+    kw = dict(epochs=2, batch_size=36, lr=1e-3, eval_every=2, patience=100)
     args = ["sft", "--model", tiny_lm_dir, "--data", world_dir / "demos.jsonl", "--device", "cpu", "--fsdp",
             "--lora-r", 4, "--save-every", 2, *sum(([f"--{k.replace('_', '-')}", v] for k, v in kw.items()), [])]
 
@@ -272,7 +272,7 @@ def test_fsdp_lora_sft_sigkill_resume_is_identical(tiny_lm_dir, world_dir, tmp_p
 def test_fsdp_lora_ppo_sigkill_resume_is_identical(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path):
     """PPO, --fsdp --lora-r 4 (policy and value model sharded, adapters trained, the reference = adapters off)."""
     args = ["ppo", "--policy", tiny_sft_dir, "--reward", tiny_rm_dir, "--prompts", world_dir / "prompts_train.jsonl",
-            "--episodes", 64, "--batch-size", 16, "--minibatch-size", 8, "--max-new-tokens", 8, "--kl-target", 1.0,
+            "--episodes", 48, "--batch-size", 16, "--minibatch-size", 8, "--max-new-tokens", 8, "--kl-target", 1.0,
             "--device", "cpu", "--fsdp", "--lora-r", 4, "--save-every", 1]
 
     def check(ckpt):
