@@ -6,9 +6,9 @@ tokens/s, seconds per PPO iteration, peak CUDA memory and model FLOPs utilisatio
     torchrun --nproc_per_node 1 benchmarks/gpu_check.py --fsdp
     python benchmarks/gpu_check.py --tiny --device cpu      # the CI smoke test (tests/test_gpu_check.py)
 
---fsdp shards the models with FSDP (torch's fully_shard); FSDP does not take LoRA yet, so that run fine-tunes
-fully. MFU counts model FLOPs only (6·N per trained token, 2·N per scored or generated token; checkpointing's
-recomputation is not counted) against the device's dense bf16 peak (--peak-tflops where it is not known).
+--fsdp shards the models with FSDP (torch's fully_shard), LoRA as without it. MFU counts model FLOPs only (6·N
+per trained token, 2·N per scored or generated token; checkpointing's recomputation is not counted) against the
+device's dense bf16 peak (--peak-tflops where it is not known).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny model and batch (CI: well under a minute on CPU)")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP (full fine-tuning: no LoRA with FSDP)")
+    ap.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP (torch's fully_shard)")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     ap.add_argument("--iterations", type=int, default=3, help="PPO iterations (seconds per iteration: without "
                                                                "the first, unless it is the only one)")
@@ -89,7 +89,7 @@ def main() -> None:
         dist.barrier()
     fsdp = args.fsdp
     run = dict(device=args.device, dtype=dtype, progress=False, fsdp=fsdp, gradient_checkpointing=True,
-               lora_r=0 if fsdp else 16, lora_target_modules="all-linear", overwrite=True)
+               lora_r=16, lora_target_modules="all-linear", overwrite=True)
     batch = 8 if tiny else 64
     iterations = 2 if tiny else args.iterations
     t = {}

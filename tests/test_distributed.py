@@ -3,11 +3,13 @@ KL statistics equal one process's over the same rollouts, rank 0 is the only wri
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,81 @@ def test_ppo_two_ranks_single_writer_and_exact_resume(tiny_sft_dir, tiny_rm_dir,
     strip = lambda p: [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")}
                        for x in p.read_text().splitlines()]
     assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
+
+
+# --- FSDP + LoRA + checkpoints: SIGKILL after a checkpoint, --resume, the same final weights -----------------------
+def torchrun_cmd(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "-m", "instructrl.cli", *map(str, args)]
+
+
+def kill_two_ranks_after_first_checkpoint(args, ckpt_dir):
+    """test_resume's kill_after_first_checkpoint for torchrun: SIGKILL the launcher and both ranks (its process
+    group) as soon as the first checkpoint is complete."""
+    p = subprocess.Popen(torchrun_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.time() + 240
+    while not (ckpt_dir.is_dir() and any(x.name.startswith("step-") for x in ckpt_dir.iterdir())):
+        assert p.poll() is None, p.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def assert_fsdp_resume_identical(args, tmp_path, outputs, check_checkpoint):
+    """An uninterrupted 2-process FSDP run vs one killed after its first checkpoint (`check_checkpoint(dir)`) and
+    resumed: the same safetensors in every output file (`outputs`, relative to OUT), bitwise; and the same metrics."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    torchrun("-m", "instructrl.cli", *args, "--out", ref)
+    kill_two_ranks_after_first_checkpoint([*args, "--out", out], tmp_path / "run-checkpoints")
+    assert not out.exists(), "a killed run must not leave a half-written output"
+    ckpt = sorted((tmp_path / "run-checkpoints").glob("step-*"))[0]
+    assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+    check_checkpoint(ckpt)
+    torchrun("-m", "instructrl.cli", *args, "--out", out, "--resume")
+    for name in outputs:
+        a, b = load_file(ref / name), load_file(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    strip = lambda p: [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")}
+                       for x in p.read_text().splitlines()]
+    assert strip(ref / "metrics.jsonl") == strip(out / "metrics.jsonl")
+
+
+def test_fsdp_lora_sft_sigkill_resume_is_identical(tiny_lm_dir, world_dir, tmp_path):
+    """SFT, --fsdp --lora-r 4: checkpoints hold the gathered adapters (and the best ones) and Adam state; the final
+    save is the merged model, as one process without FSDP writes it (to 1e-6)."""
+    from instructrl.sft import SFTConfig, sft
+
+    kw = dict(epochs=2, batch_size=36, lr=1e-3, eval_every=2, patience=100)
+    args = ["sft", "--model", tiny_lm_dir, "--data", world_dir / "demos.jsonl", "--device", "cpu", "--fsdp",
+            "--lora-r", 4, "--save-every", 2, *sum(([f"--{k.replace('_', '-')}", v] for k, v in kw.items()), [])]
+
+    def check(ckpt):
+        saved = load_file(ckpt / "model.model.safetensors")
+        assert saved and all("lora_" in k for k in saved)  # the adapters only: the frozen base is re-read
+        assert load_file(ckpt / "optimizer.safetensors")
+
+    assert_fsdp_resume_identical(args, tmp_path, ["model.safetensors", "lora_adapter/adapter_model.safetensors"],
+                                 check)
+    sft(SFTConfig(model=str(tiny_lm_dir), data=str(world_dir / "demos.jsonl"), out=str(tmp_path / "one"),
+                  progress=False, device="cpu", lora_r=4, **kw))
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= WEIGHT_TOL
+
+
+def test_fsdp_lora_ppo_sigkill_resume_is_identical(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path):
+    """PPO, --fsdp --lora-r 4 (policy and value model sharded, adapters trained, the reference = adapters off)."""
+    args = ["ppo", "--policy", tiny_sft_dir, "--reward", tiny_rm_dir, "--prompts", world_dir / "prompts_train.jsonl",
+            "--episodes", 48, "--batch-size", 16, "--minibatch-size", 8, "--max-new-tokens", 8, "--kl-target", 1.0,
+            "--device", "cpu", "--fsdp", "--lora-r", 4, "--save-every", 1]
+
+    def check(ckpt):
+        assert sorted(p.name for p in ckpt.iterdir()) == ["metrics.jsonl", "model.policy.safetensors",
+                                                          "model.value.safetensors", "optimizer.safetensors",
+                                                          "rng.rank1.safetensors", "rng.safetensors", "state.json"]
+        assert all("lora_" in k for k in load_file(ckpt / "model.policy.safetensors"))
+
+    assert_fsdp_resume_identical(args, tmp_path, ["model.safetensors", "value_model/model.safetensors"], check)

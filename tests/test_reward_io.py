@@ -121,6 +121,36 @@ def test_export_from_a_full_state_dict_equals_the_live_one(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_lora_export_from_a_full_state_dict_equals_the_merged_live_one(tmp_path):
+    """FSDP + LoRA: the gathered state dict (adapters unmerged) is merged from its tensors; the reward model and a
+    policy directory (save_causal_lm: tied lm_head written once) equal what merging the live model writes."""
+    import copy
+
+    from instructrl.models import apply_lora, save_causal_lm
+    from instructrl.options import LoraOptions
+
+    def adapted(model, causal_lm):
+        model = apply_lora(model, LoraOptions(r=4), causal_lm=causal_lm)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                nn.init.normal_(p)  # B starts at 0: a trained-looking adapter
+        return model
+
+    rm = our_rm("gpt2")
+    rm.backbone = adapted(rm.backbone, False)
+    full = {k: v.clone() for k, v in rm.state_dict().items()}
+    copy.deepcopy(rm).save_pretrained(tmp_path / "full", full)
+    rm.save_pretrained(tmp_path / "live")
+    torch.manual_seed(0)
+    lm = adapted(GPT2LMHeadModel(ARCHS["gpt2"]()), True)
+    save_causal_lm(copy.deepcopy(lm), tmp_path / "lm-full", {k: v.clone() for k, v in lm.state_dict().items()})
+    save_causal_lm(lm, tmp_path / "lm-live")
+    for name in ("full/model.safetensors", f"full/{HEAD_FILE}", "full/lora_adapter/adapter_model.safetensors",
+                 "lm-full/model.safetensors", "lm-full/lora_adapter/adapter_model.safetensors"):
+        a, b = load_file(tmp_path / name.replace("full", "live")), load_file(tmp_path / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a), name
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_rmsnorm_offset_cannot_be_folded_and_says_so(arch, tmp_path):
     """RMSNorm's output is scale-invariant, so no linear head on it gives a constant: transformers reads

@@ -7,9 +7,11 @@ and renamed, so it is either complete or absent; the last `keep` are kept. A cor
 skipped with a warning and the previous one is used.
 
 Models are saved unwrapped (a DDP module's keys are the plain model's) and without frozen weights (under LoRA only
-the adapters and heads, the base being re-read from its directory). Under torch.distributed every rank calls
-`save`; their random states and per-rank counters are gathered and rank 0 alone writes (`rng.safetensors` for rank
-0, `rng.rank{r}.safetensors` for the others); on resume each rank restores its own.
+the adapters and heads, the base being re-read from its directory). FSDP-sharded models and their optimizer state
+are gathered whole into the same files (see `distributed.gathered_state`) and scattered back to the shards on resume.
+Under torch.distributed every rank calls `save`; their random states and per-rank counters are gathered and rank 0
+alone writes (`rng.safetensors` for rank 0, `rng.rank{r}.safetensors` for the others); on resume each rank restores
+its own.
 """
 from __future__ import annotations
 
@@ -31,12 +33,16 @@ from .utils import fsync_tree, temp_dir
 
 # --- state to and from safetensors + JSON ------------------------------------------------------------------------
 def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Tensors by "param_id.name" and the rest as JSON. FSDP-sharded state (DTensors) is gathered whole: a collective,
+    every rank calls it, in the same order (rank 0 keeps the result)."""
     sd = opt.state_dict()
     tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
+    for pid in sorted(sd["state"]):
+        for k, v in sorted(sd["state"][pid].items()):
             if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+                v = dist.whole(v)
+                if dist.is_main():
+                    tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{k}"] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -50,6 +56,11 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, meta: dict)
     for key, v in meta["scalars"].items():
         pid, k = key.split(".", 1)
         state.setdefault(int(pid), {})[k] = v
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for pid, st in state.items():  # FSDP: each rank's shard of the state of a sharded parameter (no communication)
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.shape == params[pid].shape:
+                st[k] = dist.shard_like(params[pid], v)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
@@ -107,19 +118,21 @@ class Checkpointer:
         """Write a checkpoint (rank 0; the other ranks only contribute their random state and `state`).
 
         `models` maps names to modules or to plain state dicts (e.g. best weights kept aside)."""
+        states = {name: _state(model) for name, model in models.items()}  # FSDP: gathered, every rank calls it
+        opt = _optimizer_state(optimizer) if optimizer is not None else None  # the same
         ranks = dist.gather_objects((rng_state(generators or {}), state or {}))
         if not dist.is_main():
             return None
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(self.root, ".step-")
         try:
-            for name, model in models.items():
-                sd = {k: v.detach().cpu().contiguous() for k, v in _state(model).items()}
+            for name, sd in states.items():
+                sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
                 save_file(_dedupe_shared(sd), str(tmp / f"model.{name}.safetensors"))
             meta: dict = {"step": step, "state": state or {}, "world_size": len(ranks),
                           "rank_states": [st for _, st in ranks[1:]], "rank_rng": [m for (_, m), _ in ranks[1:]]}
-            if optimizer is not None:
-                t, m = _optimizer_state(optimizer)
+            if opt is not None:
+                t, m = opt
                 save_file(t, str(tmp / "optimizer.safetensors"))
                 meta["optimizer"] = m
             if scheduler is not None:
@@ -166,6 +179,8 @@ class Checkpointer:
                 if isinstance(model, dict):
                     model.clear()
                     model.update(weights[name])
+                elif dist.is_sharded(_unwrap_ddp(model)):  # FSDP: rank 0's copy scattered to the shards
+                    dist.load_gathered_state(model, weights[name])
                 else:
                     _unwrap_ddp(model).load_state_dict(weights[name], strict=False)
             if optimizer is not None:
@@ -187,12 +202,12 @@ def _unwrap_ddp(model):
 
 
 def _state(model) -> dict:
+    """What a checkpoint keeps of a model (or a plain state dict), whole: FSDP shards are gathered (a collective)."""
     if isinstance(model, dict):
-        return model
+        return {k: dist.whole(v) for k, v in model.items()}
     model = _unwrap_ddp(model)
     if dist.is_sharded(model):
-        raise ValueError("checkpoints of FSDP-sharded models are not supported (basic FSDP support); "
-                         "drop --save-every/--resume or --fsdp")
+        return dist.gathered_state(model)
     return trainable_state(model)
 
 

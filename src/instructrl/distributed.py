@@ -219,12 +219,6 @@ def eval_share(items: list, model: nn.Module) -> tuple[list, bool]:
     return (items, False) if is_sharded(model) else (shard(items), active())
 
 
-def check_fsdp(run, lora) -> None:
-    """`run`: RunOptions, `lora`: LoraOptions."""
-    if run.fsdp and (lora.r or run.save_every or run.resume):
-        raise ValueError("--fsdp is basic support: it cannot be combined with LoRA, --save-every or --resume")
-
-
 def wrap(model: nn.Module, fsdp: bool = False) -> nn.Module:
     """The module to run training forwards through: DDP (gradients averaged over ranks after backward), or the
     model itself — in one process, or when it was sharded in place by `fsdp_shard`. Only trainable parameters
@@ -244,13 +238,15 @@ def wrap(model: nn.Module, fsdp: bool = False) -> nn.Module:
 
 
 def fsdp_shard(model: nn.Module) -> nn.Module:
-    """FSDP (torch's `fully_shard`), basic support: each transformer block (the model's `_no_split_modules`) and then
-    the whole model are sharded over the ranks in place. Every forward is then a collective: RL samples in
-    lockstep. Checkpoints are refused; the final save gathers a full state dict (`full_state_dict`)."""
+    """FSDP (torch's `fully_shard`): each transformer block (the model's `_no_split_modules`) and then the whole
+    model are sharded over the ranks in place; under LoRA the frozen base is sharded too (only the adapters train).
+    Every forward is then a collective: RL samples in lockstep. Checkpoints and the final save gather full state
+    dicts (`gathered_state`, `full_state_dict`)."""
     from torch.distributed.fsdp import fully_shard
 
     if not active():
         return model
+    _check_lora(model)
     blocks = set(getattr(model, "_no_split_modules", None) or
                  getattr(getattr(model, "backbone", None), "_no_split_modules", None) or [])
     for m in model.modules():
@@ -258,6 +254,18 @@ def fsdp_shard(model: nn.Module) -> nn.Module:
             fully_shard(m)
     fully_shard(model)
     return model
+
+
+def _check_lora(model: nn.Module) -> None:
+    """The final save merges LoRA adapters from the gathered state dict (`models.merged_lora_state`): only adapters
+    on linear layers (nn.Linear, GPT-2's Conv1D) without DoRA can be merged there."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer) and (m.lora_embedding_A or any(m.use_dora.values()) or
+                                         type(m.get_base_layer()).__name__ not in ("Linear", "Conv1D")):
+            raise ValueError(f"--fsdp with LoRA adapts linear layers only, not {name} "
+                             f"({type(m.get_base_layer()).__name__}): choose other --lora-target-modules")
 
 
 def inference(lockstep: bool):
@@ -278,6 +286,53 @@ def full_state_dict(model: nn.Module) -> dict | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# --- checkpoints of sharded models ----------------------------------------------------------------------------------
+# A checkpoint of an FSDP run holds gathered, full state dicts written by rank 0, not per-rank shards (torch's
+# distributed checkpoint format): simple, the same safetensors files as without FSDP whatever the process count, so
+# any checkpoint reads back in any run; the cost is rank 0's CPU memory for one model (and its Adam state) at save.
+def gathered_state(model: nn.Module) -> dict:
+    """The trainable part of a sharded model's state dict (`models.trainable_state`'s keys), whole, on CPU: a
+    collective (every rank calls it); rank 0 gets the tensors, the other ranks {}. Tied weights are kept once."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from .models import untied
+
+    return untied(model, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                              ignore_frozen_params=True)))
+
+
+def load_gathered_state(model: nn.Module, sd: dict) -> None:
+    """Load a full (gathered) state dict into a sharded model: rank 0's `sd` is scattered to every rank's shards
+    (a collective; the other ranks' `sd` is not read). Missing keys (frozen weights, a tied copy) stay as they are."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, dict(sd) if is_main() else {},  # it replaces the dict's values with shards
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective: every rank calls it), any other tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A full tensor `t` (the same on every rank) placed as the DTensor `like` is: this rank's shard, taken locally
+    without communication; `t` itself when `like` is a plain tensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return t
+    return distribute_tensor(t.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def shard_state_like(model: nn.Module, sd: dict) -> dict:
+    """A full state dict (the same on every rank, e.g. read from a checkpoint) as the sharded `model` holds it."""
+    ref = model.state_dict()
+    return {k: shard_like(ref[k], v) if k in ref else v for k, v in sd.items()}
 
 
 @contextlib.contextmanager

@@ -270,16 +270,21 @@ class ScalarHeadModel(nn.Module):
         `state_dict` (keys `backbone.*`, `head.*`) replaces the module's own, e.g. a full one gathered from FSDP.
         """
         path = Path(path)
+        backbone = self.backbone
         if state_dict is None and is_lora(self.backbone):
-            self.backbone = merge_lora(self.backbone, path)
+            self.backbone = backbone = merge_lora(self.backbone, path)
+        elif is_lora(self.backbone):  # a gathered state dict: merged from its tensors (the model stays as it is)
+            save_lora_adapter(self.backbone, path, {k[len("backbone."):]: v for k, v in state_dict.items()
+                                                    if k.startswith("backbone.")})
+            state_dict, backbone = merged_lora_state(self, state_dict), base_model(self.backbone)
         sd = state_dict or self.state_dict()
         part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         head = {k: v.detach().cpu().contiguous() for k, v in part("head.").items()}
         live = self.backbone if state_dict is None else None  # FSDP shards cannot run alone
         export = hf_export(self.config, part("backbone."), head, self.norm_gain, self.norm_bias, live)
         if export.model is None:
-            self.backbone.save_pretrained(str(path), safe_serialization=True,
-                                          **({"state_dict": part("backbone.")} if state_dict else {}))
+            backbone.save_pretrained(str(path), safe_serialization=True,
+                                     **({"state_dict": part("backbone.")} if state_dict else {}))
         else:
             export.model.save_pretrained(str(path), state_dict=export.state)
         kept = {KEPT + k: v.detach().cpu().contiguous() for k, v in export.kept.items()}
@@ -649,7 +654,59 @@ class AdapterDisabled:
 
 def save_causal_lm(model, path: str | os.PathLike, state_dict: dict | None = None) -> None:
     """`save_pretrained` of a policy: a LoRA model is saved merged (plus its adapters in PATH/lora_adapter), so the
-    directory stays loadable by AutoModelForCausalLM. Merging is in place: call at the end of a run."""
-    if state_dict is None and is_lora(model):
+    directory stays loadable by AutoModelForCausalLM. Merging is in place: call at the end of a run. `state_dict`
+    (e.g. gathered from FSDP shards) replaces the model's own; under LoRA it is merged the same way."""
+    if state_dict is not None:
+        state_dict = untied(model, state_dict)
+    if state_dict is not None and is_lora(model):
+        save_lora_adapter(model, path, state_dict)
+        model, state_dict = base_model(model), merged_lora_state(model, state_dict)
+    elif is_lora(model):
         model = merge_lora(model, path)
     model.save_pretrained(str(path), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+
+
+def untied(model: nn.Module, state_dict: dict) -> dict:
+    """`state_dict` without the second name of a tied weight (one tensor under two names in `model`, e.g. GPT-2's
+    lm_head and wte), as `save_pretrained` writes the live model; loading re-ties it."""
+    seen: set[int] = set()
+    sd = dict(state_dict)
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in seen:
+            sd.pop(k, None)
+        seen.add(id(v))
+    return sd
+
+
+def save_lora_adapter(peft_model, path: str | os.PathLike, state_dict: dict) -> None:
+    """PATH/lora_adapter as `merge_lora` writes it, from the PEFT model's full state dict (e.g. gathered)."""
+    peft_model.save_pretrained(str(Path(path) / "lora_adapter"), safe_serialization=True, state_dict=state_dict)
+
+
+def merged_lora_state(model: nn.Module, state_dict: dict) -> dict:
+    """A full state dict of `model` (or of a module holding a PEFT model, e.g. a ScalarHeadModel's backbone) with its
+    LoRA adapters merged, W + scale · (B A) as peft merges them, under the keys of the model without adapters: what
+    `merge_and_unload` then `state_dict()` give, computed from tensors alone (FSDP shards cannot merge in place).
+    Adapters on linear layers only (`distributed._check_lora` refuses the others before training)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import transpose
+
+    sd = dict(state_dict)
+    for name, m in model.named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        key = f"{name}.base_layer.weight"
+        w = sd[key]
+        for a in m.active_adapters:
+            if a in m.lora_A:
+                delta = transpose(sd[f"{name}.lora_B.{a}.weight"] @ sd[f"{name}.lora_A.{a}.weight"],
+                                  m.fan_in_fan_out) * m.scaling[a]
+                w = w + delta.to(w.dtype)
+        sd[key] = w
+    sd = {k.replace(".base_layer.", "."): v for k, v in sd.items() if ".lora_" not in k}
+    for name, m in model.named_modules():  # the PEFT wrappers' own prefixes
+        if is_lora(m):
+            outer = f"{name}." if name else ""
+            inner = f"{outer}base_model.model."
+            sd = {outer + k[len(inner):] if k.startswith(inner) else k: v for k, v in sd.items()}
+    return sd

@@ -90,8 +90,8 @@ class RunOptions:
     seed: int = option(0, "random seed (under torchrun rank r uses seed + r·100003)", wired=True)
     device: str = option("auto", "auto | cpu | cuda", wired=True)
     dtype: str = option("float32", "float32 | bfloat16 | float16 (log-softmax and losses stay float32)", wired=True)
-    fsdp: bool = option(False, "under torchrun, shard the models over the processes (basic support: no checkpoints, "
-                               "no LoRA)")
+    fsdp: bool = option(False, "under torchrun, shard the models over the processes (with LoRA, checkpoints and "
+                               "--resume; checkpoints hold whole, gathered weights)")
     save_every: int = option(0, "steps (RL: iterations) between checkpoints in OUT-checkpoints/ (0: none)", ge=0)
     resume: bool = option(False, "continue from the newest readable checkpoint in OUT-checkpoints/ (of the same "
                                  "options and inputs)")

@@ -188,7 +188,7 @@ def load_rl_models(cfg: RLConfig, device, dtype, with_value: bool, tokenizer):
                 checkpoint_activations(m)
     if cfg.run.fsdp:
         for m in (policy, ref, value_model, *(getattr(r, "model", None) for r in rewards.sources)):
-            if m is not None:
+            if m is not None and not isinstance(m, AdapterDisabled):  # that one is the (sharded) policy
                 dist.fsdp_shard(m)
     return policy, ref, rewards, value_model
 
@@ -202,7 +202,6 @@ def per_rank(n: int, what: str) -> int:
 
 def check_rl(cfg: RLConfig) -> None:
     """The options every algorithm needs to be sane, checked before anything is loaded."""
-    dist.check_fsdp(cfg.run, cfg.lora)
     cfg.mem.check()
     if not cfg.temperature > 0:
         raise ValueError(f"temperature must be > 0 for RL (log-probs are taken at the sampling temperature), "

@@ -38,9 +38,7 @@ class Run:
 
     def __init__(self, stage: str, cfg, opts: RunOptions, out: str):
         cfg.validate()
-        if hasattr(cfg, "lora"):  # the option groups' own rules
-            dist.check_fsdp(opts, cfg.lora)
-        if hasattr(cfg, "mem"):
+        if hasattr(cfg, "mem"):  # the option groups' own rules
             cfg.mem.check()
         self.t0 = time.time()
         self.stage, self.cfg, self.opts, self.out = stage, cfg, opts, Path(out)

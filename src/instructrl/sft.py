@@ -138,6 +138,8 @@ def sft(cfg: SFTConfig) -> dict:
     st = run.resume({"model": model, "best": best}, optimizer, scheduler, {"shuffle": rng}) \
         or {"order": [], "best": float("inf"), "bad_evals": 0, "stopped_early": False, "has_best": False}
     best = best if st["has_best"] else None
+    if best and dist.is_sharded(model):  # read back whole: as the model holds it, in shards
+        best = dist.shard_state_like(model, best)
     with run.output() as tmp:
         if not run.previous:
             run.log({"step": 0, "eval/loss": evaluate_loss(model, val, pad, cfg.batch_size, device) if val
