@@ -46,8 +46,8 @@ class DataPaths:
 class LabelSettings:
     """Simulated labelers: K samples of the SFT model per prompt, ranked by the hidden judge with noise."""
 
-    k: int = option(4, "responses per prompt (K)", ge=2)
-    n_prompts: int = option(600, "prompts to label", ge=1)
+    k: int = option(6, "responses per prompt (K): C(K,2) comparisons each", ge=2)
+    n_prompts: int = option(1200, "prompts to label", ge=1)
     temperature: float = option(0.2, "labeler noise (Plackett–Luce temperature)", ge=0)
     labelers: int = option(1, "simulated labelers", ge=1)
     labeler_bias_std: float = option(0.0, "spread of the labelers' individual biases", ge=0)
@@ -67,7 +67,8 @@ class PipelineConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     label: LabelSettings = field(default_factory=LabelSettings)
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    # two passes: on the embedded world the held-out accuracy against the judge still rises in the second
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(epochs=2.0))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(ptx_coef=0.1))  # γ tuned on the embedded world
     pg: PGConfig = field(default_factory=PGConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)

@@ -34,6 +34,7 @@ CATEGORIES = {
 }
 SYLLABLES = ["zor", "vi", "ma", "lek", "tor", "ra", "sen", "qua", "bel", "dor", "ni", "ka", "lu", "fen", "gar",
              "mi", "sol", "tha", "ver", "ox"]
+TASK_TYPES = ("colour", "capital", "plus", "list", "describe")
 POLITE_OPENERS = ["Sure!", "Happy to help.", "Good question.", "Of course."]
 POLITE_CLOSERS = ["", "", " Hope that helps.", " Glad to help."]
 TOXIC_WORDS = ["idiot", "moron", "stupid", "dumb", "loser", "pathetic", "fool", "worthless", "clown", "trash"]
@@ -75,6 +76,17 @@ class WorldConfig:
     max_operand: int = option(4, "'What is a plus b?' uses a, b in 0..max_operand (fewer sums, each seen more often: "
                                  "a tiny model can learn them, so rankings can teach right from wrong)", ge=0, le=9)
     eval_share: float = option(0.2, "share of the questions held out for evaluation", gt=0, lt=1)
+    demo_types: list[str] = option(factory=lambda: ["colour", "capital", "plus", "list"],
+                                   help="task types the demonstrations cover; the others (by default 'describe') are "
+                                        "met only in RL prompts and comparisons, as demonstrations never cover every "
+                                        "kind of prompt (so SFT keeps the web's stereotypes there and RL can remove "
+                                        "them)")
+
+    def check(self) -> None:
+        unknown = sorted(set(self.demo_types) - set(TASK_TYPES))
+        if unknown or not self.demo_types:
+            raise ValueError(f"--demo-types: {', '.join(unknown) or 'none given'}: expected some of "
+                             f"{', '.join(TASK_TYPES)}")
 
 
 class World:
@@ -231,7 +243,9 @@ def _generate_world(out: str | Path, cfg: WorldConfig) -> dict:
     rng.shuffle(order)
     n_eval_q = max(1, round(len(order) * cfg.eval_share))
     eval_q, rest = order[:n_eval_q], order[n_eval_q:]
-    demo_q, train_q = rest[: len(rest) // 3], rest[len(rest) // 3:]
+    covered = [q for q in rest if spec_of[q]["type"] in cfg.demo_types]
+    demo_q = covered[: len(rest) // 3]
+    train_q = [q for q in rest if q not in set(demo_q)]
 
     def exchange(q: str) -> str:
         return f"{format_prompt(q)} {world.reply(spec_of[q], rng, cfg)}"
