@@ -153,3 +153,21 @@ def test_seeds_refuse_a_one_seed_run_directory(tiny_run):
 
     with pytest.raises(ValueError, match="one-seed pipeline run"):
         run_seeds(PipelineConfig(), tiny_run, 2)
+
+
+def test_user_data_without_a_world_skips_the_world_only_measures(tmp_path):
+    """Every input given (no embedded world): no gold judge, so no stereotyped-reply rate, and the eval configs
+    still validate."""
+    from dataclasses import replace
+
+    from instructrl.config import DataPaths, PipelineConfig
+    from instructrl.pipeline import plan
+
+    files = {k: str(tmp_path / f"{k}.jsonl") for k in ("demos", "prompts_train", "prompts_eval", "rankings")}
+    cfg = replace(PipelineConfig(), data=DataPaths(**files))
+    p = plan(cfg, tmp_path / "run")
+    assert p["judge"] is None and "world" not in p
+    for ecfg in p["eval"].values():
+        assert ecfg.stereotype_samples == 0 and ecfg.world is None
+        ecfg.validate("eval")
+    assert PipelineConfig().eval.stereotype_samples == 8  # the embedded default measures it

@@ -160,7 +160,9 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
     p["eval"] = {name: dataclasses.replace(cfg.eval, model=pretrained if name == "pretrained" else str(out / name),
                                            prompts=data["prompts_eval"], reference=sdir, reward=[rdir], world=judge_dir,
                                            pretrain_text=data["pretrain_val"], bias_probes=data["bias_probes"],
-                                           device=cfg.device, out=None, judge=_judges(name, judge_dir, rdir))
+                                           device=cfg.device, out=None, judge=_judges(name, judge_dir, rdir),
+                                           # the stereotyped-reply rate reads the world's describe prompts
+                                           stereotype_samples=cfg.eval.stereotype_samples if judge_dir else 0)
                  for name in evaluated}
     return p
 
