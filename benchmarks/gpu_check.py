@@ -82,8 +82,11 @@ def main() -> None:
         model.save_pretrained(base)
         tok.save_pretrained(base)
         demos = read_demos(world / "demos.jsonl")  # K = 2 rankings: a prompt's own demonstration beats another's
-        write_jsonl(work / "rankings.jsonl", [{"prompt": p, "responses": [r, demos[(i + 1) % len(demos)][1]],
-                                               "ranking": [0, 1]} for i, (p, r) in enumerate(demos)])
+
+        def other(i: int, r: str) -> str:  # the next demonstration with a different text (equal texts can't rank)
+            return next(x for j in range(1, len(demos)) if (x := demos[(i + j) % len(demos)][1]) != r)
+        write_jsonl(work / "rankings.jsonl", [{"prompt": p, "responses": [r, other(i, r)], "ranking": [0, 1]}
+                                              for i, (p, r) in enumerate(demos)])
     if os.environ.get("WORLD_SIZE"):
         dist.init(device)
         dist.barrier()

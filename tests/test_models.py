@@ -127,3 +127,23 @@ def test_cache_argument_follows_the_forward_signature():
 
     assert cache_argument(Old()) == "past_key_values"
     assert cache_argument(New()) == "cache"
+
+
+def test_world_task_mix_options(tmp_path):
+    """The default world: sums of operands 0..4, a fifth of the questions held out, no describe demonstrations."""
+    import json
+
+    from instructrl.data import read_prompts
+
+    small = dict(n_corpus=200, n_corpus_val=20, n_demos=60, n_prompts_train=100, n_prompts_eval=20)
+    s = generate_world(tmp_path / "w", WorldConfig(seed=1, **small))
+    tasks = json.loads((tmp_path / "w" / "judge.json").read_text())["tasks"]
+    plus = [t for t in tasks.values() if t["type"] == "plus"]
+    assert len(plus) == 25 and max(int(x) for t in plus for x in t["topic"].split(" plus ")) == 4
+    assert s["questions"]["eval"] == round(len(tasks) * 0.2)
+    demo_types = {tasks[p]["type"] for p, _ in read_demos(tmp_path / "w" / "demos.jsonl")}
+    assert "describe" not in demo_types and demo_types <= {"colour", "capital", "plus", "list"}
+    train_types = {tasks[p]["type"] for p in read_prompts(tmp_path / "w" / "prompts_train.jsonl")}
+    assert "describe" in train_types  # met in RL and comparisons instead
+    with pytest.raises(ValueError, match="--demo-types: poems"):
+        WorldConfig(out=str(tmp_path / "x"), demo_types=["poems"]).validate()

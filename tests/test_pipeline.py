@@ -119,7 +119,7 @@ def test_report_renders_in_chromium(tiny_run):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto((tiny_run / "report.html").as_uri())
         widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
-        assert len(widths) == 2 and all(w > 500 for w in widths)
+        assert len(widths) == 3 and all(w > 500 for w in widths)  # curves, over-optimisation, stages
         assert page.locator("table tr").count() >= 7
         assert page.locator("text=PPO-ptx").first.is_visible()
         page.screenshot(path=str(tiny_run / "report.png"), full_page=True)
