@@ -253,7 +253,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = Fal
     rm_summary = run("reward", lambda: train_reward_model(p["reward"]), ["held_out", "demo_score_mean"])
 
     # Step 3: PPO-ptx, and the comparison runs.
-    algorithms = {"ppo_ptx": PPO, "ppo_gold": PPO, "ppo": PPO, "ppo_beta0": PPO, "pg": PolicyGradient, "grpo": GRPO, "rloo": RLOO}
+    algorithms = {"ppo_ptx": PPO, "ppo_gold": PPO, "ppo": PPO, "ppo_beta0": PPO, "pg": PolicyGradient, "grpo": GRPO,
+                  "rloo": RLOO}
     for name in RL_STAGES:
         if name in p:
             run(name, lambda name=name: train_rl(p[name], algorithms[name]), ["final", "seconds"])

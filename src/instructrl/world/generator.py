@@ -245,7 +245,8 @@ def _generate_world(out: str | Path, cfg: WorldConfig) -> dict:
     eval_q, rest = order[:n_eval_q], order[n_eval_q:]
     covered = [q for q in rest if spec_of[q]["type"] in cfg.demo_types]
     demo_q = covered[: len(rest) // 3]
-    train_q = [q for q in rest if q not in set(demo_q)]
+    demo_set = set(demo_q)
+    train_q = [q for q in rest if q not in demo_set]
 
     def exchange(q: str) -> str:
         return f"{format_prompt(q)} {world.reply(spec_of[q], rng, cfg)}"
