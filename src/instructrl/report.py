@@ -74,10 +74,10 @@ def paired_gain(a: list[float], b: list[float]) -> tuple[float, float] | None:
     """(mean of a − b, its standard error) over paired per-prompt values."""
     if not a or len(a) != len(b):
         return None
+    from .evaluate import standard_error
+
     d = [x - y for x, y in zip(a, b)]
-    n, m = len(d), sum(d) / len(d)
-    se = (sum((x - m) ** 2 for x in d) / (n - 1) / n) ** 0.5 if n > 1 else 0.0
-    return m, se
+    return sum(d) / len(d), standard_error(d)
 
 
 def claims(stages: dict) -> list[dict]:
