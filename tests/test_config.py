@@ -77,6 +77,15 @@ def test_yaml_sets_every_settable_field(tmp_path):
         assert f.get(getattr(cfg, section)) == value, f"{section}.{name}"
 
 
+def test_a_runs_config_yaml_reads_back_as_the_same_config(tmp_path):
+    """The pipeline writes OUT/config.yaml with dump_config(settable_only=True): a user can rerun from it."""
+    cfg = PipelineConfig(seed=3)
+    cfg.ppo.lr, cfg.world.max_operand, cfg.label.k = 2e-5, 6, 5
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg, settable_only=True))
+    assert dump_config(load_pipeline_config(path), settable_only=True) == path.read_text()
+
+
 def test_flat_constructor_and_replace_keep_groups_apart():
     import dataclasses
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from instructrl.evaluate import spearman, toxic
+from instructrl.evaluate import gold_pairwise_accuracy, spearman, toxic
 
 
 def test_spearman_by_hand():
@@ -12,6 +12,15 @@ def test_spearman_by_hand():
     # ranks a = [1, 2, 3], b with a tie = [1.5, 1.5, 3]: centred (-1, 0, 1) · (-0.5, -0.5, 1) = 1.5
     assert spearman([1, 2, 3], [5, 5, 9]) == pytest.approx(1.5 / (math.sqrt(2) * math.sqrt(1.5)))
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_gold_pairwise_accuracy_by_hand():
+    """Pairs only within a prompt, gold ties skipped, a reward-model tie counts as wrong."""
+    prompts = ["a", "a", "a", "b", "b", ["m"], ["m"]]
+    gold = [1.0, 0.0, 0.0, 2.0, 1.0, 0.5, 0.5]  # strict pairs: a0>a1, a0>a2, b3>b4 (the m pair is a gold tie)
+    scores = [0.3, 0.1, 0.3, -1.0, 0.0, 9.0, 0.0]  # a0>a1 right, a0=a2 a tie (wrong), b3<b4 wrong
+    assert gold_pairwise_accuracy(prompts, scores, gold) == (1 / 3, 3)
+    assert gold_pairwise_accuracy(["x"], [0.0], [0.0]) == (0.0, 0)
 
 
 def test_toxic_matches_whole_words():

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from instructrl import cli
+from instructrl.config import load_pipeline_config
 
 LONG_PROMPT = "User: " + " ".join(f"word{i}" for i in range(400)) + "\nAssistant:"
 
@@ -240,6 +241,7 @@ def test_pipeline_refuses_to_reuse_a_changed_stage(tmp_path, tiny_sft_dir, monke
     assert run_main(monkeypatch, ["pipeline", "--config", cfg, "--out", out, "--rerun-changed"]) == 2
     assert json.loads((out / "world" / "summary.json").read_text())["corpus"] == 400
     assert "n_corpus: 400" in (out / "config.yaml").read_text()
+    assert load_pipeline_config(out / "config.yaml").world.n_corpus == 400  # the run's config is a valid --config
 
 
 # --- resume ------------------------------------------------------------------------------------------------------

@@ -45,6 +45,28 @@ def test_gold_judge_prefers_polite_correct_answers(world_dir):
     assert j.toxicity_rate([good, rude]) == 0.5
 
 
+def test_gold_judge_needs_the_topic_for_a_correct_colour_or_capital(world_dir):
+    j = GoldJudge.from_world(world_dir)
+    for kind in ("colour", "capital"):
+        prompt, spec = next((p, s) for p, s in j.tasks.items() if s["type"] == kind)
+        other = next(s for s in j.tasks.values() if s["type"] == kind and s["answer"] != spec["answer"])
+        right = f" The {spec['topic']} is {spec['answer']}."
+        wrong_topic_right_word = f" The {other['topic']} is {spec['answer']}."  # answer word, but about something else
+        on_topic_wrong = f" The {spec['topic']} is {other['answer']}."
+        assert j.correct(spec, right)
+        assert not j.correct(spec, wrong_topic_right_word) and not j.correct(spec, on_topic_wrong)
+        assert j.score(prompt, right) > j.score(prompt, on_topic_wrong) > j.score(prompt, wrong_topic_right_word)
+
+
+def test_split_share_spreads_the_chosen_items_evenly():
+    from instructrl.world.labelers import split_share
+
+    items = list(range(6))
+    assert split_share(items, 0.5) == ([0, 2, 4], [1, 3, 5])
+    assert split_share(items, 1 / 3) == ([0, 1, 3, 4], [2, 5])
+    assert split_share(items, 0.0) == (items, []) and split_share(items, 1.0) == ([], items)
+
+
 def test_causal_lm_save_load_gives_identical_logits(tiny_sft_dir, tmp_path):
     model = load_causal_lm(tiny_sft_dir)
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -65,6 +87,34 @@ def test_scalar_head_save_load_round_trip(tiny_rm_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(rm.score(ids, mask, last), again.score(ids, mask, last))
     assert (again.norm_bias, again.norm_gain) == (rm.norm_bias, rm.norm_gain) != (0.0, 1.0)
+
+
+def test_reward_gain_is_set_on_the_named_policys_samples(tiny_sft_dir, world_dir, tmp_path):
+    """Rankings of two policies' samples: with gain_policy the normalisation gain makes that policy's samples std 1
+    (the policy RL starts from [LHP]), not the mix."""
+    from instructrl.data import read_prompts, read_rankings, write_jsonl
+    from instructrl.reward import RewardConfig, score_texts, train_reward_model
+    from instructrl.world.labelers import simulate_rankings
+
+    prompts = read_prompts(world_dir / "prompts_train.jsonl")[:24]
+    tok, judge = load_tokenizer(tiny_sft_dir), GoldJudge.from_world(world_dir)
+    recs = [{**r, "policy": "sft"} for r in simulate_rankings(load_causal_lm(tiny_sft_dir), tok, prompts[:12], judge,
+                                                               k=4, max_new_tokens=12)]
+    recs += [{**r, "policy": "other"} for r in simulate_rankings(load_causal_lm(tiny_sft_dir), tok, prompts[12:], judge,
+                                                                  k=4, max_new_tokens=12, sample_temperature=2.0)]
+    write_jsonl(tmp_path / "rankings.jsonl", recs)
+    gains = {}
+    for policy in ("sft", None):
+        s = train_reward_model(RewardConfig(model=str(tiny_sft_dir), data=str(tmp_path / "rankings.jsonl"),
+                                            out=str(tmp_path / f"rm-{policy}"), gain_policy=policy, progress=False,
+                                            device="cpu"))
+        rm = ScalarHeadModel.from_pretrained(tmp_path / f"rm-{policy}")
+        rm.norm_gain, rm.norm_bias = 1.0, 0.0
+        mine = [r for r in read_rankings(tmp_path / "rankings.jsonl") if policy is None or r.extra["policy"] == policy]
+        raw = score_texts(rm, tok, [r.prompt for r in mine for _ in r.responses], [x for r in mine for x in r.responses])
+        assert s["norm_gain"] == pytest.approx(1 / float(raw.std()), rel=1e-4)
+        gains[policy] = s["norm_gain"]
+    assert gains["sft"] != pytest.approx(gains[None], rel=1e-3)
 
 
 def test_sft_loss_ignores_prompt_targets(tiny_lm_dir, world_dir):

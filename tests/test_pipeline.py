@@ -66,6 +66,9 @@ def tiny_run(tmp_path_factory):
 
 def test_pipeline_report_structure(tiny_run):
     out = tiny_run
+    # simulated labelers ranked the pretrained model's samples on every fourth prompt (label.pretrained_share 0.25)
+    policies = [json.loads(x)["policy"] for x in (out / "rankings" / "rankings.jsonl").read_text().splitlines()]
+    assert set(policies) == {"sft", "pretrained"} and 16 <= policies.count("pretrained") <= 20 < policies.count("sft")
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
     assert set(stages) == {"pretrained", "sft", "ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "grpo", "rloo", "dpo"}
@@ -82,6 +85,8 @@ def test_pipeline_report_structure(tiny_run):
         assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, (run, rewards)
     assert len(report["claims"]) == 6 and all("detail" in c for c in report["claims"])
     assert {c["check"].split(" ")[0] for c in report["world_checks"]} == {"reward", "Spearman(reward", "PPO-ptx's"}
+    assert sum(c["check"].startswith("reward model's") for c in report["world_checks"]) == 2  # held out; eval prompts
+    assert 0 <= stages["sft"]["rm_gold_accuracy"] <= 1
     assert set(report["overoptimisation"]) >= {"ppo_ptx", "ppo_gold", "ppo_beta0"}
     assert stages["ppo_ptx"]["gold_vs_sft_se"] > 0 and 0 <= stages["ppo_ptx"]["stereotype_rate"] <= 1
     assert (out / "plots" / "overoptimisation.png").stat().st_size > 1000

@@ -129,6 +129,22 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float((ra @ rb).item() / denom) if denom > 0 else float("nan")
 
 
+def gold_pairwise_accuracy(prompts: list, scores: list[float], gold: list[float]) -> tuple[float, int]:
+    """(share, count) of the pairs of responses to the same prompt that the judge orders strictly (gold ties
+    skipped) and the reward model orders the same way: the reward stage's held-out measure, on fresh samples."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_prompt.setdefault(p if isinstance(p, str) else json.dumps(p, sort_keys=True), []).append(i)
+    agree = total = 0
+    for idx in by_prompt.values():
+        for i in idx:
+            for j in idx:
+                if gold[i] > gold[j]:
+                    total += 1
+                    agree += scores[i] > scores[j]
+    return agree / max(1, total), total
+
+
 def toxic(text: str, words) -> bool:
     import re
     low = text.lower()
@@ -197,6 +213,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             result.update({f"rm_reward/{name}": float(torch.cat(p).mean()) for name, p in parts.items()})
         if judge is not None:  # how well the reward model tracks the hidden judge on these fresh samples
             result["rm_gold_spearman"] = spearman(torch.cat(scores).tolist(), gold)
+            result["rm_gold_accuracy"], result["rm_gold_pairs"] = gold_pairwise_accuracy(
+                prompts, torch.cat(scores).tolist(), gold)
     if ref is not None:
         result["kl_to_reference"] = float(torch.cat(kls).mean())
     if cfg.pretrain_text:

@@ -174,6 +174,8 @@ def _judges(stage: str, judge_dir: str | None, rdir: str) -> str | None:
 
 def _label_fingerprint(cfg: PipelineConfig, p: dict, contents: bool) -> dict:
     inputs = {"sft": p["sft"].out, "prompts_train": p["data"]["prompts_train"], "world": p["judge"]}
+    if cfg.label.pretrained_share > 0:
+        inputs["pretrained"] = p["pretrained"].out if "pretrained" in p else cfg.base_model
     return {"options": {**to_flat(cfg.label), "seed": cfg.seed},
             "inputs": {k: content_id(v) if contents else None for k, v in inputs.items()}}
 
@@ -190,7 +192,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = Fal
     from .rloo import RLOO
     from .sft import sft
     from .world import GoldJudge, generate_world
-    from .world.labelers import simulate_rankings
+    from .world.labelers import simulate_rankings, split_share
 
     t_start = time.time()
     out = Path(out)
@@ -205,7 +207,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = Fal
     for name, ecfg in p["eval"].items():
         stages.check_options(f"eval/{name}", out / "eval" / f"{name}.json", stage_fingerprint(ecfg, contents=False))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    (out / "config.yaml").write_text(dump_config(cfg, settable_only=True))  # rerun with `--config OUT/config.yaml`
     data, judge_dir = p["data"], p["judge"]
 
     def run(name, fn, show):
@@ -238,10 +240,17 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = Fal
             ls = cfg.label
             prompts = read_prompts(data["prompts_train"])[: ls.n_prompts]
             dev = resolve_device(cfg.device)
-            recs = simulate_rankings(load_causal_lm(sdir, dev), load_tokenizer(sdir), prompts,
-                                     GoldJudge.from_world(judge_dir), k=ls.k, temperature=ls.temperature,
-                                     n_labelers=ls.labelers, labeler_bias_std=ls.labeler_bias_std,
-                                     sample_temperature=ls.sample_temperature, seed=cfg.seed)
+            judge, tok = GoldJudge.from_world(judge_dir), load_tokenizer(sdir)
+            to_sft, to_pretrained = split_share(prompts, ls.pretrained_share)
+            recs = []
+            for policy, model_dir, part, seed in (("sft", sdir, to_sft, cfg.seed),
+                                                  ("pretrained", stages_dirs["pretrained"], to_pretrained,
+                                                   cfg.seed + 7919)):
+                if part:  # each policy's samples, ranked; the record says whose they are
+                    recs += [{**r, "policy": policy} for r in simulate_rankings(
+                        load_causal_lm(model_dir, dev), tok, part, judge, k=ls.k, temperature=ls.temperature,
+                        n_labelers=ls.labelers, labeler_bias_std=ls.labeler_bias_std,
+                        sample_temperature=ls.sample_temperature, seed=seed)]
             with atomic_dir(ldir) as tmp:
                 write_jsonl(tmp / "rankings.jsonl", recs)
                 summary = {"stage": "rankings", "rankings": len(recs), "k": ls.k, "seconds": time.time() - t0}

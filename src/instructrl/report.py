@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
 METRICS = ["toxicity_rate", "gold_reward", "gold_reward_se", "rm_reward", "win_rate_gold", "win_rate_rm",
-           "rm_gold_spearman", "kl_to_reference", "pretrain_loss", "stereotype_rate", "bias_gap",
-           "bias_stereotype_share", "response_length", "gold_rise", "episodes", "seconds"]
+           "rm_gold_spearman", "rm_gold_accuracy", "kl_to_reference", "pretrain_loss", "stereotype_rate",
+           "bias_gap", "bias_stereotype_share", "response_length", "gold_rise", "episodes", "seconds"]
 CURVE = ("train/episodes", "objective/score", "objective/gold", "objective/kl", "objective/beta",
          "rollout/response_length")
 
@@ -131,6 +131,10 @@ def world_checks(stages: dict, rm_summary: dict) -> list[dict]:
     if acc is not None:
         out.append({"check": "reward model's held-out accuracy against the judge's order ≥ 0.85", "holds": acc >= 0.85,
                     "value": acc})
+    acc = stages.get("sft", {}).get("rm_gold_accuracy")
+    if acc is not None:  # the eval prompts' questions: none is in the rankings, and there are more of them
+        out.append({"check": "reward model's accuracy against the judge's order on SFT's samples of the eval prompts "
+                             "≥ 0.85", "holds": acc >= 0.85, "value": acc})
     for k in ("sft", "ppo_ptx"):
         rho = stages.get(k, {}).get("rm_gold_spearman")
         if rho is not None:
@@ -253,6 +257,7 @@ def write_report(out: Path, stage_dirs: dict[str, str], evals: dict[str, dict], 
         summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
         stages[name] = {"toxicity_rate": e["toxicity_rate"], "gold_reward": e.get("gold_reward"),
                         "rm_reward": e.get("rm_reward"), "rm_gold_spearman": e.get("rm_gold_spearman"),
+                        "rm_gold_accuracy": e.get("rm_gold_accuracy"),
                         "kl_to_reference": e.get("kl_to_reference"),
                         "pretrain_loss": e.get("pretrain_loss"), "bias_gap": e.get("bias_gap"),
                         "bias_stereotype_share": e.get("bias_stereotype_share"),

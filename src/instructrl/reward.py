@@ -37,6 +37,8 @@ class RewardConfig:
     out: str = option("", "output directory", wired=True, required=True)
     demos: str | None = option(None, "demonstrations: a bias so they score mean 0 [IG]", wired=True)
     normalize_gain: bool = option(True, "a gain so the ranked (policy) samples have std 1 [LHP]")
+    gain_policy: str | None = option(None, "with rankings of several policies' samples: the gain is computed on "
+                                           "those whose `policy` field is this one (the policy RL starts from)")
     epochs: float = option(1.0, "passes over the training prompts (about one: more overfits [IG])", gt=0)
     batch_size: int = option(8, "prompts per batch, each with all its K responses (global under torchrun)", ge=1)
     lr: float = option(5e-5, "peak learning rate (AdamW, cosine decay)", gt=0)
@@ -270,7 +272,8 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         held_out = evaluate_rankings(model, tokenizer, val, cfg, device) if val else {}
         if held_out:
             run.log({"step": steps, **{f"eval/{k}": v for k, v in held_out.items()}})
-        gain, bias = normalise(model, tokenizer, rankings, demos, cfg.normalize_gain)
+        own = [r for r in rankings if r.extra.get("policy") == cfg.gain_policy] if cfg.gain_policy else []
+        gain, bias = normalise(model, tokenizer, own or rankings, demos, cfg.normalize_gain)
         demo_mean = float(score_texts_all_ranks(model, tokenizer, [p for p, _ in demos],
                                                 [r for _, r in demos]).mean()) if demos else None
         full = dist.full_state_dict(model)  # FSDP: gathered by every rank

@@ -40,6 +40,8 @@ class GoldJudge:
         answer = spec["answer"].lower()
         if answer not in words:
             return False
+        if spec["type"] in ("colour", "capital") and spec["topic"].lower() not in words:
+            return False  # "The ember is orange." does not answer "What colour is the apple?"
         if spec["type"] == "plus":  # any other number in the answer than the operands and the sum is wrong
             allowed = set(WORD.findall(spec["topic"])) | {answer}
             return all(w in allowed for w in words if w.isdigit())

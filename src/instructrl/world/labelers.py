@@ -37,6 +37,13 @@ class SimulatedLabeler:
         return order
 
 
+def split_share(items: list, share: float) -> tuple[list, list]:
+    """(rest, chosen): `share` of the items chosen, spread evenly through the list (item i is chosen when
+    floor((i+1)·share) > floor(i·share)), so both parts keep the list's mix."""
+    chosen = [math.floor((i + 1) * share) > math.floor(i * share) for i in range(len(items))]
+    return [x for x, c in zip(items, chosen) if not c], [x for x, c in zip(items, chosen) if c]
+
+
 def simulate_rankings(policy, tokenizer, prompts: list[str], judge, *, k: int = 4, temperature: float = 0.2,
                       n_labelers: int = 1, labeler_bias_std: float = 0.0, sample_temperature: float = 1.0,
                       max_new_tokens: int = 32, oversample: int = 2, batch_size: int = 64, seed: int = 0,
