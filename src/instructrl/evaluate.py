@@ -13,6 +13,7 @@ from .chat import has_chat_template, stop_token_id, use_chat_template
 from .data import DataError, iter_json_lines, read_prompts, read_texts
 from .judges import (ToxicityClassifier, generation_bias, multiple_choice, read_bias_pairs, read_mc, refuses,
                      win_rate)
+from .losses import gold_pair_agreement
 from .models import ScalarHeadModel, context_length, load_causal_lm, load_tokenizer, token_logprobs
 from .options import DataOptions, config, group, option, to_flat
 from .rewards import RewardOptions, load_rewards
@@ -137,11 +138,8 @@ def gold_pairwise_accuracy(prompts: list, scores: list[float], gold: list[float]
         by_prompt.setdefault(p if isinstance(p, str) else json.dumps(p, sort_keys=True), []).append(i)
     agree = total = 0
     for idx in by_prompt.values():
-        for i in idx:
-            for j in idx:
-                if gold[i] > gold[j]:
-                    total += 1
-                    agree += scores[i] > scores[j]
+        a, t = gold_pair_agreement([scores[i] for i in idx], [gold[i] for i in idx])
+        agree, total = agree + a, total + t
     return agree / max(1, total), total
 
 

@@ -53,6 +53,13 @@ def pairwise_accuracy(rewards: torch.Tensor, groups_per_prompt: list[list[list[i
     return int((rewards[win] > rewards[lose]).sum()), len(win)
 
 
+def gold_pair_agreement(scores: list[float], gold: list[float]) -> tuple[int, int]:
+    """Over one prompt's responses: (pairs the scores order as the gold scores do, pairs the gold orders strictly);
+    gold ties are skipped, a tie in the scores counts as wrong."""
+    pairs = [(i, j) for i in range(len(gold)) for j in range(len(gold)) if gold[i] > gold[j]]
+    return sum(scores[i] > scores[j] for i, j in pairs), len(pairs)
+
+
 # --- Step 3: KL estimators and reward shaping ----------------------------------------------------------------
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k1 = log π_θ − log π_ref: unbiased, can be negative per token [KL]."""

@@ -20,7 +20,7 @@ from torch.nn.utils import clip_grad_norm_
 from . import distributed as dist
 from .chat import encode_demo, use_chat_template
 from .data import DataError, Demo, Prompt, Ranking, Response, collate_right, read_demos, read_rankings
-from .losses import pairwise_accuracy, ranking_loss
+from .losses import gold_pair_agreement, pairwise_accuracy, ranking_loss
 from .models import ScalarHeadModel, apply_lora, checkpoint_activations, context_length, load_tokenizer, trainable_parameters
 from .optim import adamw_cosine
 from .options import LoraOptions, MemoryOptions, PairDataOptions, RunOptions, config, group, option
@@ -146,11 +146,8 @@ def evaluate_rankings(model, tokenizer, rankings: list[Ranking], cfg: RewardConf
             gold = r.extra.get("gold_scores")
             k = len(r.responses)
             if isinstance(gold, list) and len(gold) == k:
-                for i in range(k):
-                    for j in range(k):
-                        if gold[i] > gold[j]:
-                            gold_total += 1
-                            gold_correct += int(raw[offset + i] > raw[offset + j])
+                c, t = gold_pair_agreement(raw[offset:offset + k].tolist(), gold)
+                gold_correct, gold_total = gold_correct + c, gold_total + t
             offset += k
     if reduce:
         loss_sum, *counts = dist.sum_floats(loss_sum, correct, total, gold_correct, gold_total)
