@@ -104,17 +104,18 @@ def test_reward_gain_is_set_on_the_named_policys_samples(tiny_sft_dir, world_dir
                                                                   k=4, max_new_tokens=12, sample_temperature=2.0)]
     write_jsonl(tmp_path / "rankings.jsonl", recs)
     gains = {}
-    for policy in ("sft", None):
+    for policy in ("sft", None, "nobody"):  # no ranking names "nobody": the gain falls back to all of them
         s = train_reward_model(RewardConfig(model=str(tiny_sft_dir), data=str(tmp_path / "rankings.jsonl"),
                                             out=str(tmp_path / f"rm-{policy}"), gain_policy=policy, progress=False,
                                             device="cpu"))
         rm = ScalarHeadModel.from_pretrained(tmp_path / f"rm-{policy}")
         rm.norm_gain, rm.norm_bias = 1.0, 0.0
-        mine = [r for r in read_rankings(tmp_path / "rankings.jsonl") if policy is None or r.extra["policy"] == policy]
+        mine = [r for r in read_rankings(tmp_path / "rankings.jsonl") if policy in (None, "nobody")
+                or r.extra["policy"] == policy]
         raw = score_texts(rm, tok, [r.prompt for r in mine for _ in r.responses], [x for r in mine for x in r.responses])
         assert s["norm_gain"] == pytest.approx(1 / float(raw.std()), rel=1e-4)
         gains[policy] = s["norm_gain"]
-    assert gains["sft"] != pytest.approx(gains[None], rel=1e-3)
+    assert gains["sft"] != pytest.approx(gains[None], rel=1e-3) and gains["nobody"] == gains[None]
 
 
 def test_sft_loss_ignores_prompt_targets(tiny_lm_dir, world_dir):

@@ -38,7 +38,8 @@ class RewardConfig:
     demos: str | None = option(None, "demonstrations: a bias so they score mean 0 [IG]", wired=True)
     normalize_gain: bool = option(True, "a gain so the ranked (policy) samples have std 1 [LHP]")
     gain_policy: str | None = option(None, "with rankings of several policies' samples: the gain is computed on "
-                                           "those whose `policy` field is this one (the policy RL starts from)")
+                                           "those whose `policy` field is this one (the policy RL starts from; all "
+                                           "rankings when none has it)")
     epochs: float = option(1.0, "passes over the training prompts (about one: more overfits [IG])", gt=0)
     batch_size: int = option(8, "prompts per batch, each with all its K responses (global under torchrun)", ge=1)
     lr: float = option(5e-5, "peak learning rate (AdamW, cosine decay)", gt=0)
