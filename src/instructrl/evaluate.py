@@ -133,9 +133,11 @@ def spearman(a: list[float], b: list[float]) -> float:
 def gold_pairwise_accuracy(prompts: list, scores: list[float], gold: list[float]) -> tuple[float, int]:
     """(share, count) of the pairs of responses to the same prompt that the judge orders strictly (gold ties
     skipped) and the reward model orders the same way: the reward stage's held-out measure, on fresh samples."""
+    from .reward import prompt_key
+
     by_prompt: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
-        by_prompt.setdefault(p if isinstance(p, str) else json.dumps(p, sort_keys=True), []).append(i)
+        by_prompt.setdefault(prompt_key(p), []).append(i)
     agree = total = 0
     for idx in by_prompt.values():
         a, t = gold_pair_agreement([scores[i] for i in idx], [gold[i] for i in idx])
