@@ -86,6 +86,17 @@ def test_a_runs_config_yaml_reads_back_as_the_same_config(tmp_path):
     assert dump_config(load_pipeline_config(path), settable_only=True) == path.read_text()
 
 
+def test_the_pipelines_online_methods_sample_alike():
+    """--compare sets the online methods side by side: they sample (and take every log-prob) at one temperature,
+    length and episode count, or the table would compare settings instead of algorithms."""
+    cfg = PipelineConfig()
+    methods = (cfg.ppo, cfg.pg, cfg.grpo, cfg.rloo)
+    for name in ("temperature", "max_new_tokens", "episodes"):
+        assert len({getattr(m, name) for m in methods}) == 1, name
+    assert cfg.ppo.temperature == 1.0  # [IG] samples at T = 1; the eval stays at its own 0.7
+    assert cfg.eval.temperature == 0.7
+
+
 def test_flat_constructor_and_replace_keep_groups_apart():
     import dataclasses
 
