@@ -58,6 +58,12 @@ class LabelSettings:
                                           "reward model learns more than SFT's own mistakes", ge=0, le=1)
 
 
+# The pipeline's online RL methods all sample at temperature 1, as InstructGPT does [IG], so they compare on equal
+# footing: at the classes' 0.7, SFT's samples already sit near what the reward model can tell apart and the gold
+# reward of the training batches barely climbs. Evaluation keeps its own 0.7.
+RL_TEMPERATURE = 1.0
+
+
 @dataclass
 class PipelineConfig:
     seed: int = option(0, "random seed of every stage")
@@ -73,13 +79,11 @@ class PipelineConfig:
     label: LabelSettings = field(default_factory=LabelSettings)
     # the reward's scale is set on SFT's samples, the policy RL starts from (the labels also rank pretrained samples)
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(gain_policy="sft"))
-    # RL samples at temperature 1 as InstructGPT does [IG] (every method alike, so they compare at equal footing):
-    # at 0.7, SFT's samples already sit near what the reward model can tell apart and the gold reward of the
-    # training batches barely climbs. γ tuned on the embedded world; half the class's lr: less KL, same gold.
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(ptx_coef=0.1, lr=1.5e-5, temperature=1.0))
-    pg: PGConfig = field(default_factory=lambda: PGConfig(temperature=1.0))
-    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(temperature=1.0))
-    rloo: RLOOConfig = field(default_factory=lambda: RLOOConfig(temperature=1.0))
+    # γ tuned on the embedded world; half the class's lr: less KL, the same gold reward
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(ptx_coef=0.1, lr=1.5e-5, temperature=RL_TEMPERATURE))
+    pg: PGConfig = field(default_factory=lambda: PGConfig(temperature=RL_TEMPERATURE))
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(temperature=RL_TEMPERATURE))
+    rloo: RLOOConfig = field(default_factory=lambda: RLOOConfig(temperature=RL_TEMPERATURE))
     dpo: DPOConfig = field(default_factory=DPOConfig)
     # several samples per prompt (standard errors), generation bias and stereotyped replies in the report
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(samples_per_prompt=4, bias_samples=2,
