@@ -52,7 +52,8 @@ class LabelSettings:
     temperature: float = option(0.2, "labeler noise (Plackett–Luce temperature)", ge=0)
     labelers: int = option(1, "simulated labelers", ge=1)
     labeler_bias_std: float = option(0.0, "spread of the labelers' individual biases", ge=0)
-    sample_temperature: float = option(1.0, "temperature of the SFT samples to rank", gt=0)
+    sample_temperature: float = option(1.0, "temperature of the samples to rank (SFT's and the pretrained model's)",
+                                       gt=0)
     pretrained_share: float = option(0.25, "share of the prompts whose K samples come from the pretrained model "
                                           "instead of SFT: more varied comparisons (rude, stereotyped, wrong), so the "
                                           "reward model learns more than SFT's own mistakes", ge=0, le=1)
