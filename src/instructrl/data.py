@@ -292,16 +292,13 @@ def _key(response: Response) -> str:
     return json.dumps(response, sort_keys=True)
 
 
-def parse_ranking_record(obj: dict, path="<input>", line: int | None = None, columns: Columns = COLUMNS) -> Ranking:
-    """A rankings or pairs record → Ranking (pairs become K = 2)."""
+def parse_candidates(obj: dict, path="<input>", line: int | None = None,
+                     columns: Columns = COLUMNS) -> tuple[Prompt, list[Response]]:
+    """The prompt and its K >= 2 distinct responses of a rankings record (or of one not ranked yet)."""
     c = columns
-    extra = {k: v for k, v in obj.items() if k not in {c.prompt, c.responses, c.ranking, c.chosen, c.rejected}}
-    if c.chosen in obj or c.rejected in obj:
-        prompt, responses = _pair(obj, path, line, c)
-        return Ranking(prompt, responses, [[0], [1]], extra, line)
     prompt = _prompt(obj, c.prompt, path, line)
     if c.responses not in obj:
-        raise DataError(path, line, f"missing required field (or give '{c.chosen}'/'{c.rejected}')", c.responses)
+        raise DataError(path, line, "missing required field", c.responses)
     responses = obj[c.responses]
     if not isinstance(responses, list):
         raise DataError(path, line, f"expected a list of responses, got {type(responses).__name__}", c.responses)
@@ -311,6 +308,20 @@ def parse_ranking_record(obj: dict, path="<input>", line: int | None = None, col
     if len({_key(r) for r in responses}) != len(responses):
         raise DataError(path, line, "duplicate responses (rank distinct texts; mark equal quality as a tie)",
                         c.responses)
+    return prompt, responses
+
+
+def parse_ranking_record(obj: dict, path="<input>", line: int | None = None, columns: Columns = COLUMNS) -> Ranking:
+    """A rankings or pairs record → Ranking (pairs become K = 2)."""
+    c = columns
+    extra = {k: v for k, v in obj.items() if k not in {c.prompt, c.responses, c.ranking, c.chosen, c.rejected}}
+    if c.chosen in obj or c.rejected in obj:
+        prompt, responses = _pair(obj, path, line, c)
+        return Ranking(prompt, responses, [[0], [1]], extra, line)
+    if c.responses not in obj:
+        _prompt(obj, c.prompt, path, line)
+        raise DataError(path, line, f"missing required field (or give '{c.chosen}'/'{c.rejected}')", c.responses)
+    prompt, responses = parse_candidates(obj, path, line, c)
     if c.ranking not in obj:
         raise DataError(path, line, "missing required field", c.ranking)
     groups = parse_ranking_groups(obj[c.ranking], len(responses), path, line)

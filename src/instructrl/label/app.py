@@ -11,6 +11,10 @@ Infinity is 422, and no 422 echoes the request body back.
 
 `GET /api/tasks/next` answers 200 `{"task": null}` when nothing is left for this labeler (rather than 204), so
 that every answer has a JSON body the page and the schema describe the same way.
+
+A task's responses reach a labeler in that labeler's own order when the task was imported with shuffling
+(`store.shown_order`); every index a labeler sends or sees refers to that order, and is mapped to the stored one
+here. Which model wrote a response is never sent. `GET /api/review` (reviewers only) lists tasks by agreement.
 """
 from __future__ import annotations
 
@@ -18,13 +22,13 @@ import json
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -61,10 +65,18 @@ class Me(BaseModel):
     max_labelers_per_task: int
 
 
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+Text = Union[str, list[Message]]  # a string, or a conversation's messages
+
+
 class TaskOut(BaseModel):
     id: int
-    prompt: str
-    responses: list[str] = Field(description="the K responses, in the order the ranking's indices refer to")
+    prompt: Text = Field(description="a string, or the conversation so far (its turns, to be rendered as turns)")
+    responses: list[Text] = Field(description="the K responses, in the order the ranking's indices refer to")
     lease_expires_at: datetime | None = Field(None, description="the task is held for this labeler until then")
 
 
@@ -91,8 +103,8 @@ class RankingIn(BaseModel):
 class RankingOut(BaseModel):
     id: int
     task_id: int
-    prompt: str
-    responses: list[str]
+    prompt: Text
+    responses: list[Text]
     ranking: list[int | list[int]]
     flags: list[FlagIn]
     created_at: datetime
@@ -101,6 +113,36 @@ class RankingOut(BaseModel):
 class SkipOut(BaseModel):
     task_id: int
     skipped: bool
+
+
+class Guidelines(BaseModel):
+    markdown: str | None = Field(description="the project's labeling guidelines (Markdown), null when none")
+
+
+class ReviewTask(BaseModel):
+    task_id: int
+    prompt: Text
+    responses: list[Text]
+    models: list[str | None] | None
+    consensus: list[int | list[int]] | None = Field(description="null while no included labeler ranked it")
+    mean_ranks: list[float] | None
+    labelers: list[str]
+    rankings: list[list[int | list[int]]]
+    agreement: float | None = Field(description="mean pairwise agreement of its labelers; null below two")
+    kendall_tau: float | None
+    flags: dict[str, int]
+
+
+class ReviewLabeler(BaseModel):
+    name: str
+    rankings: int
+    excluded: bool
+    pairwise_agreement: float | None
+
+
+class Review(BaseModel):
+    tasks: list[ReviewTask] = Field(description="least agreement first; tasks with one labeler after, then none")
+    labelers: list[ReviewLabeler]
 
 
 def _ranking_json(groups: list[list[int]]) -> list:
@@ -217,9 +259,11 @@ def _without_input(error: dict) -> dict:
 
 # --- the app ----------------------------------------------------------------------------------------------
 def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float = 600, *, create: bool = True,
-               max_body_bytes: int = store.MAX_BODY_BYTES, busy_timeout: float = 1.0) -> FastAPI:
+               max_body_bytes: int = store.MAX_BODY_BYTES, busy_timeout: float = 1.0,
+               guidelines: str | None = None) -> FastAPI:
     """The app over the database at `db_url` (schema created now; create=False: it must exist); a task takes at
-    most N rankings; a write waits at most `busy_timeout` seconds for a locked database, then is 503."""
+    most N rankings; a write waits at most `busy_timeout` seconds for a locked database, then is 503.
+    `guidelines`: the project's labeling guidelines in Markdown, shown at /guidelines."""
     if max_labelers_per_task < 1:
         raise ValueError("max_labelers_per_task must be at least 1")
     if max_body_bytes < 1:
@@ -278,7 +322,11 @@ def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float
              summary="the next task to rank, or {task: null} when none is left")
     def next_task(who: Who):
         t = store.next_task(engine, who.id, N, lease_seconds)
-        return NextTask(task=None if t is None else TaskOut(**vars(t)))
+        if t is None:
+            return NextTask(task=None)
+        shown = store.shown_order(t, who.id)
+        return NextTask(task=TaskOut(id=t.id, prompt=t.prompt, responses=[t.responses[i] for i in shown],
+                                     lease_expires_at=t.lease_expires_at))
 
     @app.post("/api/rankings", response_model=RankingOut, status_code=201, summary="submit a ranking",
               responses={**ERRORS, 400: {"model": Error, "description": "the body is not JSON"},
@@ -303,8 +351,11 @@ def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float
                 raise _invalid("flags", f"flag index {f.index} out of range for {k} responses")
             flags[(f.index, f.flag)] = {"index": f.index, "flag": f.flag}
         flag_list = sorted(flags.values(), key=lambda f: (f["index"], f["flag"]))
-        rid, created = store.submit_ranking(engine, who.id, task.id, groups, flag_list, N)
-        return RankingOut(id=rid, task_id=task.id, prompt=task.prompt, responses=task.responses,
+        shown = store.shown_order(task, who.id)  # shown position -> stored index
+        rid, created = store.submit_ranking(engine, who.id, task.id, [[shown[i] for i in g] for g in groups],
+                                            sorted(({**f, "index": shown[f["index"]]} for f in flag_list),
+                                                   key=lambda f: (f["index"], f["flag"])), N)
+        return RankingOut(id=rid, task_id=task.id, prompt=task.prompt, responses=[task.responses[i] for i in shown],
                           ranking=_ranking_json(groups), flags=flag_list, created_at=created)
 
     @app.post("/api/tasks/{task_id}/skip", response_model=SkipOut, summary="skip a task (not offered again)",
@@ -318,17 +369,41 @@ def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float
              summary="my own rankings, newest first")
     def my_rankings(who: Who, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0):
-        return [RankingOut(id=r.id, task_id=t.id, prompt=t.prompt, responses=t.responses,
-                           ranking=_ranking_json(r.ranking), flags=r.flags, created_at=store.aware(r.created_at))
-                for r, t in store.history(engine, who.id, limit, offset)]
+        out = []
+        for r, t in store.history(engine, who.id, limit, offset):
+            task = store.TaskView.of(t)
+            shown = store.shown_order(task, who.id)
+            at = {stored: pos for pos, stored in enumerate(shown)}
+            out.append(RankingOut(
+                id=r.id, task_id=t.id, prompt=task.prompt, responses=[task.responses[i] for i in shown],
+                ranking=_ranking_json([[at[i] for i in g] for g in r.ranking]),
+                flags=sorted(({**f, "index": at[f["index"]]} for f in r.flags), key=lambda f: (f["index"], f["flag"])),
+                created_at=store.aware(r.created_at)))
+        return out
+
+    @app.get("/api/guidelines", response_model=Guidelines, responses=ERRORS, summary="the labeling guidelines")
+    def get_guidelines(who: Who):
+        return Guidelines(markdown=guidelines)
+
+    @app.get("/api/review", response_model=Review, summary="every task's consensus and agreement (reviewers only)",
+             responses={**ERRORS, 403: {"model": Error, "description": "this labeler is not a reviewer"}})
+    def review(who: Who):
+        if not who.reviewer:
+            raise HTTPException(403, "only reviewers see the review page (add-labeler NAME --reviewer)")
+        from .export import review_data
+
+        return review_data(engine)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz():
         return {"ok": True}
 
-    @app.get("/", include_in_schema=False)
-    def page():
-        return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
+    def html(name: str) -> Response:
+        return FileResponse(STATIC_DIR / name, headers={"Content-Security-Policy": PAGE_CSP})
+
+    app.get("/", include_in_schema=False)(lambda: html("index.html"))
+    app.get("/guidelines", include_in_schema=False)(lambda: html("guidelines.html"))
+    app.get("/review", include_in_schema=False)(lambda: html("review.html"))
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

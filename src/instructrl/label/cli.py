@@ -1,4 +1,5 @@
-"""`instructrl label ...`: fill the task queue from a policy, serve the app, manage labelers, export, stats.
+"""`instructrl label ...`: fill the task queue (sample from a policy, or import responses you have), serve the app,
+manage labelers (add, revoke, exclude from exports), export (per labeler or consensus; K-way or pairs), stats.
 
 `--db` takes any SQLAlchemy URL, or a SQLite file path; only add-labeler, enqueue and `serve --create` start a new
 database, so a mistyped path is an error. Bad input prints one clear line and exits with code 2.
@@ -94,6 +95,26 @@ def enqueue(policy: Annotated[Path, typer.Option(help="policy model directory")]
                   f"{short} tasks have fewer than {k} responses")
 
 
+@label_app.command("import")
+def import_(file: Annotated[Path, typer.Argument(help="JSONL, .json/.parquet/.arrow, or a `datasets` directory")],
+            db: NewDb, split: Annotated[str | None, typer.Option(help="split of a `datasets` source")] = None,
+            shuffle: Annotated[bool, typer.Option(help="show each labeler the responses in their own random "
+                                                       "order")] = True):
+    """Import responses you already have as ranking tasks: {prompt, responses, models?} per task, or {prompt,
+    response|completion, model?} / {messages, model?} per response (grouped by prompt). Prompts may be
+    conversations. Model names are kept for export and stats, never shown to labelers."""
+    from .importer import read_candidates
+
+    with clean_errors():
+        found = read_candidates(file, split)
+        named = found[0].models[0] is not None
+        ids = store.enqueue_tasks(db, [t.prompt for t in found], [t.responses for t in found],
+                                  [t.models for t in found] if named else None, shuffle=shuffle)
+    models = sorted({m for t in found for m in t.models if m})
+    err.print(f"imported {len(ids)} tasks ({sum(len(t.responses) for t in found)} responses)"
+              + (f" from models {', '.join(map(escape, models))}" if models else ""))
+
+
 @label_app.command()
 def serve(db: Db, host: str = "127.0.0.1", port: int = 8000,
           max_labelers_per_task: Annotated[int, typer.Option(help="rankings collected per task")] = 3,
@@ -101,14 +122,24 @@ def serve(db: Db, host: str = "127.0.0.1", port: int = 8000,
           max_body_bytes: Annotated[int, typer.Option(help="larger request bodies are refused with 413")]
           = store.MAX_BODY_BYTES,
           create: Annotated[bool, typer.Option("--create", help="start a new database if none is at --db")] = False,
+          guidelines: Annotated[Path | None, typer.Option(help="labeling guidelines (Markdown), shown at "
+                                                              "/guidelines and linked from the ranking page")] = None,
           access_log: bool = True):
-    """Serve the ranking page at / and the JSON API under /api/ (OpenAPI at /openapi.json)."""
+    """Serve the ranking page at /, the review page at /review, and the JSON API under /api/ (OpenAPI at
+    /openapi.json)."""
     import uvicorn
 
     from .app import create_app
 
     with clean_errors():
-        app = create_app(db, max_labelers_per_task, lease_seconds, create=create, max_body_bytes=max_body_bytes)
+        text = None
+        if guidelines is not None:
+            try:
+                text = guidelines.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise DataError(guidelines, None, f"cannot read it: {getattr(e, 'strerror', None) or e}") from None
+        app = create_app(db, max_labelers_per_task, lease_seconds, create=create, max_body_bytes=max_body_bytes,
+                         guidelines=text)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/yellow] serving on {host} over plain HTTP: tokens travel in the clear; "
                   "put an HTTPS reverse proxy in front")
@@ -116,10 +147,12 @@ def serve(db: Db, host: str = "127.0.0.1", port: int = 8000,
 
 
 @label_app.command("add-labeler")
-def add_labeler(name: str, db: NewDb):
+def add_labeler(name: str, db: NewDb,
+                reviewer: Annotated[bool, typer.Option("--reviewer", help="may also open the review page (every "
+                                                                         "labeler's rankings)")] = False):
     """Create a labeler and print its token (shown this once; only its SHA-256 hash is stored)."""
     with clean_errors():
-        token = store.add_labeler(db, name)
+        token = store.add_labeler(db, name, reviewer)
     print(token)
     err.print(f"labeler {escape(repr(name))} created; give them the token above (it cannot be shown again)")
 
@@ -132,15 +165,44 @@ def revoke(labeler: Annotated[str, typer.Argument(help="the labeler's name, or i
     err.print(f"labeler {escape(repr(name))} (id {labeler_id}) " + ("was already revoked" if already else "revoked"))
 
 
+def _set_excluded(labeler: str, db: str, excluded: bool) -> None:
+    with clean_errors():
+        name, labeler_id, already = store.exclude_labeler(db, labeler, excluded)
+    state = "excluded from exports" if excluded else "included in exports"
+    err.print(f"labeler {escape(repr(name))} (id {labeler_id}) " + ("was already " if already else "is now ") + state)
+
+
 @label_app.command()
-def export(db: Db, out_path: Annotated[Path, typer.Option("--out", help="rankings JSONL to write")],
+def exclude(labeler: Annotated[str, typer.Argument(help="the labeler's name, or id")], db: Db):
+    """Leave a labeler's rankings out of every export and consensus (nothing is deleted; `include` undoes it)."""
+    _set_excluded(labeler, db, True)
+
+
+@label_app.command()
+def include(labeler: Annotated[str, typer.Argument(help="the labeler's name, or id")], db: Db):
+    """Put an excluded labeler's rankings back into the exports."""
+    _set_excluded(labeler, db, False)
+
+
+@label_app.command()
+def export(db: Db, out_path: Annotated[Path, typer.Option("--out", help="file to write")],
+           fmt: Annotated[str, typer.Option("--format", help="jsonl: K-way rankings; parquet: the same as a "
+                                                               "table; pairs: prompt/chosen/rejected (parquet when "
+                                                               "--out ends in .parquet)")] = "jsonl",
+           consensus: Annotated[bool, typer.Option("--consensus", help="one record per task: its labelers' "
+                                                                         "rankings by mean rank (Borda)")] = False,
+           implicit_prompt: Annotated[bool, typer.Option("--implicit-prompt", help="pairs as whole transcripts "
+                                                                                     "{chosen, rejected}")] = False,
            overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False):
-    """Write every ranking in the rankings JSONL format (atomically; never over an existing file by default)."""
+    """Write the rankings for `instructrl rm`/`dpo` or TRL (atomically; never over an existing file by default).
+    Excluded labelers are left out."""
     from .export import export_rankings
 
     with clean_errors():
-        n, all_tied = export_rankings(db, out_path, overwrite=overwrite)
-    err.print(f"wrote {n} rankings to {out_path}" + ("" if n else " [yellow](none yet: the file is empty)[/yellow]"))
+        n, all_tied = export_rankings(db, out_path, overwrite=overwrite, fmt=fmt, use_consensus=consensus,
+                                      implicit_prompt=implicit_prompt)
+    what = ("pairs" if fmt == "pairs" else "consensus rankings" if consensus else "rankings")
+    err.print(f"wrote {n} {what} to {out_path}" + ("" if n else " [yellow](none yet: the file is empty)[/yellow]"))
     if all_tied:
         err.print(f"[yellow]left out {all_tied} rankings that tie all responses (no comparison to learn from)[/yellow]")
 
@@ -170,9 +232,16 @@ def stats(db: Db, as_json: Annotated[bool, typer.Option("--json", help="print JS
     for col in ("labeler", "rankings", "skips", "flags", "comparisons", "pair agreement", "Kendall τ"):
         per.add_column(col, justify="left" if col == "labeler" else "right")
     for l in s["labelers"]:
-        per.add_row(Text(l["name"]), str(l["rankings"]), str(l["skips"]), str(l["flags"]), str(l["comparisons"]),
+        per.add_row(Text(l["name"] + (" (excluded)" if l["excluded"] else "")), str(l["rankings"]), str(l["skips"]), str(l["flags"]), str(l["comparisons"]),
                     _fmt(l["pairwise_agreement"]), _fmt(l["kendall_tau"]))
     out.print(per)
+    if s["models"]:
+        models = Table(title="models (pairs of responses by two models, in the included labelers' rankings)")
+        for col in ("model", "wins", "losses", "ties", "win rate"):
+            models.add_column(col, justify="left" if col == "model" else "right")
+        for name, m in s["models"].items():
+            models.add_row(Text(name), str(m["wins"]), str(m["losses"]), str(m["ties"]), _fmt(m["win_rate"]))
+        out.print(models)
     if s["flags"]:
         out.print("flags: " + ", ".join(f"{k} {v}" for k, v in sorted(s["flags"].items())))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
 import secrets
 import threading
 import time
@@ -26,16 +27,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import (JSON, DateTime, Engine, ForeignKey, Integer, String, Text, UniqueConstraint, column,
+from sqlalchemy import (JSON, Boolean, DateTime, Engine, ForeignKey, Integer, String, Text, UniqueConstraint, column,
                         create_engine, delete, event, exists, func, insert, literal, select, table, text, update)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
-from ..data import DataError
+from ..data import DataError, parse_candidates
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FLAGS = ("toxic", "harmful", "nonsense")
 MAX_NAME_LEN = 100
 MAX_BODY_BYTES = 1 << 20  # the app's default request limit: a ranking of K = 64 with every flag is a few kB
@@ -96,13 +97,18 @@ class Labeler(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 hex; the token itself is never stored
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    excluded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # not exported
+    reviewer: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # may read the review page
 
 
 class Task(Base):
     __tablename__ = "tasks"
     id: Mapped[int] = mapped_column(primary_key=True)
-    prompt: Mapped[str] = mapped_column(Text)
-    responses: Mapped[list] = mapped_column(JSON)
+    prompt: Mapped[str] = mapped_column(Text)  # the text, or for a conversation its last user turn (for display)
+    responses: Mapped[list] = mapped_column(JSON)  # each a string, or messages of the assistant
+    prompt_messages: Mapped[list | None] = mapped_column(JSON, nullable=True)  # the conversation, when there is one
+    models: Mapped[list | None] = mapped_column(JSON, nullable=True)  # who wrote each response: exported, never shown
+    shuffle: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # each labeler sees its own order
     n_rankings: Mapped[int] = mapped_column(Integer, default=0)  # kept in step with `rankings` to cap it atomically
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -193,33 +199,44 @@ def open_store(db: str | Path, create: bool = True, busy_timeout: float = 30) ->
         engine.dispose()
         raise StoreError(f"{url}: schema version {found} is newer than this instructrl ({SCHEMA_VERSION})")
     if found is not None and found < SCHEMA_VERSION:
-        _upgrade_from_1(engine)
+        _upgrade(engine, found)
     return engine
 
 
 _LEGACY_SKIPS = table("skips", column("task_id"), column("labeler_id"), column("created_at"))
 
 
-def _upgrade_from_1(engine: Engine) -> None:
-    """Schema 1 → 2: labelers get `revoked_at`; every ranking and skip becomes an answer. Where schema 1 let a
-    labeler both skip and rank a task, the ranking wins. The old `skips` table stays as it was (nothing is lost).
+def _upgrade(engine: Engine, found: int) -> None:
+    """Bring a schema 1 or 2 database to this version, in one transaction.
+
+    1 → 2: labelers get `revoked_at`; every ranking and skip becomes an answer. Where schema 1 let a labeler both
+    skip and rank a task, the ranking wins. The old `skips` table stays as it was (nothing is lost).
+    2 → 3: tasks get `prompt_messages`, `models`, `shuffle`; labelers get `excluded_at`, `reviewer` (all nullable).
 
     The new version row goes in first: of two processes upgrading at once, the second fails there (once the first
     has committed) and goes on with the upgraded database.
     """
     answer_columns = ["task_id", "labeler_id", "kind", "created_at"]
     old = _LEGACY_SKIPS.c
+
+    def add_column(s: Session, tbl: str, name: str, kind) -> None:
+        s.execute(text(f"ALTER TABLE {tbl} ADD COLUMN {name} {kind.compile(dialect=engine.dialect)}"))
+
     try:
         with writing(engine) as s:
             s.add(SchemaVersion(version=SCHEMA_VERSION))
             s.flush()
-            column_type = DateTime(timezone=True).compile(dialect=engine.dialect)
-            s.execute(text(f"ALTER TABLE labelers ADD COLUMN revoked_at {column_type}"))
-            s.execute(insert(Answer).from_select(answer_columns, select(
-                RankingRow.task_id, RankingRow.labeler_id, literal(RANKED), RankingRow.created_at)))
-            answered = exists().where(Answer.task_id == old.task_id, Answer.labeler_id == old.labeler_id)
-            s.execute(insert(Answer).from_select(answer_columns, select(
-                old.task_id, old.labeler_id, literal(SKIPPED), old.created_at).where(~answered)))
+            if found < 2:
+                add_column(s, "labelers", "revoked_at", DateTime(timezone=True))
+                s.execute(insert(Answer).from_select(answer_columns, select(
+                    RankingRow.task_id, RankingRow.labeler_id, literal(RANKED), RankingRow.created_at)))
+                answered = exists().where(Answer.task_id == old.task_id, Answer.labeler_id == old.labeler_id)
+                s.execute(insert(Answer).from_select(answer_columns, select(
+                    old.task_id, old.labeler_id, literal(SKIPPED), old.created_at).where(~answered)))
+            for tbl, name, kind in (("tasks", "prompt_messages", JSON()), ("tasks", "models", JSON()),
+                                    ("tasks", "shuffle", Boolean()), ("labelers", "excluded_at", DateTime(timezone=True)),
+                                    ("labelers", "reviewer", Boolean())):
+                add_column(s, tbl, name, kind)
     except IntegrityError:
         pass  # another process upgraded it meanwhile
 
@@ -289,8 +306,9 @@ def using(db: str | Path | Engine, create: bool = True) -> Iterator[Engine]:
 
 
 # --- labelers and tasks ---------------------------------------------------------------------------------
-def add_labeler(db, name: str) -> str:
-    """Create a labeler and return its token; only the token's hash is stored, so this is the one chance to see it."""
+def add_labeler(db, name: str, reviewer: bool = False) -> str:
+    """Create a labeler and return its token; only the token's hash is stored, so this is the one chance to see it.
+    A reviewer may also read the review page (every labeler's rankings, consensus and agreement)."""
     name = name.strip()
     if not name or len(name) > MAX_NAME_LEN:
         raise StoreError(f"labeler name must be 1..{MAX_NAME_LEN} characters")
@@ -298,7 +316,7 @@ def add_labeler(db, name: str) -> str:
     with using(db) as engine:
         try:
             with writing(engine) as s:
-                s.add(Labeler(name=name, token_hash=hash_token(token)))
+                s.add(Labeler(name=name, token_hash=hash_token(token), reviewer=reviewer or None))
         except IntegrityError:
             raise StoreError(f"a labeler named {name!r} already exists") from None
     return token
@@ -310,15 +328,21 @@ def labeler_for_token(engine: Engine, token: str) -> Labeler | None:
         return s.scalar(select(Labeler).where(Labeler.token_hash == hash_token(token)))
 
 
+def _find_labeler(s: Session, who: str) -> Labeler:
+    """By name, or by id when no labeler has that name."""
+    labeler = s.scalar(select(Labeler).where(Labeler.name == who))
+    if labeler is None and who.isdigit():
+        labeler = s.get(Labeler, int(who))
+    if labeler is None:
+        raise NotFound(f"no labeler named {who!r}" + (f" or with id {who}" if who.isdigit() else ""))
+    return labeler
+
+
 def revoke_labeler(db, who: str) -> tuple[str, int, bool]:
     """Revoke a labeler's token at once: by name, or by id when no labeler has that name. Their rankings stay;
     their lease is released. Returns (name, id, whether it was revoked already)."""
     with using(db, create=False) as engine, writing(engine) as s:
-        labeler = s.scalar(select(Labeler).where(Labeler.name == who))
-        if labeler is None and who.isdigit():
-            labeler = s.get(Labeler, int(who))
-        if labeler is None:
-            raise NotFound(f"no labeler named {who!r}" + (f" or with id {who}" if who.isdigit() else ""))
+        labeler = _find_labeler(s, who)
         was_revoked = labeler.revoked_at is not None
         if not was_revoked:
             labeler.revoked_at = utcnow()
@@ -326,8 +350,22 @@ def revoke_labeler(db, who: str) -> tuple[str, int, bool]:
         return labeler.name, labeler.id, was_revoked
 
 
+def exclude_labeler(db, who: str, excluded: bool = True) -> tuple[str, int, bool]:
+    """Leave a labeler's rankings out of every export and consensus (excluded=False: put them back); nothing is
+    deleted, and their token keeps working. Returns (name, id, whether it already was in that state)."""
+    with using(db, create=False) as engine, writing(engine) as s:
+        labeler = _find_labeler(s, who)
+        already = (labeler.excluded_at is not None) == excluded
+        if not already:
+            labeler.excluded_at = utcnow() if excluded else None
+        return labeler.name, labeler.id, already
+
+
 def validate_task(prompt, responses, where: str = "<enqueue>", line: int | None = None) -> None:
     """The same rules `read_rankings` applies, checked on the way in so that every export is readable."""
+    if isinstance(prompt, list) or isinstance(responses, list) and any(isinstance(r, list) for r in responses):
+        parse_candidates({"prompt": prompt, "responses": responses}, where, line)  # conversations
+        return
     if not isinstance(prompt, str) or not prompt.strip():
         raise DataError(where, line, "must be a non-empty string", "prompt")
     if not isinstance(responses, list) or len(responses) < 2:
@@ -339,16 +377,34 @@ def validate_task(prompt, responses, where: str = "<enqueue>", line: int | None 
         raise DataError(where, line, "duplicate responses", "responses")
 
 
-def enqueue_tasks(db, prompts: list[str], responses: list[list[str]]) -> list[int]:
-    """Store one ranking task per prompt; all or nothing. Returns the new task ids."""
-    if len(prompts) != len(responses):
-        raise DataError("<enqueue>", None, f"{len(prompts)} prompts but {len(responses)} response lists")
+def prompt_text(prompt) -> str:
+    """A prompt as one string for display: itself, or a conversation's last user turn."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
+
+
+def enqueue_tasks(db, prompts: list, responses: list[list], models: list[list[str]] | None = None,
+                  shuffle: bool = False) -> list[int]:
+    """Store one ranking task per prompt; all or nothing. Returns the new task ids.
+
+    A prompt is a string or a conversation (messages); a response a string or assistant messages. `models` names
+    the model of each response (kept for export, never sent to labelers); `shuffle` shows each labeler the
+    responses in their own random order (against position bias)."""
+    if len(prompts) != len(responses) or models is not None and len(models) != len(prompts):
+        raise DataError("<enqueue>", None, f"{len(prompts)} prompts but {len(responses)} response lists"
+                        + ("" if models is None else f" and {len(models)} model lists"))
     for i, (p, rs) in enumerate(zip(prompts, responses), start=1):
         validate_task(p, rs, line=i)
+        if models is not None and len(models[i - 1]) != len(rs):
+            raise DataError("<enqueue>", i, f"{len(rs)} responses but {len(models[i - 1])} model names", "models")
     if not prompts:
         return []
     now = utcnow()
-    rows = [{"prompt": p, "responses": list(rs), "n_rankings": 0, "created_at": now} for p, rs in zip(prompts, responses)]
+    rows = [{"prompt": prompt_text(p), "prompt_messages": p if isinstance(p, list) else None,
+             "responses": list(rs), "models": None if models is None else list(models[i]),
+             "shuffle": shuffle or None, "n_rankings": 0, "created_at": now}
+            for i, (p, rs) in enumerate(zip(prompts, responses))]
     with using(db) as engine, writing(engine) as s:
         # the ids the database gave these very rows, in their order, whatever other processes insert meanwhile
         return list(s.scalars(insert(Task).returning(Task.id, sort_by_parameter_order=True), rows))
@@ -358,9 +414,24 @@ def enqueue_tasks(db, prompts: list[str], responses: list[list[str]]) -> list[in
 @dataclass
 class TaskView:
     id: int
-    prompt: str
-    responses: list[str]
+    prompt: str | list  # the conversation when there is one
+    responses: list
     lease_expires_at: datetime | None = None
+    models: list | None = None
+    shuffle: bool = False
+
+    @classmethod
+    def of(cls, t: Task, lease_expires_at: datetime | None = None) -> TaskView:
+        return cls(t.id, t.prompt_messages or t.prompt, list(t.responses), lease_expires_at, t.models, bool(t.shuffle))
+
+
+def shown_order(task: TaskView, labeler_id: int) -> list[int]:
+    """The stored index of the response a labeler sees at each position: the same every time they look, a
+    different random order for each labeler when the task shuffles (so no position carries a model's bias)."""
+    order = list(range(len(task.responses)))
+    if task.shuffle:
+        random.Random(f"instructrl.label:{task.id}:{labeler_id}").shuffle(order)
+    return order
 
 
 def get_task(engine: Engine, task_id: int) -> TaskView:
@@ -368,7 +439,7 @@ def get_task(engine: Engine, task_id: int) -> TaskView:
         t = s.get(Task, task_id)
         if t is None:
             raise NotFound(f"task {task_id} does not exist")
-        return TaskView(t.id, t.prompt, list(t.responses))
+        return TaskView.of(t)
 
 
 def _open_for(labeler_id: int, max_labelers: int):
@@ -421,7 +492,7 @@ def next_task(engine: Engine, labeler_id: int, max_labelers: int, lease_seconds:
         held = s.execute(select(Task, Assignment.expires_at).join(Assignment, Assignment.task_id == Task.id)
                          .where(Assignment.labeler_id == labeler_id, Assignment.expires_at > now, is_open)).first()
         if held is not None:
-            return TaskView(held[0].id, held[0].prompt, list(held[0].responses), aware(held[1]))
+            return TaskView.of(held[0], aware(held[1]))
     with writing(engine, durable=False) as s:
         # Writing first makes this whole claim one serialised write transaction on SQLite.
         s.execute(delete(Assignment).where(Assignment.labeler_id == labeler_id))
@@ -433,7 +504,7 @@ def next_task(engine: Engine, labeler_id: int, max_labelers: int, lease_seconds:
             return None
         expires = now + timedelta(seconds=lease_seconds)
         s.add(Assignment(labeler_id=labeler_id, task_id=task.id, expires_at=expires))
-        return TaskView(task.id, task.prompt, list(task.responses), expires)
+        return TaskView.of(task, expires)
 
 
 def submit_ranking(engine: Engine, labeler_id: int, task_id: int, groups: list[list[int]], flags: list[dict],
