@@ -124,9 +124,9 @@ class ReviewTask(BaseModel):
     prompt: Text
     responses: list[Text]
     models: list[str | None] | None
-    consensus: list[int | list[int]] | None = Field(description="null while no included labeler ranked it")
-    mean_ranks: list[float] | None
-    labelers: list[str]
+    consensus: list[int | list[int]] = Field(description="the exported consensus: stored indices, best first")
+    mean_ranks: list[float]
+    labelers: list[str] = Field(description="the included labelers who ranked it")
     rankings: list[list[int | list[int]]]
     agreement: float | None = Field(description="mean pairwise agreement of its labelers; null below two")
     kendall_tau: float | None
@@ -141,7 +141,7 @@ class ReviewLabeler(BaseModel):
 
 
 class Review(BaseModel):
-    tasks: list[ReviewTask] = Field(description="least agreement first; tasks with one labeler after, then none")
+    tasks: list[ReviewTask] = Field(description="least agreement first, then most flags; one labeler last")
     labelers: list[ReviewLabeler]
 
 

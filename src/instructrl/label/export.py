@@ -74,12 +74,12 @@ def consensus(rankings: list[list[list[int]]]) -> tuple[list[list[int]], list[Fr
     return groups, mean
 
 
-def _task_summaries(engine, with_excluded: bool = False) -> list[dict]:
+def _task_summaries(engine) -> list[dict]:
     """Per ranked task: the task, its included labelers' rankings and flags, consensus and agreement."""
     by_task: dict[int, list] = defaultdict(list)
     tasks: dict[int, store.Task] = {}
     for r, t, l in store.all_rankings(engine):
-        if with_excluded or l.excluded_at is None:
+        if l.excluded_at is None:
             tasks[t.id] = t
             by_task[t.id].append((l.name, [list(g) for g in r.ranking], list(r.flags or [])))
     out = []
@@ -105,10 +105,10 @@ def consensus_records(db) -> list[Ranking]:
 
 
 def review_data(engine) -> dict:
-    """What the review page shows: every ranked task (all labelers, excluded ones marked on the side), least
-    agreement first, then most flags; tasks with one labeler last."""
+    """What the review page shows: every task ranked by an included labeler, with its consensus as exported, least
+    agreement first, then most flags, tasks with one labeler last; and every labeler, excluded ones marked."""
     tasks = []
-    for s in _task_summaries(engine, with_excluded=True):
+    for s in _task_summaries(engine):
         t = store.TaskView.of(s["task"])
         tasks.append({"task_id": t.id, "prompt": t.prompt, "responses": t.responses, "models": t.models,
                       "consensus": [g[0] if len(g) == 1 else g for g in s["consensus"]],

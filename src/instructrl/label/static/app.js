@@ -1,9 +1,9 @@
-// The labeling page. It talks only to /api, and puts model text on the page with textContent alone:
-// responses are untrusted, and must never be parsed as HTML.
+// The labeling page. It talks only to /api, and puts model text on the page through common.js's renderer, which
+// builds elements with textContent alone: responses are untrusted, and must never be parsed as HTML.
 "use strict";
 
 (() => {
-  const TOKEN_KEY = "instructrl.label.token";
+  const { TOKEN_KEY, request, transcript } = window.instructrl;
   const $ = (id) => document.getElementById(id);
   const list = $("responses");
   let task = null;       // the task on screen: {id, prompt, responses}
@@ -13,16 +13,12 @@
 
   // --- talking to the API -------------------------------------------------------------------------------
   async function api(method, path, body) {
-    const headers = { Authorization: "Bearer " + (localStorage.getItem(TOKEN_KEY) || "") };
-    if (body !== undefined) headers["Content-Type"] = "application/json";
-    const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-    let data = null;
-    try { data = await resp.json(); } catch (e) { data = null; }
-    if (resp.status === 401) {
+    const answer = await request(method, path, body);
+    if (answer.status === 401) {
       showLogin("That token was not accepted. Check it and try again.");
       throw new Error("unauthorized");
     }
-    return { status: resp.status, data };
+    return answer;
   }
 
   function detailText(data) {
@@ -73,14 +69,14 @@
   }
 
   function render(t) {
-    $("prompt").textContent = t.prompt;
+    $("prompt").replaceChildren(transcript(t.prompt));
     list.replaceChildren();
     selected = null;
     const template = $("item-template");
     t.responses.forEach((text, i) => {
       const li = template.content.firstElementChild.cloneNode(true);
       li.dataset.index = String(i);
-      li.querySelector(".text").textContent = text;  // text only, never parsed as HTML: model output is untrusted
+      li.querySelector(".text").replaceChildren(transcript(text));  // never parsed as HTML: model output is untrusted
       li.addEventListener("click", (e) => { if (!e.target.closest("label, select")) select(li); });
       li.addEventListener("dragstart", (e) => {
         dragged = li;
