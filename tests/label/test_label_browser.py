@@ -30,6 +30,15 @@ def live(tmp_path, serve_live):
     yield db, token, serve_live(create_app(db, max_labelers_per_task=3))
 
 
+def open_page(p, url: str, dialogs: list, **page_options):
+    """Chromium at `url`; any alert/confirm/prompt is dismissed and its message appended to `dialogs`."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    page = browser.new_page(**page_options)
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(url)
+    return browser, page
+
+
 def order(page) -> list[str]:
     return page.locator("#responses li.item .text").all_text_contents()
 
@@ -39,11 +48,8 @@ def test_rank_by_mouse_and_keyboard_then_export(live, tmp_path):
 
     db, token, url = live
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page()
         dialogs = []
-        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.goto(url)
+        browser, page = open_page(p, url, dialogs)
         page.fill("#token", "wrong-token")
         page.click("#login-form button")
         expect(page.locator("#status")).to_contain_text("not accepted")
@@ -116,11 +122,8 @@ def test_markdown_and_conversation_turns_never_run_as_html(tmp_path, serve_live)
     token = add_labeler(db, "alice")
     url = serve_live(create_app(db))
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page()
         dialogs = []
-        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.goto(url)
+        browser, page = open_page(p, url, dialogs)
         page.fill("#token", token)
         page.click("#login-form button")
         expect(page.locator("#prompt .turn")).to_have_count(4)
@@ -187,9 +190,7 @@ def test_import_rank_a_conversation_and_export_the_consensus(tmp_path, serve_liv
 
     screens = os.environ.get("LABEL_SCREENSHOTS")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(url)
+        browser, page = open_page(p, url, [], viewport={"width": 1280, "height": 1000})
         page.fill("#token", tokens["alice"])
         page.click("#login-form button")
         expect(page.locator("#prompt .turn")).to_have_count(3)

@@ -402,8 +402,8 @@ def create_app(db_url: str, max_labelers_per_task: int = 3, lease_seconds: float
         return FileResponse(STATIC_DIR / name, headers={"Content-Security-Policy": PAGE_CSP})
 
     app.get("/", include_in_schema=False)(lambda: html("index.html"))
-    app.get("/guidelines", include_in_schema=False)(lambda: html("guidelines.html"))
-    app.get("/review", include_in_schema=False)(lambda: html("review.html"))
+    app.get("/guidelines", include_in_schema=False)(lambda: html("page.html"))  # pages.js picks by the path
+    app.get("/review", include_in_schema=False)(lambda: html("page.html"))
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

@@ -1,4 +1,4 @@
-// The guidelines page and the review page (reviewers only). Both use the token the ranking page stored; all text
+// page.html at /guidelines and at /review (reviewers only). Both use the token the ranking page stored; all text
 // goes on the page through common.js (textContent only).
 "use strict";
 
@@ -79,6 +79,8 @@
     content.replaceChildren(people, tasks);
   }
 
-  const page = document.body.dataset.page;
-  (page === "review" ? review() : guidelines()).catch(() => say("Cannot reach the server."));
+  const isReview = window.location.pathname === "/review";
+  document.getElementById("title").textContent = isReview ? "Review: tasks by agreement" : "Labeling guidelines";
+  document.title = "instructrl · " + (isReview ? "review" : "guidelines");
+  (isReview ? review() : guidelines()).catch(() => say("Cannot reach the server."));
 })();
