@@ -161,7 +161,7 @@ def test_exclude_drops_a_labeler_from_exports_and_include_brings_them_back(ranke
 
 
 @pytest.mark.slow
-def test_rm_trains_on_the_consensus_and_on_the_pairs(ranked, tmp_path):
+def test_rm_and_dpo_train_on_the_consensus_and_on_the_pairs(ranked, tmp_path):
     from instructrl.cli import app
 
     db, _ = ranked
@@ -177,3 +177,7 @@ def test_rm_trains_on_the_consensus_and_on_the_pairs(ranked, tmp_path):
         # the 20 consensus rankings (50 comparisons), or their 50 pairs, each pair a prompt of its own
         n = 20 if name.endswith(".jsonl") else 50
         assert summary["train_prompts"] + summary["held_out_prompts"] == n, (name, summary)
+    r = runner.invoke(app, ["dpo", "--policy", str(base), "--data", str(tmp_path / "consensus.jsonl"), "--out",
+                            str(tmp_path / "dpo"), "--batch-size", "8", "--device", "cpu", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "dpo" / "summary.json").is_file()

@@ -127,3 +127,38 @@ def test_a_schema_2_database_is_upgraded_in_place(tmp_path):
     with sqlite3.connect(db) as con:
         assert con.execute("select max(version) from schema_version").fetchone()[0] == store.SCHEMA_VERSION
     client.close()
+
+
+def test_export_refusals_exit_2_and_write_nothing(tmp_path):
+    db = str(tmp_path / "l.db")
+    conv = [{"role": "user", "content": "hi"}]
+    store.enqueue_tasks(db, ["text prompt"], [["a", "b"]])
+    store.enqueue_tasks(db, [conv], [["c", "d"]])
+    engine = store.open_store(db)
+    ann = store.labeler_for_token(engine, store.add_labeler(db, "ann")).id
+    for task in (1, 2):
+        store.submit_ranking(engine, ann, task, [[1], [0]], [], 3)
+    engine.dispose()
+    out = tmp_path / "r.parquet"
+    r = runner.invoke(label_app, ["export", "--db", db, "--format", "parquet", "--out", str(out)])
+    assert r.exit_code == 2 and "cannot be one parquet table" in r.stderr and "export as jsonl" in r.stderr
+    r = runner.invoke(label_app, ["export", "--db", db, "--implicit-prompt", "--out", str(out)])
+    assert r.exit_code == 2 and "only pairs have an implicit-prompt form" in r.stderr
+    r = runner.invoke(label_app, ["export", "--db", db, "--format", "csv", "--out", str(out)])
+    assert r.exit_code == 2 and "unknown format 'csv'" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+    r = runner.invoke(label_app, ["export", "--db", db, "--format", "pairs", "--implicit-prompt",
+                                  "--out", str(tmp_path / "p.jsonl")])
+    assert r.exit_code == 0 and "wrote 2 pairs" in r.stderr
+    assert [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()] == [
+        {"chosen": "\n\nHuman: text prompt\n\nAssistant: b", "rejected": "\n\nHuman: text prompt\n\nAssistant: a",
+         "task_id": 1, "labeler": "ann"},
+        {"chosen": conv + [{"role": "assistant", "content": "d"}], "rejected": conv + [{"role": "assistant",
+                                                                                       "content": "c"}],
+         "task_id": 2, "labeler": "ann"}]
+    from instructrl.data import read_rankings
+
+    text, chat = read_rankings(tmp_path / "p.jsonl")  # HH's split at the last shared "\n\nAssistant:"
+    assert (text.prompt, text.responses) == ("\n\nHuman: text prompt\n\nAssistant:", [" b", " a"])
+    assert (chat.prompt, chat.responses) == (conv, [[{"role": "assistant", "content": "d"}],
+                                                    [{"role": "assistant", "content": "c"}]])
