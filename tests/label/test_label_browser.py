@@ -160,7 +160,8 @@ def test_import_rank_a_conversation_and_export_the_consensus(tmp_path, serve_liv
 
     runner = CliRunner()
     models = {"good": "acme-70b", "ok": "acme-8b", "bad": "acme-1b"}
-    answers = {"good": "Use `sorted()`:\n\n```python\nprint(sorted(xs, reverse=True))\n```\n\nIt **returns a new list**.",
+    answers = {"good": "Use `sorted()`:\n\n```python\nprint(sorted(xs, reverse=True))\n```\n\n"
+                       "It **returns a new list**.",
                "ok": "You can:\n\n- call `xs.sort()`\n- then `xs.reverse()`", "bad": "Sort it <b>yourself</b>."}
     conv = [turn("user", "How do I sort a list in Python?"), turn("assistant", "Call `sorted(xs)` or `xs.sort()`."),
             turn("user", "And **largest first**?")]

@@ -232,7 +232,8 @@ def stats(db: Db, as_json: Annotated[bool, typer.Option("--json", help="print JS
     for col in ("labeler", "rankings", "skips", "flags", "comparisons", "pair agreement", "Kendall τ"):
         per.add_column(col, justify="left" if col == "labeler" else "right")
     for l in s["labelers"]:
-        per.add_row(Text(l["name"] + (" (excluded)" if l["excluded"] else "")), str(l["rankings"]), str(l["skips"]), str(l["flags"]), str(l["comparisons"]),
+        per.add_row(Text(l["name"] + (" (excluded)" if l["excluded"] else "")), str(l["rankings"]), str(l["skips"]),
+                    str(l["flags"]), str(l["comparisons"]),
                     _fmt(l["pairwise_agreement"]), _fmt(l["kendall_tau"]))
     out.print(per)
     if s["models"]:

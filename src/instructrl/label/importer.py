@@ -70,7 +70,8 @@ def read_candidates(path: str | os.PathLike, split: str | None = None,
         if len(t.responses) < 2:
             raise DataError(path, t.lines[0], "this prompt has only one response; a task ranks K >= 2", c.prompt)
         if len(t.responses) > MAX_K:
-            raise DataError(path, t.lines[0], f"this prompt has {len(t.responses)} responses; at most {MAX_K}", c.prompt)
+            raise DataError(path, t.lines[0], f"this prompt has {len(t.responses)} responses; at most {MAX_K}",
+                            c.prompt)
     return out
 
 

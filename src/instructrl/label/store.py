@@ -234,8 +234,8 @@ def _upgrade(engine: Engine, found: int) -> None:
                 s.execute(insert(Answer).from_select(answer_columns, select(
                     old.task_id, old.labeler_id, literal(SKIPPED), old.created_at).where(~answered)))
             for tbl, name, kind in (("tasks", "prompt_messages", JSON()), ("tasks", "models", JSON()),
-                                    ("tasks", "shuffle", Boolean()), ("labelers", "excluded_at", DateTime(timezone=True)),
-                                    ("labelers", "reviewer", Boolean())):
+                                    ("tasks", "shuffle", Boolean()), ("labelers", "reviewer", Boolean()),
+                                    ("labelers", "excluded_at", DateTime(timezone=True))):
                 add_column(s, tbl, name, kind)
     except IntegrityError:
         pass  # another process upgraded it meanwhile
