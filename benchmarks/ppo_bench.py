@@ -783,6 +783,7 @@ def main() -> None:
 
     p = common(sub.add_parser("setup"))
     p.add_argument("--force", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny models and world (the smoke tests' setup)")
     for name in ("run", "profile", "adam-ab"):
         p = common(sub.add_parser(name))
         p.add_argument("--batch", type=int, default=BASE["batch"])
