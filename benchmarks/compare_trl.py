@@ -29,11 +29,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from ppo_bench import cpu_line  # noqa: E402
+from ppo_bench import _machine, cpu_line  # noqa: E402
 
-
-# the CPU as a measured arm sees it (this process imports no torch)
-CPU_INFO = "import json, sys; sys.path.insert(0, %r); from ppo_bench import cpu_info; print(json.dumps(cpu_info()))" % str(HERE)
+child_cpu_info = _machine().child_cpu_info
 
 
 def cmd_for(arm: str, a) -> list[str]:
@@ -103,9 +101,7 @@ def smoke(a) -> None:
 def compare(a) -> None:
     a.response = a.response or {"P": 32, "P-long": 96}[a.protocol]
     arms = a.arms.split(",")
-    print(cpu_line(json.loads(subprocess.run([sys.executable, "-c", CPU_INFO], capture_output=True, text=True,
-                                                env={**os.environ, "OMP_NUM_THREADS": str(a.threads),
-                                                     "MKL_NUM_THREADS": str(a.threads)}, check=True).stdout)))
+    print(cpu_line(child_cpu_info(a.threads)))   # the CPU as a measured arm sees it (this process imports no torch)
     res: dict[str, list[dict]] = {arm: [] for arm in arms}
     print(f"protocol {a.protocol}: B={a.batch} P=16 R={a.response}, threads {a.threads}, {a.rounds} rounds x "
           f"({a.warmup} warm-up + {a.iters} iterations), arms {arms}, start loadavg "

@@ -82,3 +82,18 @@ def float_path_env(name: str, threads: int) -> dict[str, str]:
 def float_path_threads(name: str, threads: int | None) -> int:
     """The thread count a float path runs with: its own :tN, else `threads`, else every core."""
     return parse_float_path(name)[1] or threads or os.cpu_count() or 1
+
+
+def child_cpu_info(threads: int, python: str | None = None) -> dict:
+    """cpu_info as a child process with `threads` threads sees it (for scripts that import no torch themselves)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    code = "import json; from instructrl.machine import cpu_info; print(json.dumps(cpu_info()))"
+    return json.loads(subprocess.run([python or sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                     check=True).stdout)
