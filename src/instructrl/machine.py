@@ -31,12 +31,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def has_avx512() -> bool:
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
+        pass
+    return set()
+
+
+def has_avx512() -> bool:
+    return "avx512f" in cpu_flags()
+
+
+# what torch's dispatch level needs (aten/src/ATen/native/DispatchStub.cpp via cpuinfo): a level the CPU lacks is
+# not refused by torch, it dies on an illegal instruction (checked: avx512 on an AMD EPYC without AVX-512, SIGILL)
+NEEDS = {"default": set(), "native": set(), "avx2": {"avx2", "fma"},
+         "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}}
+
+
+def supported_levels() -> list[str]:
+    flags = cpu_flags()
+    return [level for level in LEVELS if NEEDS[level] <= flags]
 
 
 def cpu_info() -> dict:
@@ -61,6 +79,9 @@ def parse_float_path(name: str) -> tuple[str, int | None]:
     if not m or m.group(1) not in LEVELS:
         raise ValueError(f"--float-path {name!r}: expected LEVEL or LEVEL:tN with LEVEL one of {', '.join(LEVELS)} "
                          f"and N a thread count, e.g. default:t1")
+    if m.group(1) not in supported_levels():
+        raise ValueError(f"--float-path {name!r}: this CPU ({cpu_model()}) lacks {m.group(1).upper()} (torch would "
+                         f"stop on an illegal instruction); its levels: {', '.join(supported_levels())}")
     threads = int(m.group(2)) if m.group(2) else None
     if threads is not None and not 1 <= threads <= (os.cpu_count() or 1):
         raise ValueError(f"--float-path {name!r}: {threads} threads on {os.cpu_count()} cores (never more threads "
