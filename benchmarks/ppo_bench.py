@@ -18,8 +18,9 @@ How it is timed. Each iteration runs OUR code, unchanged: `instructrl.rollout.ma
 log-prob pass (the policy's too in bf16), value pass -> reward score -> decode) and `instructrl.ppo.PPO.update`
 (KL in the reward, GAE, whitening, 4 x 4 clipped updates), exactly as the RL driver (`instructrl.rl.train_rl`, which
 `train_ppo` runs) calls them. The phases are timed by wrapping the module-level names make_rollout looks up at call
-time (`instructrl.rollout.sample`, `.response_logprobs`, `.response_values`) and the reward model's `score` method
-with timers; nothing is reimplemented.
+time (`instructrl.rollout.sample`, `.response_logprobs`, `.response_values`) and the reward sources' `score`
+(`RLSetup.reward`) with timers; nothing is reimplemented. The models load through the RL driver's
+`rl.load_rl_models`, as `instructrl ppo` loads them.
   generation = time inside `sample`
   scoring    = the rest of make_rollout: ref (+ policy in bf16) log-prob passes, value pass, reward pass, decode
   training   = `PPO.update` (since the rl.py driver it also shapes the per-token rewards, -beta k_t + score, which
@@ -58,6 +59,8 @@ Sub-commands (all take --dir, default $PPO_BENCH_DIR or /tmp/instructrl_ppo_benc
     .venv/bin/python benchmarks/ppo_bench.py run --response 32 --iters 6 --patch reuse_sample_logprobs
     .venv/bin/python benchmarks/ppo_bench.py generate
     .venv/bin/python benchmarks/ppo_bench.py profile
+    .venv/bin/python benchmarks/ppo_bench.py --smoke              # setup, run, profile, generate, adam-ab: tiny (CI)
+Every figure is printed with the CPU it was measured on (model, AVX-512 or not, torch's dispatch level, threads).
 """
 from __future__ import annotations
 

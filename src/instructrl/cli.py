@@ -204,7 +204,7 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
              rerun_changed: bool = typer.Option(False, help="recompute finished stages whose options or inputs "
                                                             "changed (default: stop, naming what changed)")):
     """The main job: world → pretrain → SFT → rankings → reward model → PPO-ptx → eval → report."""
-    from .machine import parse_float_path
+    from .machine import cpu_info, float_path_threads, parse_float_path
 
     for name in (float_paths or "").split(",") + [float_path or ""]:
         if name:
@@ -212,7 +212,7 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
     from . import robust
 
     if float_path and not float_paths and seeds == 1 and not robust.in_float_path(float_path):
-        t = robust.float_path_threads(float_path, threads)  # re-executed: the dispatch is fixed when torch loads
+        t = float_path_threads(float_path, threads)  # re-executed: the dispatch is fixed when torch loads
         sys.exit(robust.run_float_path(robust.float_path_command(out, config, float_path, t, compare, rerun_changed),
                                        float_path, t))
     from .config import load_pipeline_config
@@ -235,7 +235,7 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
     else:
         run_pipeline(cfg, out, rerun_changed)
         if float_path:  # the dispatch level and threads this run really had, for robust.json
-            write_json(Path(out) / "machine.json", robust.cpu_info())
+            write_json(Path(out) / "machine.json", cpu_info())
 
 
 def main() -> None:
