@@ -96,7 +96,8 @@ def test_robust_summary_counts_runs():
     from instructrl.robust import summarise
 
     def report(acc, holds):
-        return {"claims": [{"claim": "c", "holds": holds, "value": acc - 0.5}],
+        return {"claims": [{"claim": "c", "holds": holds, "value": acc - 0.5},
+                           {"claim": "nan", "holds": False, "value": float("nan") if acc < 1 else 2.0}],
                 "world_checks": [{"check": "w", "holds": acc >= 0.85, "value": acc}],
                 "stages": {"sft": {"toxicity_rate": acc / 10, "note": "text"}}}
 
@@ -106,6 +107,8 @@ def test_robust_summary_counts_runs():
     assert (w["holds"], w["runs"], w["min"], w["max"]) == (2, 3, 0.8, 1.0)
     assert w["mean"] == pytest.approx(0.9) and w["sd"] == pytest.approx(0.1)
     assert s["claims"][0]["holds"] == 2 and s["claims"][0]["mean"] == pytest.approx(0.4)
+    assert s["claims"][1]["values"] == [None, None, 2.0] and s["claims"][1]["mean"] == 2.0  # NaN: no number
+    json.loads(json.dumps(s, allow_nan=False))  # strict JSON
     assert s["stages"]["sft"]["toxicity_rate"]["values"] == pytest.approx([0.09, 0.08, 0.1])
     assert "note" not in s["stages"]["sft"] and s["cpu"]["cores"] >= 1
 

@@ -12,7 +12,8 @@ robust.json (what the report renders; keys are stable):
                      "holds": k, "runs": n, "mean", "sd", "min", "max"}, ...],
    "world_checks": [{"check": name, ...the same fields...}, ...],
    "stages": {stage: {metric: {"values", "mean", "sd", "min", "max"}}}}
-mean/sd/min/max are over the runs' numeric values (sd with n − 1; null where no run has a number). `values[i]`,
+mean/sd/min/max are over the runs' numbers (sd with n − 1; null where no run has one); a value is null where its run
+has no number (not measured, or NaN: a Spearman of constant scores). `values[i]`,
 `per_run[i]` belong to `runs[i]`. One check is added to the report's own: PPO-ptx's training-batch gold by eighths
 of the run, last eighth − best eighth ≥ −0.05 (no visible overshoot), from OUT/…/ppo_ptx/metrics.jsonl.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import time
@@ -84,8 +86,14 @@ def overshoot_check(run_dir: Path) -> dict | None:
                      f"eighth", "holds": drop >= -OVERSHOOT_TOL, "value": drop, "eighths": e}
 
 
+def number(v) -> float | None:
+    """A run's value, or None where it has none (not measured, or NaN: e.g. a Spearman of constant scores)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None
+
+
 def stats(values: list) -> dict:
-    xs = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    xs = [v for v in values if v is not None]
     if not xs:
         return {"mean": None, "sd": None, "min": None, "max": None}
     m = sum(xs) / len(xs)
@@ -102,7 +110,7 @@ def summarise(runs: list[dict], reports: list[dict]) -> dict:
             for c in rep.get(key, []):
                 row = rows.setdefault(c[title], {title: c[title], "values": [None] * len(reports),
                                                  "per_run": [None] * len(reports)})
-                row["values"][i], row["per_run"][i] = c.get("value"), bool(c["holds"])
+                row["values"][i], row["per_run"][i] = number(c.get("value")), bool(c["holds"])
         for row in rows.values():
             row["holds"] = sum(x is True for x in row["per_run"])
             row["runs"] = sum(x is not None for x in row["per_run"])
@@ -115,8 +123,8 @@ def summarise(runs: list[dict], reports: list[dict]) -> dict:
                 out["stages"].setdefault(stage, {}).setdefault(m, None)
     for stage, metrics in out["stages"].items():
         for m in metrics:
-            values = [rep.get("stages", {}).get(stage, {}).get(m) for rep in reports]
-            if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            values = [number(rep.get("stages", {}).get(stage, {}).get(m)) for rep in reports]
+            if any(v is not None for v in values):
                 metrics[m] = {"values": values, **stats(values)}
         out["stages"][stage] = {m: v for m, v in metrics.items() if v is not None}
     return out
