@@ -23,7 +23,7 @@ def env(**extra) -> dict:
 
 def test_every_benchmark_is_found():
     assert {"ppo_bench.py", "compare_trl.py", "trl_ppo_bench.py", "same_weights.py", "memory_table.py",
-            "lora_memory.py", "label_load.py", "gpu_check.py", "rm_grouping.py"} <= set(SCRIPTS)
+            "lora_memory.py", "label_load.py", "gpu_check.py", "rm_grouping.py", "float_paths.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.slow
@@ -38,6 +38,9 @@ def test_benchmark_smoke(script):
         assert "smoke skipped" in p.stdout
     else:  # every measured figure has the CPU it ran on beside it
         assert "CPU: " in p.stdout and "AVX-512 " in p.stdout and "dispatch " in p.stdout, p.stdout[-2000:]
+    if script == "float_paths.py":  # the perturbation is real: `default` dispatch ends at other weights than native
+        result = json.loads(p.stdout.split("RESULT ", 1)[1])  # (every x86-64 CPU torch supports is above `default`)
+        assert result["max_abs_diff"]["native-again"] == 0 and 0 < result["max_abs_diff"]["default"] < 1e-3
 
 
 def test_parse_float_path():
@@ -66,29 +69,6 @@ def test_float_path_sets_torch_dispatch():
     out = subprocess.run([sys.executable, "-c", code], env=float_path_env("default:t1", 1), capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == ["DEFAULT", "1"]
-
-
-@pytest.mark.slow
-def test_float_path_changes_trained_weights(tmp_path):
-    """The perturbation is real: 20 pretraining steps under `default` dispatch end at other weights than `native`
-    (on a CPU whose native level is above `default`: every x86-64 CPU torch supports has AVX2)."""
-    from safetensors.torch import load_file
-
-    code = ("import sys; from instructrl.world import WorldConfig, generate_world; "
-            "from instructrl.pretrain import PretrainConfig, pretrain; w = sys.argv[1]; "
-            "generate_world(w, WorldConfig(seed=0, n_corpus=300, n_corpus_val=20, n_demos=10, n_prompts_train=10, "
-            "n_prompts_eval=5)); pretrain(PretrainConfig(corpus=w + '/corpus.jsonl', out=sys.argv[2], vocab_size=300, "
-            "n_layer=1, n_embd=32, n_head=2, steps=20, batch_size=8, progress=False))")
-    from instructrl.machine import float_path_env
-
-    weights = {}
-    for name in ("native", "default"):
-        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"w-{name}"), str(tmp_path / name)], check=True,
-                       capture_output=True, env=env(**{k: v for k, v in float_path_env(name, 1).items()
-                                                       if k in ("ATEN_CPU_CAPABILITY", "INSTRUCTRL_FLOAT_PATH")}))
-        weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
-    diff = max(float((weights["native"][k] - weights["default"][k]).abs().max()) for k in weights["native"])
-    assert 0 < diff < 1e-3, diff
 
 
 def test_robust_summary_counts_runs():
@@ -151,4 +131,4 @@ def test_seeds_by_float_paths_grid(tmp_path):
         assert row["mean"] is None or row["min"] <= row["mean"] <= row["max"]
     for r in s["runs"]:
         assert (out / r["dir"] / "report.json").is_file()
-    assert "holds on" in p.stdout
+    assert "holds on 4 of 4 runs" in p.stdout + p.stderr or "holds on 0 of 4 runs" in p.stdout + p.stderr
