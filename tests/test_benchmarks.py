@@ -131,4 +131,4 @@ def test_seeds_by_float_paths_grid(tmp_path):
         assert row["mean"] is None or row["min"] <= row["mean"] <= row["max"]
     for r in s["runs"]:
         assert (out / r["dir"] / "report.json").is_file()
-    assert "holds on 4 of 4 runs" in p.stdout + p.stderr or "holds on 0 of 4 runs" in p.stdout + p.stderr
+    assert "of 4 runs" in p.stdout + p.stderr  # the console (stderr) shows "holds on k of 4 runs" per check
