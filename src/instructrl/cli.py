@@ -194,19 +194,48 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
              seeds: int = typer.Option(1, min=1, help="run the whole pipeline for this many seeds (the config's seed, "
                                                       "+1, …) in OUT/seed-<k>/ and report mean ± sd over them"),
              threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+             float_path: Optional[str] = typer.Option(None, help="run in a child process under this float path: "
+                                                      "native | default | avx2 | avx512 (torch's kernel dispatch "
+                                                      "level), optionally :tN for N threads, e.g. default:t1 "
+                                                      "(rounds floats as another CPU does; README Float paths)"),
+             float_paths: Optional[str] = typer.Option(None, help="comma-separated float paths: run --seeds × these, "
+                                                       "one at a time, in OUT/<float path>/seed-<k>/ and summarise "
+                                                       "every claim and check in OUT/robust.json"),
              rerun_changed: bool = typer.Option(False, help="recompute finished stages whose options or inputs "
                                                             "changed (default: stop, naming what changed)")):
     """The main job: world → pretrain → SFT → rankings → reward model → PPO-ptx → eval → report."""
+    from .machine import cpu_info, float_path_threads, parse_float_path
+
+    for name in (float_paths or "").split(",") + [float_path or ""]:
+        if name:
+            parse_float_path(name)  # a bad name is refused before torch loads
+    from . import robust
+
+    if float_path and not float_paths and seeds == 1 and not robust.in_float_path(float_path):
+        t = float_path_threads(float_path, threads)  # re-executed: the dispatch is fixed when torch loads
+        sys.exit(robust.run_float_path(robust.float_path_command(out, config, float_path, t, compare, rerun_changed),
+                                       float_path, t))
     from .config import load_pipeline_config
     from .pipeline import run_pipeline, run_seeds
+    from .utils import write_json
 
     _setup(threads)
     cfg = load_pipeline_config(config)
     cfg.compare = cfg.compare or compare
-    if seeds > 1:
+    if float_paths or float_path and seeds > 1:
+        try:
+            robust.run_grid(cfg, out, seeds, (float_paths or float_path).split(","), threads, rerun_changed)
+        except robust.RunFailed as e:
+            from .utils import console
+
+            console.print(f"[bold red]stopped:[/] {e}")
+            sys.exit(e.code)
+    elif seeds > 1:
         run_seeds(cfg, out, seeds, rerun_changed)
     else:
         run_pipeline(cfg, out, rerun_changed)
+        if float_path:  # the dispatch level and threads this run really had, for robust.json
+            write_json(Path(out) / "machine.json", cpu_info())
 
 
 def main() -> None:
