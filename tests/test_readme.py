@@ -35,8 +35,8 @@ SUBSTITUTE = {
     "--batch-size 64 --minibatch-size 8 --max-new-tokens 128":
         "--batch-size 4 --minibatch-size 2 --max-new-tokens 8 --episodes 4",   # 3,072 episodes → one iteration
 }
-# the data files a block reads, in its own directory (copies of the fixtures)
-DATA = {"prompts.jsonl": "{prompts}", "demos.jsonl": "{demos}", "rankings.jsonl": "{rankings}"}
+# the data files a block reads, copied into its own directory: the first lines of the fixtures' files
+DATA = ("prompts.jsonl", "demos.jsonl", "rankings.jsonl")
 
 # a command's beginning → why CI does not run it
 NOT_RUN = {
@@ -219,12 +219,14 @@ def test_repository_paths_exist():
 @pytest.fixture(scope="module")
 def fixtures(tiny_lm_dir, tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("readme-data")
-    (data / "prompts.jsonl").write_text("".join((world_dir / "prompts_train.jsonl").read_text().splitlines(True)[:4]))
+    for name, source, lines in (("prompts.jsonl", world_dir / "prompts_train.jsonl", 4),
+                                ("demos.jsonl", world_dir / "demos.jsonl", 24),
+                                ("rankings.jsonl", tiny_rm_dir.parent / "rankings.jsonl", 16)):
+        (data / name).write_text("".join(source.read_text().splitlines(True)[:lines]))  # a few lines: seconds
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return {"sft": str(tiny_sft_dir), "lm": str(tiny_lm_dir), "port": str(port), "prompts": data / "prompts.jsonl",
-            "demos": world_dir / "demos.jsonl", "rankings": tiny_rm_dir.parent / "rankings.jsonl"}
+    return {"sft": str(tiny_sft_dir), "lm": str(tiny_lm_dir), "port": str(port), "data": data}
 
 
 def serve(args: list[str], port: str, cwd: Path) -> None:
@@ -255,9 +257,9 @@ def test_fenced_commands(where, commands, fixtures, tmp_path, monkeypatch):
     for command in commands:
         if not_run(command):
             continue
-        for name, fixture in DATA.items():
-            if re.search(rf"(--data|--prompts|--demos|--corpus) {re.escape(name)}\b", command):
-                (tmp_path / name).write_bytes(Path(fixture.format(**fixtures)).read_bytes())
+        for name in DATA:
+            if re.search(rf"(--data|--prompts|--demos) {re.escape(name)}\b", command):
+                (tmp_path / name).write_bytes((fixtures["data"] / name).read_bytes())
         for text, replacement in SUBSTITUTE.items():
             command = command.replace(text, replacement.format(**fixtures))
         args = inline_args(command)[1:]
@@ -266,3 +268,16 @@ def test_fenced_commands(where, commands, fixtures, tmp_path, monkeypatch):
             continue
         r = CliRunner().invoke(cli.app, args)
         assert r.exit_code == 0, f"{where}: {command}\n{r.output}\n{r.exception!r}"
+
+
+def test_dpo_refuses_torchrun(tiny_sft_dir, tmp_path, monkeypatch, capsys):
+    """README: DPO runs in one process ("torchrun is refused"): under torchrun's WORLD_SIZE=2 it stops before
+    joining a process group, exit code 2, one line, nothing written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "argv", ["instructrl", "dpo", "--policy", str(tiny_sft_dir), "--data",
+                                      str(tmp_path / "rankings.jsonl"), "--out", str(tmp_path / "dpo")])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "single process" in err, err
+    assert list(tmp_path.iterdir()) == []
