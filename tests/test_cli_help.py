@@ -33,6 +33,8 @@ def test_help_and_label_commands_do_not_import_torch(tmp_path):
                 assert e.code in (0, 2, None), (argv, e.code)
             loaded = [m for m in ("torch", "transformers") if m in sys.modules]
             assert not loaded, f"instructrl {' '.join(argv)} imported {loaded}"
+        import instructrl.label.app  # what `label serve` serves (it stopped above: no database)
+        assert "torch" not in sys.modules, "instructrl.label.app"
     """)
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
