@@ -49,8 +49,8 @@ NOT_RUN = {
     "torchrun --nproc_per_node 1 benchmarks/gpu_check.py": "a CUDA GPU",
     "python benchmarks/gpu_check.py": "a CUDA GPU (tests/test_gpu_check.py runs its --tiny --device cpu smoke test)",
     "python3 -m venv /tmp/trlvenv": "installs TRL from PyPI (network)",
-    ".venv/bin/python benchmarks/": "a benchmark: minutes per run on a quiet machine",
-    "python benchmarks/": "a benchmark: minutes per run on a quiet machine",
+    ".venv/bin/python benchmarks/": "a benchmark: 30 s to minutes of a quiet machine",
+    "python benchmarks/": "a benchmark: 30 s to minutes of a quiet machine",
     "pip install": "installs from PyPI (network)",
     "tensorboard --logdir": "TensorBoard's own viewer; tests/test_metrics.py reads the events with EventAccumulator",
 }
@@ -62,6 +62,7 @@ NOT_COMMANDS = {
     "instructrl label enqueue/serve/add-labeler/export/stats": "a list of the label commands",
     "--lr 0.001 → 0.002": "a quoted error message",
     "--flood-mb": "an option of benchmarks/label_load.py",
+    "--tiny --device cpu": "options of benchmarks/gpu_check.py",
 }
 PLACEHOLDERS = {"N": "2", "K": "4", "k": "4", "E": "1", "T": "6", "M": "2", "R": "8", "W": "1", "γ": "0.1", "ε": "0.1"}
 PROGRAMS = ("instructrl", "python", "python3", ".venv/bin/python", "bash", "torchrun", "pip", "tensorboard")
@@ -85,7 +86,8 @@ def fenced_commands() -> list[tuple[str, list[str]]]:
 
 def inline_commands() -> list[str]:
     """Inline code spans that are a command line or options of one."""
-    spans = re.findall(r"`([^`\n]+)`", "\n".join(without_fences(d.read_text()) for d in DOCS))
+    text = "\n".join(without_fences(d.read_text()) for d in DOCS)
+    spans = [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", text)]  # a span may go on over a line break
     names = set(cli.STEPS) | set(typer.main.get_command(cli.app).commands)
     return [s for s in dict.fromkeys(spans)
             if s.split()[0] in PROGRAMS and len(s.split()) > 1 or s.startswith("--")
