@@ -252,19 +252,17 @@ def main() -> None:
     from rich.markup import escape
 
     from .data import DataError
+    from .utils import console
 
     # transformers' progress bars off, as _setup() does, without importing it for `--help` or `label`
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except (DataError, ValueError, FileNotFoundError) as e:
-        from .utils import console
-
         console.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(2)
     except RuntimeError as e:  # optim (torch) is imported here, once a run has raised something
         from .optim import NonFiniteError
-        from .utils import console
 
         if not isinstance(e, NonFiniteError):
             raise
@@ -273,7 +271,6 @@ def main() -> None:
     except SystemExit as e:
         if e.code == 130:  # typer's exit for Ctrl-C (KeyboardInterrupt)
             from .run import Run
-            from .utils import console
 
             said = Run.current.interrupted() if Run.current is not None else "interrupted"
             console.print(f"[bold yellow]{escape(said)}[/]")
