@@ -72,3 +72,25 @@ def test_help_at_80_columns_shows_every_option_name_whole(path, command):
         for name in [*param.opts, *param.secondary_opts]:
             if name.startswith("-"):
                 assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", r.output), f"{name} not whole:\n{r.output}"
+
+
+@pytest.mark.parametrize("error,code", [("nonfinite", 3), ("data", 2), ("other", None)])
+def test_entry_point_exit_codes(error, code, monkeypatch, capsys):
+    """main() maps a run's errors to exit codes (README): non-finite 3, bad input 2; any other error propagates."""
+    from instructrl.data import DataError
+    from instructrl.optim import NonFiniteError
+
+    raised = {"nonfinite": NonFiniteError("loss is nan at step 3"), "data": DataError("d.jsonl", 4, "no prompt"),
+              "other": RuntimeError("a bug")}[error]
+
+    def app():
+        raise raised
+
+    monkeypatch.setattr(cli, "app", app)
+    if code is None:
+        with pytest.raises(RuntimeError, match="a bug"):
+            cli.main()
+        return
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == code and capsys.readouterr().err.count("\n") == 1
