@@ -10,7 +10,8 @@ then metrics, periodic checkpoints and the final save, by the run shell.
 
 Adding an algorithm: one file with a config (a subclass of RLConfig) and a class with `name`, `config`,
 `needs_value`, `check(cfg)`, `__init__(cfg, setup, nonfinite)` (its optimizer, `models`, `generators`,
-`samples_per_prompt`) and `update`, decorated with `@register`; then add the module's name to `BUILTIN`.
+`samples_per_prompt`) and `update`, decorated with `@register`; then add the module's name to `BUILTIN` and its
+one-line help to `cli.STEPS`.
 The CLI command and the pipeline's YAML section follow from the config.
 """
 from __future__ import annotations
