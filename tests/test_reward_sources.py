@@ -14,7 +14,8 @@ from instructrl import cli
 from instructrl.models import ScalarHeadModel, load_causal_lm, load_tokenizer, train_tokenizer
 from instructrl.ppo import PPOConfig, train_ppo
 from instructrl.rewards import (HTTPReward, ModelReward, RewardError, RewardOptions, Rewards, load_rewards, parse,
-                                rm_app)
+                                post_json)
+from instructrl.rm_server import rm_app
 from instructrl.rl import setup_rl
 from instructrl.rollout import make_rollout
 from instructrl.sampling import decode_responses, encode_prompts, sample
@@ -133,8 +134,6 @@ def test_serve_rm_scores_each_query_as_the_model_scores_its_tokens(tiny_rm_dir, 
         for q in queries:
             ids = torch.tensor([tok(q, add_special_tokens=False)["input_ids"]])
             expected.append(float(model.score(ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1]))))
-    from instructrl.rewards import post_json
-
     with serving_app(rm_app(model, tok, batch_size=2)) as url:
         got = post_json(url, {"query": queries, "prompts": ["", "", ""], "labels": None}, 10, 0)["rewards"]
     assert got == pytest.approx(expected, abs=1e-5)
@@ -282,8 +281,6 @@ def test_serve_rm_command_answers_the_contract(tiny_rm_dir):
     import urllib.error
     import urllib.request
 
-    from instructrl.rewards import post_json
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -312,3 +309,200 @@ def test_serve_rm_command_answers_the_contract(tiny_rm_dir):
         expected = [float(model.score(ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1])))
                     for ids in (torch.tensor([tok(q, add_special_tokens=False)["input_ids"]]) for q in queries)]
     assert got == pytest.approx(expected, abs=1e-5)
+
+
+# --- the reward-server client: a wall-clock deadline, retries, one line -------------------------------------------
+@contextlib.contextmanager
+def scripted_server(*answers):
+    """Answers request i with answers[i] (the last one after that), each a function (handler, n queries) that
+    writes the whole HTTP answer. Yields its URL and the list of requests served."""
+    served = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            n = len(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["query"])
+            served.append(self.headers.get("Authorization"))
+            with contextlib.suppress(OSError):  # the client may have given up
+                answers[min(len(served), len(answers)) - 1](self, n)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/reward", served
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def answer(body: bytes, status: int = 200, length: int | None = None):
+    """An answer with `body`, declaring `length` bytes (a larger length: the answer is cut off)."""
+    def write(h, n):
+        h.send_response(status)
+        h.send_header("Content-Length", str(len(body) if length is None else length))
+        h.end_headers()
+        h.wfile.write(body)
+        h.wfile.flush()
+    return write
+
+
+def rewards_json(n):
+    return json.dumps({"rewards": [0.5] * n}).encode()
+
+
+def good(h, n):
+    answer(rewards_json(n))(h, n)
+
+
+def drip(where: str):
+    """A byte every 0.25 s for 30 s: in the status line and headers, or in the body."""
+    def write(h, n):
+        body = rewards_json(n).ljust(120)
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        whole = head + body if where == "headers" else body
+        if where == "body":
+            h.wfile.write(head)
+        for i in range(120):
+            h.wfile.write(whole[i:i + 1])
+            h.wfile.flush()
+            time.sleep(0.25)
+    return write
+
+
+def query(n=3):
+    return {"query": ["a"] * n, "prompts": [""] * n, "labels": None}
+
+
+def read3(out):
+    return torch.as_tensor(out["rewards"]) if len(out.get("rewards", [])) == 3 else (_ for _ in ()).throw(
+        ValueError(f"expected 3 rewards, got {out}"))
+
+
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_the_timeout_is_a_wall_clock_deadline_even_for_a_server_that_drips(where):
+    """Each read gets a byte within 0.25 s, so a per-read timeout of 1 s would wait the whole 30 s."""
+    with scripted_server(drip(where)) as (url, served):
+        t0 = time.time()
+        with pytest.raises(RewardError, match=rf"{url}: no whole answer within --reward-timeout 1 s \(after 1 "):
+            post_json(url, query(), timeout=1.0, retries=0)
+        took = time.time() - t0
+    assert 0.9 < took < 3, took
+
+
+@pytest.mark.parametrize("bad", [answer(b'{"rewards": [0.5, 0.', length=200),  # cut off
+                                 answer(b'{"rewards": [0.5,'),                  # not JSON
+                                 answer(b'{"rewards": [1]}'),                   # one number for three queries
+                                 answer(b"overloaded", status=503)])
+def test_a_truncated_or_invalid_answer_is_retried_with_backoff(bad):
+    with scripted_server(bad, bad, good) as (url, served):
+        t0 = time.time()
+        got = post_json(url, query(), timeout=5, retries=2, read=read3)
+    assert got.tolist() == [0.5] * 3 and len(served) == 3
+    assert time.time() - t0 >= 0.5 + 1.0  # waited 0.5 s, then 1 s
+    with scripted_server(bad) as (url, served):
+        with pytest.raises(RewardError, match=rf"^reward server {url}: .* \(after 2 attempts\)"):
+            post_json(url, query(), timeout=5, retries=1, read=read3)
+    assert len(served) == 2
+
+
+def test_a_refusal_is_not_retried_and_the_token_is_sent(monkeypatch):
+    monkeypatch.setenv("INSTRUCTRL_RM_TOKEN", "s3cret")
+    with scripted_server(answer(b'{"detail": "missing or wrong token"}', status=401)) as (url, served):
+        with pytest.raises(RewardError, match=rf"^reward server {url}: HTTP 401 \(.*wrong token.*not retried$"):
+            post_json(url, query(), timeout=5, retries=3)
+    assert served == ["Bearer s3cret"]
+
+
+def test_a_server_that_is_down_fails_after_the_retries_in_one_line():
+    with socket_port() as port:  # nothing listens there
+        url = f"http://127.0.0.1:{port}/r"
+        with pytest.raises(RewardError, match=rf"^reward server {url}: ConnectionRefusedError.*after 2 attempts"):
+            post_json(url, query(), timeout=5, retries=1)
+
+
+@contextlib.contextmanager
+def socket_port():
+    """A port that was free a moment ago (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    yield port
+
+
+RAISING = '''
+def broken(prompts, responses):
+    return {}["no such key"]
+'''
+
+
+def test_a_reward_function_that_raises_is_one_line_naming_it(tiny_sft_dir, world_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "raising_rewards.py").write_text(RAISING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["eval", "--model", tiny_sft_dir, "--prompts", world_dir / "prompts_eval.jsonl", "--reward",
+            "raising_rewards:broken", "--max-new-tokens", "4", "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", ["instructrl", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "Traceback" not in err, err
+    assert err == "error: reward function raising_rewards:broken raised KeyError: 'no such key'", err
+
+
+@pytest.mark.parametrize("flag, value, says", [("--reward-timeout", "-1", "--reward-timeout must be > 0"),
+                                               ("--reward-timeout", "0", "--reward-timeout must be > 0"),
+                                               ("--reward-retries", "-1", "--reward-retries must be >= 0")])
+@pytest.mark.parametrize("command", ["ppo", "eval"])
+def test_negative_timeouts_and_retries_are_refused_before_any_model_loads(command, flag, value, says, tmp_path,
+                                                                         monkeypatch, capsys):
+    """The model paths do not exist: an error about the option proves it was checked first."""
+    model = ["--policy", tmp_path / "none", "--out", tmp_path / "out"] if command == "ppo" else ["--model",
+                                                                                                  tmp_path / "none"]
+    args = [command, *model, "--prompts", tmp_path / "p.jsonl", "--reward", "http://127.0.0.1:1/r", flag, value]
+    monkeypatch.setattr(sys, "argv", ["instructrl", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == f"error: {says}, not {float(value) if 'timeout' in flag else int(value)}", err
+    assert list(tmp_path.iterdir()) == []
+
+
+FLAKY = '''
+CALLS = []
+
+def flaky(prompts, responses):
+    CALLS.append(len(prompts))
+    if len(CALLS) == 2:
+        raise ConnectionError("the scorer went away")
+    return [float(len(r)) for r in responses]
+'''
+
+
+def test_resume_ignores_how_the_server_is_called_but_not_what_is_learned(ppo_kw, tmp_path, monkeypatch):
+    """Iteration 2's reward fails; the run resumes from step 1 with another --reward-timeout and --reward-retries
+    (they change nothing that is learned), but not with another --lr."""
+    (tmp_path / "flaky_rewards.py").write_text(FLAKY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("flaky_rewards", None)
+    out = tmp_path / "ppo"
+    kw = dict(ppo_kw, reward=["flaky_rewards:flaky"], out=str(out), save_every=1)
+    with pytest.raises(RewardError, match="flaky_rewards:flaky raised ConnectionError: the scorer went away"):
+        train_ppo(PPOConfig(**kw))
+    with pytest.raises(ValueError, match=r"other settings: --lr 3e-05 → 0.001"):
+        train_ppo(PPOConfig(**kw, resume=True, lr=1e-3, reward_timeout=5.0))
+    s = train_ppo(PPOConfig(**kw, resume=True, reward_timeout=5.0, reward_retries=0))
+    assert s["episodes"] == 16 and [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().split()] == [1, 2]
+    sys.modules.pop("flaky_rewards", None)
+
+
+def test_the_pipeline_reuses_a_stage_whatever_its_reward_timeout():
+    from instructrl.pipeline import stage_fingerprint
+
+    a, b = PPOConfig(reward_timeout=60.0, reward_retries=3), PPOConfig(reward_timeout=2.0, reward_retries=0)
+    assert stage_fingerprint(a, contents=False) == stage_fingerprint(b, contents=False)
+    assert stage_fingerprint(a, contents=False) != stage_fingerprint(PPOConfig(lr=1.0), contents=False)
