@@ -496,7 +496,7 @@ def test_resume_ignores_how_the_server_is_called_but_not_what_is_learned(ppo_kw,
     with pytest.raises(ValueError, match=r"other settings: --lr 3e-05 → 0.001"):
         train_ppo(PPOConfig(**kw, resume=True, lr=1e-3, reward_timeout=5.0))
     s = train_ppo(PPOConfig(**kw, resume=True, reward_timeout=5.0, reward_retries=0))
-    assert s["episodes"] == 16 and [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().split()] == [1, 2]
+    assert s["episodes"] == 16 and [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     sys.modules.pop("flaky_rewards", None)
 
 
@@ -506,3 +506,91 @@ def test_the_pipeline_reuses_a_stage_whatever_its_reward_timeout():
     a, b = PPOConfig(reward_timeout=60.0, reward_retries=3), PPOConfig(reward_timeout=2.0, reward_retries=0)
     assert stage_fingerprint(a, contents=False) == stage_fingerprint(b, contents=False)
     assert stage_fingerprint(a, contents=False) != stage_fingerprint(PPOConfig(lr=1.0), contents=False)
+
+
+# --- serve-rm: limits, auth, fairness, a port in use ----------------------------------------------------------
+def test_serve_rm_refuses_what_it_should_and_keeps_serving(tiny_rm_dir):
+    import httpx
+
+    model, tok = ScalarHeadModel.from_pretrained(tiny_rm_dir).eval(), load_tokenizer(tiny_rm_dir)
+    auth = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
+    with serving_app(rm_app(model, tok, max_body_bytes=1000, max_queries=4, token="s3cret")) as url:
+        def post(content, headers=auth):
+            r = httpx.post(url, content=content, headers=headers, timeout=30)
+            return r.status_code, r.json()["detail"] if r.status_code != 200 else r.json()
+
+        ok = json.dumps({"query": ["Hi", "Say hello.\nHello!"]})
+        assert post(ok, {})[0] == 401 and post(ok, {**auth, "Authorization": "Bearer nope"})[0] == 401
+        assert post(ok)[0] == 200 and len(post(ok)[1]["rewards"]) == 2
+        big = json.dumps({"query": ["x" * 2000]})
+        assert post(big) == (413, "request body larger than 1000 bytes (the server's --max-body-bytes)")
+        assert post(iter([big[:600].encode(), big[600:].encode()]))[0] == 413  # chunked: no Content-Length
+        assert post(json.dumps({"query": ["a"] * 5})) == (413, "5 queries; this server takes at most 4 per request "
+                                                               "(its --max-queries)")
+        for bad, says in [("{not json", "not JSON"), ('{"query": "Hi"}', 'expected JSON {"query"'),
+                          ('{"query": ["Hi", 3]}', "query 1: expected a non-empty string, got 3"),
+                          ('{"query": ["Hi", ""]}', "query 1: expected a non-empty string"),
+                          ('{"query": ["\\ud800"]}', "query 0 cannot be tokenised (surrogates not allowed"),
+                          (b'{"query": ["\xff"]}', "not JSON")]:
+            status, detail = post(bad)
+            assert status == 400 and says in detail, (bad, detail)
+        assert post(ok)[0] == 200  # still serving
+
+
+def test_the_fair_lock_is_granted_in_arrival_order():
+    from instructrl.rm_server import FairLock
+
+    lock, order, threads = FairLock(), [], []
+    with lock:
+        for i in range(6):
+            threads.append(threading.Thread(target=lambda i=i: lock.__enter__() or order.append(i) or
+                                            lock.__exit__()))
+            threads[-1].start()
+            while len(lock._queue) < i + 2:  # it waits in the queue before the next one starts
+                time.sleep(0.001)
+    for t in threads:
+        t.join(10)
+    assert order == list(range(6))
+
+
+def test_a_huge_request_does_not_starve_a_small_one(tiny_rm_dir):
+    """Each forward takes 50 ms: a request of 40 chunks takes 2 s; a one-query request sent during it waits for
+    one chunk, not for the whole request."""
+    model, tok = ScalarHeadModel.from_pretrained(tiny_rm_dir).eval(), load_tokenizer(tiny_rm_dir)
+    score = model.score
+
+    def slow(*args):
+        time.sleep(0.05)
+        return score(*args)
+
+    model.score = slow
+    done = {}
+
+    def send(name, n):
+        post_json(url, query(n), timeout=60, retries=0)
+        done[name] = time.time()
+
+    with serving_app(rm_app(model, tok, batch_size=1)) as url:
+        huge = threading.Thread(target=send, args=("huge", 40))
+        huge.start()
+        time.sleep(0.3)
+        t0 = time.time()
+        send("small", 1)
+        huge.join(60)
+    assert done["small"] - t0 < 0.5 and done["small"] < done["huge"] - 0.5, (done["small"] - t0, done)
+
+
+def test_serve_rm_on_a_port_in_use_exits_2_in_one_line(tmp_path, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(sys, "argv", ["instructrl", "serve-rm", "--reward", str(tmp_path / "rm"), "--port",
+                                          str(port), "--device", "cpu"])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == (f"error: --port {port}: 127.0.0.1:{port} is already in use; stop what "
+                                         f"listens there or choose another --port"), err
