@@ -594,3 +594,19 @@ def test_serve_rm_on_a_port_in_use_exits_2_in_one_line(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err == (f"error: --port {port}: 127.0.0.1:{port} is already in use; stop what "
                                          f"listens there or choose another --port"), err
+
+
+def test_serve_rm_load_smoke():
+    """benchmarks/serve_rm_load.py --smoke: 15 clients and one sending 10 MB bodies, too many queries and a batch
+    near the limits, for a few seconds: no 500, every oversized request a 413, the near-limit batch served."""
+    import subprocess
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_rm_load.py"
+    proc = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True, text=True, timeout=600)
+    report = json.JSONDecoder().raw_decode(proc.stdout)[0]
+    assert proc.returncode == 0 and report["ok"], proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert report["no_500"] and report["statuses"] == {"200": report["requests"]} and report["requests"] >= 15
+    for kind in ("10MB", "10MB-streamed", "too-many-queries"):
+        assert report["heavy"][kind].get("413", 0) >= 1 and set(report["heavy"][kind]) <= {"413", "closed"}, report
+    assert report["heavy"]["near-limits"] == {"200": report["heavy"]["near-limits"]["200"]}, report
