@@ -454,21 +454,26 @@ def test_a_reward_function_that_raises_is_one_line_naming_it(tiny_sft_dir, world
     assert err == "error: reward function raising_rewards:broken raised KeyError: 'no such key'", err
 
 
-@pytest.mark.parametrize("flag, value, says", [("--reward-timeout", "-1", "--reward-timeout must be > 0"),
-                                               ("--reward-timeout", "0", "--reward-timeout must be > 0"),
-                                               ("--reward-retries", "-1", "--reward-retries must be >= 0")])
+@pytest.mark.parametrize("extra, says", [
+    (["--reward-timeout", "-1"], "--reward-timeout must be > 0, not -1.0"),
+    (["--reward-timeout", "0"], "--reward-timeout must be > 0, not 0.0"),
+    (["--reward-retries", "-1"], "--reward-retries must be >= 0, not -1"),
+    (["--reward", "no_such_module:score"], "--reward no_such_module:score: cannot import score from no_such_module"),
+    (["--reward", "gold:{tmp}/world"], "--reward gold:{tmp}/world: {tmp}/world has no judge.json"),
+    (["--reward", "{tmp}/rm@2"], "--reward {tmp}/rm: no such directory"),
+    (["--reward-weights", "1", "--reward-weights", "2"], "--reward-weights: 2 weights for 1 --reward sources")])
 @pytest.mark.parametrize("command", ["ppo", "eval"])
-def test_negative_timeouts_and_retries_are_refused_before_any_model_loads(command, flag, value, says, tmp_path,
-                                                                         monkeypatch, capsys):
-    """The model paths do not exist: an error about the option proves it was checked first."""
+def test_reward_options_are_refused_before_any_model_loads(command, extra, says, tmp_path, monkeypatch, capsys):
+    """The model paths do not exist: an error about the reward option proves it was checked first."""
     model = ["--policy", tmp_path / "none", "--out", tmp_path / "out"] if command == "ppo" else ["--model",
                                                                                                   tmp_path / "none"]
-    args = [command, *model, "--prompts", tmp_path / "p.jsonl", "--reward", "http://127.0.0.1:1/r", flag, value]
+    args = [command, *model, "--prompts", tmp_path / "p.jsonl", "--reward", "http://127.0.0.1:1/r",
+            *(x.format(tmp=tmp_path) for x in extra)]
     monkeypatch.setattr(sys, "argv", ["instructrl", *map(str, args)])
     with pytest.raises(SystemExit) as e:
         cli.main()
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err == f"error: {says}, not {float(value) if 'timeout' in flag else int(value)}", err
+    assert e.value.code == 2 and err.startswith(f"error: {says.format(tmp=tmp_path)}") and "\n" not in err, err
     assert list(tmp_path.iterdir()) == []
 
 

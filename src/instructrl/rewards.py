@@ -328,6 +328,30 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and getattr(a, "chat_template", None) == getattr(b, "chat_template", None)
 
 
+def _check_gold(spec: str) -> str:
+    world = spec[len("gold:"):]
+    if not (Path(world) / "judge.json").is_file():
+        raise ValueError(f"--reward {spec}: {world} has no judge.json; expected an embedded-world directory")
+    return world
+
+
+def check_sources(specs, opts: RewardOptions) -> None:
+    """Every --reward usable, checked before any model loads: the specs and weights, functions importable, gold
+    worlds and model directories present. (A server is first asked with the first batch.)"""
+    from .models import model_dir
+
+    for k, spec, _ in parse(specs, opts.weights):
+        if k == "function":
+            load_function(spec)
+        elif k == "gold":
+            _check_gold(spec)
+        elif k == "model":
+            try:
+                model_dir(spec)
+            except ValueError as e:
+                raise ValueError(f"--reward {e}") from None
+
+
 def load_source(k: str, spec: str, name: str, opts: RewardOptions, policy_tokenizer, device, dtype):
     from .models import ScalarHeadModel, freeze, load_tokenizer
 
@@ -341,10 +365,7 @@ def load_source(k: str, spec: str, name: str, opts: RewardOptions, policy_tokeni
     if k == "gold":
         from .world.judge import GoldJudge
 
-        world = spec[len("gold:"):]
-        if not (Path(world) / "judge.json").is_file():
-            raise ValueError(f"--reward {spec}: {world} has no judge.json; expected an embedded-world directory")
-        return GoldReward(name, GoldJudge.from_world(world))
+        return GoldReward(name, GoldJudge.from_world(_check_gold(spec)))
     return HTTPReward(name, spec, policy_tokenizer, opts.timeout, opts.retries)
 
 
