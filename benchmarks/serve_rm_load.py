@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from label_load import free_port, percentile  # noqa: E402
+from label_load import Server as ChildServer, free_port, percentile  # noqa: E402
 
 TOKEN = "load-test-token"
 MAX_BODY_BYTES = 8 << 20  # serve-rm's defaults
@@ -63,8 +63,8 @@ def tiny_rm(path: Path) -> Path:
     return path
 
 
-class Server:
-    """`instructrl serve-rm` in a child process."""
+class Server(ChildServer):
+    """`instructrl serve-rm` in a child process (peak_rss_mb and stop as label_load's)."""
 
     def __init__(self, reward: Path, port: int, log: Path, device: str, batch_size: int):
         self.url = f"http://127.0.0.1:{port}/get_reward"
@@ -86,21 +86,6 @@ class Server:
             except httpx.TransportError:
                 time.sleep(0.1)
         raise RuntimeError(f"serve-rm did not answer within {timeout} s; see {self.log}")
-
-    def peak_rss_mb(self) -> float | None:
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
-        except (OSError, StopIteration):
-            return None
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def client_loop(url: str, seed: int, queries: int, chars: int, requests: int, until: float, out: list) -> None:

@@ -68,38 +68,16 @@ def serving_app(app):
         thread.join()
 
 
-@contextlib.contextmanager
 def failing_server(good: int, failure: str):
     """Answers the first `good` requests with zero rewards, then `failure`: 'slow' (later than any timeout here)
-    or 'malformed' (not JSON). Yields its URL."""
-    served = []
+    or 'malformed' (not JSON). Yields its URL and the requests served."""
+    malformed = answer(b"{rewards: oops")
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            n = len(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["query"])
-            served.append(n)
-            if len(served) > good and failure == "slow":
-                time.sleep(1.5)
-            body = json.dumps({"rewards": [0.0] * n}).encode() if len(served) <= good else b"{rewards: oops"
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            with contextlib.suppress(OSError):  # the client may have given up (timeout)
-                self.wfile.write(body)
+    def slow(h, n):
+        time.sleep(1.5)
+        malformed(h, n)
 
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/reward", served
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    return scripted_server(*[good_answer] * good, slow if failure == "slow" else malformed)
 
 
 # --- PPO with each kind -------------------------------------------------------------------------------------------
@@ -354,8 +332,8 @@ def rewards_json(n):
     return json.dumps({"rewards": [0.5] * n}).encode()
 
 
-def good(h, n):
-    answer(rewards_json(n))(h, n)
+def good_answer(h, n):
+    answer(json.dumps({"rewards": [0.0] * n}).encode())(h, n)
 
 
 def drip(where: str):
@@ -398,10 +376,10 @@ def test_the_timeout_is_a_wall_clock_deadline_even_for_a_server_that_drips(where
                                  answer(b'{"rewards": [1]}'),                   # one number for three queries
                                  answer(b"overloaded", status=503)])
 def test_a_truncated_or_invalid_answer_is_retried_with_backoff(bad):
-    with scripted_server(bad, bad, good) as (url, served):
+    with scripted_server(bad, bad, good_answer) as (url, served):
         t0 = time.time()
         got = post_json(url, query(), timeout=5, retries=2, read=read3)
-    assert got.tolist() == [0.5] * 3 and len(served) == 3
+    assert got.tolist() == [0.0] * 3 and len(served) == 3
     assert time.time() - t0 >= 0.5 + 1.0  # waited 0.5 s, then 1 s
     with scripted_server(bad) as (url, served):
         with pytest.raises(RewardError, match=rf"^reward server {url}: .* \(after 2 attempts\)"):
