@@ -32,7 +32,7 @@ from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, c
                      context_length, freeze, load_causal_lm, load_tokenizer, save_causal_lm, token_logprobs)
 from .chat import use_chat_template
 from .options import DataOptions, LoraOptions, MemoryOptions, RunOptions, config, group, option
-from .rewards import RewardOptions, Rewards, load_rewards, model_dirs
+from .rewards import RewardOptions, Rewards, check_sources, load_rewards, model_dirs
 from .rollout import KL_ESTIMATORS, KL_PLACES, make_rollout, rollout_metrics
 from .run import Run
 from .sampling import PromptTooLong, encode_prompts
@@ -217,6 +217,7 @@ def check_rl(cfg: RLConfig) -> None:
         raise ValueError(f"kl_estimator {cfg.kl_estimator} with kl_in {cfg.kl_in}: {why[cfg.kl_in]}")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text in the {\"text\": ...} format)")
+    check_sources(cfg.reward, cfg.rewards)
 
 
 def setup_rl(cfg: RLConfig, device: torch.device, dtype: torch.dtype, with_value: bool) -> RLSetup:
