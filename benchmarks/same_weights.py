@@ -28,7 +28,7 @@ def steps(w: Path) -> list[tuple[str, list[str], list[str]]]:
           "--judge", str(world), "--episodes", "64", "--batch-size", "16", "--max-new-tokens", "16", "--seed", "3"]
     ptx = ["--ptx-coef", "0.1", "--ptx-data", str(world / "corpus.jsonl")]
     return [
-        ("world", ["world", "--out", str(world), "--seed", "0", "--demos", "120"], []),
+        ("world", ["world", "--out", str(world), "--seed", "0", "--n-demos", "120"], []),
         ("pretrain", ["pretrain", "--corpus", str(world / "corpus.jsonl"), "--out", str(lm), "--steps", "40",
                       "--vocab-size", "600", "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--batch-size",
                       "16"], ["pretrained/model.safetensors"]),
