@@ -158,4 +158,4 @@ class PolicyUpdate:
             rec["ptx/loss"] = ptx_part / cfg.ptx_coef
         (loss * world).backward()
         rec.update({"loss/total": loss, "policy/entropy": masked_mean(entropy.detach(), m, n=n)})
-        return {key: float(x) * world for key, x in rec.items()}
+        return {key: x.item() * world for key, x in rec.items()}
