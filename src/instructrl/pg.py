@@ -63,7 +63,7 @@ class PolicyGradient(PolicyUpdate):
         loo_k = self.samples_per_prompt if self.cfg.baseline == "loo" else None
         return {"advantages": pg_advantages(self.rewards(r, beta), r.mask, self.cfg.gamma, loo_k)}
 
-    def policy_loss(self, logp, old_logp, advantages, mask, n, rows) -> tuple[torch.Tensor, dict]:
+    def policy_loss(self, logp, old_logp, advantages, mask, n, n_rows) -> tuple[torch.Tensor, dict]:
         """−mean_t(A_t · log π_θ(y_t|s_t)) [RLHF-intro]: no ratio, no clip."""
         return pg_loss(logp, advantages, mask, n), {}
 

@@ -63,7 +63,7 @@ class PPO(PolicyUpdate):
         advantages, returns = gae(rewards, r.values, mask, cfg.gamma, cfg.lam)
         return {"advantages": masked_whiten(advantages, mask, **whitening(advantages, mask)), "returns": returns}
 
-    def value_loss(self, r: Rollout, mb, rows, cols, mask, n, targets) -> tuple[torch.Tensor, dict]:
+    def critic_loss(self, r: Rollout, mb, rows, cols, mask, n, targets) -> tuple[torch.Tensor, dict]:
         """c_v · the clipped value loss [LHP] of a micro-batch."""
         v = response_values(self.s.train_value, mb)
         vl, stats = value_loss(v, r.values[rows, cols], targets["returns"][rows, cols], mask, self.cfg.value_clip, n)

@@ -3,7 +3,7 @@ batch of rollouts, one optimizer step per minibatch, each minibatch in micro-bat
 
 An algorithm (ppo.py, pg.py, grpo.py, rloo.py) subclasses `PolicyUpdate` and gives `advantages(r, beta)`; it may
 change `schedule` (epochs, global minibatch size), `shuffle`, `aggregation`, `policy_loss` (default: the clipped
-surrogate [PPO]) and `value_loss` (PPO's critic). One minibatch (`step`):
+surrogate [PPO]) and `critic_loss` (PPO's value loss). One minibatch (`step`):
 
   1. this rank's rows, in micro-batches of --micro-batch-size; n = the minibatch's response tokens (and rows) over
      all ranks, so that each micro-batch's loss is its share of the global mean
@@ -76,17 +76,18 @@ class PolicyUpdate:
         return "token"
 
     def advantages(self, r: Rollout, beta: float) -> dict[str, torch.Tensor]:
-        """{"advantages": [B, R], and whatever `value_loss` needs} from a batch of rollouts."""
+        """{"advantages": [B, R], and whatever `critic_loss` needs} from a batch of rollouts."""
         raise NotImplementedError
 
-    def policy_loss(self, logp, old_logp, advantages, mask, n, rows) -> tuple[torch.Tensor, dict]:
-        """The clipped surrogate [PPO] aggregated by `aggregation`, and its statistics."""
+    def policy_loss(self, logp, old_logp, advantages, mask, n, n_rows) -> tuple[torch.Tensor, dict]:
+        """The clipped surrogate [PPO] aggregated by `aggregation` (n, n_rows: the minibatch's token and row counts,
+        all ranks), and its statistics."""
         per_token, clipped, unclipped, log_ratio = clipped_surrogate(logp, old_logp, advantages, mask, self.cfg.clip)
-        return (aggregate(per_token, mask, self.aggregation, self.cfg.max_new_tokens, n, rows),
+        return (aggregate(per_token, mask, self.aggregation, self.cfg.max_new_tokens, n, n_rows),
                 surrogate_stats(clipped, unclipped, log_ratio, mask, n))
 
-    def value_loss(self, r: Rollout, mb, rows, cols, mask, n, targets) -> tuple[torch.Tensor, dict] | None:
-        """A critic's weighted loss term and statistics (PPO); None without one."""
+    def critic_loss(self, r: Rollout, mb, rows, cols, mask, n, targets) -> tuple[torch.Tensor, dict] | None:
+        """A critic's weighted loss term and statistics (PPO) on a micro-batch; None without one."""
         return None
 
     def rewards(self, r: Rollout, beta: float) -> torch.Tensor:
@@ -98,10 +99,9 @@ class PolicyUpdate:
     # --- the update ---------------------------------------------------------------------------------------------
     def update(self, r: Rollout, beta: float, step: int) -> dict:
         """Advantages, then epochs × minibatches of this batch; statistics averaged over the steps and ranks."""
-        targets = self.advantages(r, beta)
+        targets, B = self.advantages(r, beta), r.mask.shape[0]
         stats: dict[str, list[float]] = {}
         for epoch in range(self.epochs):
-            B = r.mask.shape[0]
             order = torch.randperm(B, generator=self.generators["shuffle"]) if self.shuffle else torch.arange(B)
             for rows in order.split(self.minibatch):
                 for key, x in self.step(r, rows, targets, beta, step).items():
@@ -143,10 +143,11 @@ class PolicyUpdate:
         logp, entropy = response_logprobs(self.s.train_policy, mb, cfg.temperature, with_entropy=True)
         loss, stats = self.policy_loss(logp, old, targets["advantages"][rows, cols], m, n, n_rows)
         rec = {"policy/loss": loss, **{f"policy/{k}": x for k, x in stats.items()}}
-        critic = self.value_loss(r, mb, rows, cols, m, n, targets)
-        if critic is not None:
-            loss = loss + critic[0]
-            rec.update(critic[1])
+        critic = self.critic_loss(r, mb, rows, cols, m, n, targets)
+        if critic is not None:  # PPO: + c_v · value loss
+            term, critic_stats = critic
+            loss = loss + term
+            rec.update(critic_stats)
         if cfg.kl_in == "loss":  # β·KL aggregated like the policy loss [KLG, GRPO]
             kl = kl_in_loss(logp, old, r.ref_logprobs[rows, cols], m, beta, cfg.kl_estimator, self.aggregation,
                             cfg.max_new_tokens, n, n_rows)
