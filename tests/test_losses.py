@@ -225,8 +225,9 @@ def categorical_case(theta_logits):
 
     def loss(estimator):
         logp = torch.log_softmax(theta, 0)[tokens][None]
+        ones = torch.ones(1, 4, dtype=torch.float64)
         return L.masked_mean(L.kl_loss_terms(logp, old[tokens][None], torch.log_softmax(ref_logits, 0)[tokens][None],
-                                             estimator), torch.ones(1, 4, dtype=torch.float64))
+                                             ones, estimator), ones)
 
     p = [math.exp(x) for x in torch.log_softmax(theta.detach(), 0).tolist()]
     q = [math.exp(x) for x in torch.log_softmax(ref_logits, 0).tolist()]
@@ -266,7 +267,54 @@ def test_k2_in_the_loss_on_policy_has_the_reverse_kl_gradient():
 
 def test_k1_has_no_loss_form():
     with pytest.raises(ValueError, match="k2 \\| k3"):
-        L.kl_loss_terms(rand(2, 3), rand(2, 3), rand(2, 3), "k1")
+        L.kl_loss_terms(rand(2, 3), rand(2, 3), rand(2, 3), torch.ones(2, 3), "k1")
+
+
+def test_k3_in_the_loss_ignores_a_padding_log_prob_below_float32_exp_range():
+    """log π(PAD) = −100 at a padding position: e^{100} overflows float32 and inf·0 was NaN; masked before the
+    exponent, the loss is the one real token's β·ρ·k3 and its gradient is finite."""
+    logp = torch.tensor([[-1.0, -100.0]], requires_grad=True)
+    loss = L.kl_in_loss(logp, torch.tensor([[-1.0, 0.0]]), torch.tensor([[-1.2, 0.0]]), torch.tensor([[1.0, 0.0]]),
+                        0.05, "k3")
+    want = 0.05 * (math.expm1(-0.2) + 0.2)  # ρ = 1, ℓ = 0.2 on the real token
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 1].item() == 0.0
+
+
+@pytest.mark.parametrize("estimator,mode", [("k2", "token"), ("k3", "sequence"), ("k3", "dr_grpo")])
+def test_kl_in_loss_matches_loop(estimator, mode):
+    lengths, T, beta = [4, 1, 3], 4, 0.1
+    m = mask_of(lengths, T)
+    logp, old, ref = rand(3, T, seed=41) * 0.5, rand(3, T, seed=42) * 0.5, rand(3, T, seed=43) * 0.5
+    per_row = []
+    for i in range(3):
+        terms = []
+        for t in range(lengths[i]):
+            lr = logp[i, t].item() - ref[i, t].item()
+            k = 0.5 * lr ** 2 if estimator == "k2" else \
+                math.exp(logp[i, t].item() - old[i, t].item()) * (math.expm1(-lr) + lr)
+            terms.append(k)
+        per_row.append(terms)
+    flat = [k for row in per_row for k in row]
+    want = {"token": sum(flat) / len(flat), "sequence": sum(sum(r) / len(r) for r in per_row) / 3,
+            "dr_grpo": sum(flat) / (T * 3)}[mode]
+    got = L.kl_in_loss(logp, old, ref, m, beta, estimator, mode, max_len=T)
+    assert got.item() == pytest.approx(beta * want, abs=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_kl_in_reward_matches_loop(estimator):
+    lengths, T, beta = [3, 1], 4, 0.2
+    m = mask_of(lengths, T)
+    logp, ref, scores = rand(2, T, seed=44), rand(2, T, seed=45), rand(2, seed=46)
+    got = L.kl_in_reward(scores, logp, ref, m, beta, estimator)
+    for i in range(2):
+        for t in range(T):
+            lr = logp[i, t].item() - ref[i, t].item()
+            k = lr if estimator == "k1" else math.expm1(-lr) + lr
+            want = (-beta * k if t < lengths[i] else 0.0) + (scores[i].item() if t == lengths[i] - 1 else 0.0)
+            assert got[i, t].item() == pytest.approx(want, abs=1e-12)
 
 
 # --- GRPO: group advantages and loss aggregation ------------------------------------------------------------------
@@ -293,6 +341,15 @@ def test_loss_aggregation_modes_match_loops():
     assert L.aggregate(x, m, "dr_grpo", max_len=8).item() == pytest.approx(sum(tokens) / (8 * 3), abs=1e-12)
     with pytest.raises(ValueError, match="token \\| sequence \\| dr_grpo"):
         L.aggregate(x, m, "mean")
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence", "dr_grpo"])
+def test_loss_aggregation_shares_sum_to_the_whole_batch(mode):
+    """Micro-batches normalised by the whole batch's token and row counts (`n`, `rows`) sum to the whole batch's
+    aggregate: what gradient accumulation and several ranks rely on."""
+    x, m = rand(5, 6, seed=47), mask_of([6, 1, 3, 4, 2], 6)
+    parts = sum(L.aggregate(x[rows], m[rows], mode, 6, n=m.sum(), rows=5) for rows in ([0, 1], [2], [3, 4]))
+    assert parts.item() == pytest.approx(L.aggregate(x, m, mode, 6).item(), abs=1e-12)
 
 
 def test_clipped_surrogate_per_token_matches_ppo_loss():
@@ -357,6 +414,15 @@ def test_dpo_on_pairs_is_the_plain_pairwise_formula():
                  for i in range(n)) / n
     loss, _ = L.dpo_loss(pi, ref, [[[0], [1]]] * n, beta)
     assert loss.item() == pytest.approx(plain, abs=1e-12)
+
+
+def test_dpo_without_a_ranked_pair_is_zero_not_nan():
+    """As ranking_loss: a batch of all-tied rankings has nothing to learn; 0 with zero gradient, finite stats."""
+    pi = rand(5, seed=36).requires_grad_()
+    loss, stats = L.dpo_loss(pi, torch.zeros(5, dtype=torch.float64), [[[0, 1, 2]], [[0, 1]]], 0.1)
+    assert loss.item() == 0.0 and all(math.isfinite(float(v)) for v in stats.values())
+    loss.backward()
+    assert pi.grad.abs().max().item() == 0.0
 
 
 def test_dpo_groups_per_prompt_not_per_pair():

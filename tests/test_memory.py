@@ -1,6 +1,6 @@
-"""Fitting bigger models: gradient accumulation takes exactly the step of the whole batch (SFT, RM, PPO, PG; also
-2 processes × 2 micro-batches against 1 × 1, with unequal token counts across the ranks), and activation
-checkpointing gives the gradients of a plain backward (policy, value, reward model; with and without LoRA).
+"""Fitting bigger models: gradient accumulation takes exactly the step of the whole batch (SFT, RM, every registered
+RL algorithm; also 2 processes × 2 micro-batches against 1 × 1, with unequal token counts across the ranks), and
+activation checkpointing gives the gradients of a plain backward (policy, value, reward model; with and without LoRA).
 
 Adam's first step is nearly sign(g)·lr, blind to a wrongly scaled gradient: so the logged gradient norm (before
 clipping) and loss are compared too, and RL runs with a large Adam ε, where the step is linear in the gradient.
@@ -120,10 +120,24 @@ def test_rm_two_ranks_by_two_micro_batches_equal_one_rank(rm_whole, tiny_sft_dir
     assert_same_logs(rm_whole, tmp_path / "two", ("train/loss", "train/grad_norm", "train/accuracy"))
 
 
-# --- PPO and PG: one update on the same 8 rollouts, split over ranks and micro-batches ------------------------------
+# --- every registered RL algorithm: one update on the same 8 rollouts, split over ranks and micro-batches --------
+def registry() -> list[str]:
+    from instructrl.rl import algorithms
+
+    return sorted(algorithms())
+
+
+# One optimizer step on the whole batch of 8 (one epoch, one minibatch), 2 samples per prompt for the group
+# baselines: each option set only where the algorithm has it, so a newly registered algorithm runs unedited.
+ONE_STEP = {"minibatch_size": 8, "ppo_epochs": 1, "epochs": 1, "group_size": 2, "samples_per_prompt": 2}
+
+
 def rl_step(name: str, policy: str, reward: str, prompts: str, micro: int, out: str) -> None:
     """One `update` of algorithm `name` on a fixed global batch of 8 rollouts (every process samples the same 8,
-    then takes its rows); rank 0 writes the trained weights (out.safetensors) and the statistics (out.json)."""
+    then takes its contiguous rows: whole groups); rank 0 writes the trained weights (out.safetensors) and the
+    statistics (out.json)."""
+    import dataclasses
+
     from instructrl import distributed as dist
     from instructrl.optim import NonFinite
     from instructrl.rl import algorithms, setup_rl
@@ -132,13 +146,14 @@ def rl_step(name: str, policy: str, reward: str, prompts: str, micro: int, out: 
 
     dist.init(torch.device("cpu"))
     algo_cls = algorithms()[name]
-    kw = dict(minibatch_size=8, ppo_epochs=1) if name == "ppo" else dict(samples_per_prompt=1)
+    own = {f.name for f in dataclasses.fields(algo_cls.config)}
     cfg = algo_cls.config(policy=policy, reward=reward, prompts=prompts, out="", batch_size=8, max_new_tokens=12,
-                          lr=1e-3, adam_eps=1.0, micro_batch_size=micro, device="cpu", progress=False, **kw)
+                          lr=1e-3, adam_eps=1.0, micro_batch_size=micro, device="cpu", progress=False,
+                          **{k: v for k, v in ONE_STEP.items() if k in own})
     s = setup_rl(cfg, torch.device("cpu"), torch.float32, with_value=algo_cls.needs_value)
     s.generator.manual_seed(0)
     r = make_rollout(s, s.prompts.prompts[:8], s.prompts.ids[:8], with_values=algo_cls.needs_value)
-    rows = torch.arange(8)[dist.rank()::dist.world_size()]
+    rows = torch.arange(8).view(dist.world_size(), -1)[dist.rank()]
     b = r.batch
     mine = Rollout(SampleBatch(b.prompt_ids[rows], b.prompt_mask[rows], b.response_ids[rows], b.response_mask[rows],
                                b.ended[rows]), r.logprobs[rows], r.ref_logprobs[rows],
@@ -156,8 +171,8 @@ def rl_step(name: str, policy: str, reward: str, prompts: str, micro: int, out: 
 RL_SCRIPT = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from test_memory import rl_step
-for name in ("ppo", "pg"):
+from test_memory import registry, rl_step
+for name in registry():
     rl_step(name, *sys.argv[2:5], int(sys.argv[5]), sys.argv[6] + name)
 """
 
@@ -168,7 +183,7 @@ def rl_whole(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path_factory):
     args = [str(tiny_sft_dir), str(tiny_rm_dir), str(world_dir / "prompts_train.jsonl")]
     out = {}
     for micro in (0, 2):
-        for name in ("ppo", "pg"):
+        for name in registry():
             rl_step(name, *args, micro, str(base / f"m{micro}-{name}"))
             out[micro, name] = base / f"m{micro}-{name}"
     return args, out
@@ -186,7 +201,7 @@ def assert_same_update(a: Path, b: Path, start: dict | None = None) -> None:
         assert sb["stats"][key] == pytest.approx(x, abs=STAT_TOL), key
 
 
-@pytest.mark.parametrize("name", ["ppo", "pg"])
+@pytest.mark.parametrize("name", registry())
 def test_rl_accumulation_4_equals_whole_batch(rl_whole, tiny_sft_dir, name):
     """8 rollouts as 4 micro-batches of 2 (trimmed to their own lengths) = one pass over all 8."""
     _, out = rl_whole
@@ -195,17 +210,25 @@ def test_rl_accumulation_4_equals_whole_batch(rl_whole, tiny_sft_dir, name):
     assert rl_result(out[0, name])[1]["stats"].get("policy/first_ratio", 1.0) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_rl_two_ranks_by_two_micro_batches_equal_one_rank(rl_whole, tmp_path):
-    """PPO and PG: 2 ranks × 2 micro-batches = 1 process × 1, with the ranks holding different numbers of response
-    tokens (per-rank means averaged by DDP would weight them wrongly)."""
-    args, out = rl_whole
-    script = tmp_path / "rl_step.py"
+@pytest.fixture(scope="module")
+def rl_two_ranks(rl_whole, tmp_path_factory):
+    """Every registered algorithm's update on 2 ranks × 2 micro-batches (one torchrun for all of them)."""
+    args, _ = rl_whole
+    base = tmp_path_factory.mktemp("rl-two")
+    script = base / "rl_step.py"
     script.write_text(RL_SCRIPT)
-    torchrun(script, Path(__file__).parent, *args, 2, tmp_path / "two-")
-    for name in ("ppo", "pg"):
-        tokens = rl_result(tmp_path / f"two-{name}")[1]["tokens"]
-        assert len(tokens) == 2 and tokens[0] != tokens[1]
-        assert_same_update(out[0, name], tmp_path / f"two-{name}")
+    torchrun(script, Path(__file__).parent, *args, 2, base / "two-")
+    return base
+
+
+@pytest.mark.parametrize("name", registry())
+def test_rl_two_ranks_by_two_micro_batches_equal_one_rank(rl_whole, rl_two_ranks, name):
+    """2 ranks × 2 micro-batches = 1 process × 1, with the ranks holding different numbers of response tokens
+    (per-rank means averaged by DDP would weight them wrongly)."""
+    _, out = rl_whole
+    tokens = rl_result(rl_two_ranks / f"two-{name}")[1]["tokens"]
+    assert len(tokens) == 2 and tokens[0] != tokens[1]
+    assert_same_update(out[0, name], rl_two_ranks / f"two-{name}")
 
 
 # --- activation checkpointing ----------------------------------------------------------------------------------------

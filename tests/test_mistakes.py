@@ -143,6 +143,8 @@ CASES = {
                               "--out", "{proj}/r.jsonl", "--world", "{world}", "--k", "1"], "K must be at least 2"),
     # data
     "rm_all_tied_ranking": (RM + ["--out", "{proj}/o"], "tied.jsonl:2"),
+    "dpo_all_tied_ranking": (["dpo", "--policy", "{sft}", "--data", "{proj}/tied.jsonl", "--device", "cpu", "--out",
+                              "{proj}/o"], "tied.jsonl:2"),
     "eval_prompt_too_long": (EVAL[:4] + ["{proj}/long_prompts.jsonl"], "long_prompts.jsonl:2"),
     "sft_demo_missing_response": (["sft", "--model", "{lm}", "--data", "{proj}/bad_demos.jsonl", "--out", "{proj}/o"],
                                   "bad_demos.jsonl:1"),

@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from instructrl.losses import gae, masked_whiten
+from instructrl.losses import gae, kl_in_reward, masked_whiten
 from instructrl.models import ScalarHeadModel, freeze, load_causal_lm, load_tokenizer
 from instructrl.rewards import ModelReward, Rewards
 from instructrl.rl import RLConfig, RLSetup
-from instructrl.rollout import kl_in_reward, make_rollout, trim
-from instructrl.sampling import encode_prompts, response_logprobs, sample
+from instructrl.rollout import make_rollout
+from instructrl.sampling import encode_prompts, response_logprobs, sample, trim
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def run_rollout(cfg, tok, policy, ref, rm, value, prompts, ids, beta, seed):
     s = RLSetup(cfg, torch.device("cpu"), tok, policy, ref, Rewards([ModelReward("rm", rm)], [1.0]), value, None,
                 None, None, torch.Generator().manual_seed(seed))
     r = make_rollout(s, prompts, ids, with_values=value is not None)
-    r.rewards, r.kl = kl_in_reward(r, beta, "k1"), (r.logprobs - r.ref_logprobs) * r.mask
+    r.rewards, r.kl = kl_in_reward(r.scores, r.logprobs, r.ref_logprobs, r.mask, beta, "k1"), (r.logprobs - r.ref_logprobs) * r.mask
     return r
 
 

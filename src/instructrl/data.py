@@ -93,6 +93,14 @@ class Ranking:
         return {"prompt": self.prompt, "responses": self.responses, "ranking": ranking, **self.extra}
 
 
+def refuse_all_tied(rankings: list[Ranking], path) -> None:
+    """An all-tied ranking has no (winner, loser) pair: nothing to learn, a NaN loss if alone in a batch (RM, DPO)."""
+    for r in rankings:
+        if len(r.groups) < 2:
+            raise DataError(path, r.line, "every response is tied: the ranking compares nothing (rank at least two "
+                                          "groups, or leave the record out)", "ranking")
+
+
 def _str_field(obj: dict, name: str, path, line: int, allow_empty: bool = False) -> str:
     if name not in obj:
         raise DataError(path, line, "missing required field", name)

@@ -17,7 +17,7 @@ from torch.nn.utils import clip_grad_norm_
 
 from . import distributed as dist
 from .chat import use_chat_template
-from .data import Ranking, collate_right, read_rankings
+from .data import Ranking, collate_right, read_rankings, refuse_all_tied
 from .losses import dpo_loss
 from .models import (AdapterDisabled, apply_lora, context_length, freeze, load_causal_lm, load_tokenizer,
                      save_causal_lm, token_logprobs, trainable_parameters)
@@ -105,6 +105,7 @@ def dpo(cfg: DPOConfig) -> dict:
     run = Run("dpo", cfg, cfg.run, cfg.out)
     device, dtype = run.device, run.dtype
     rankings = read_rankings(cfg.data, split=cfg.fmt.split, columns=cfg.fmt.columns())
+    refuse_all_tied(rankings, cfg.data)
     tokenizer = use_chat_template(load_tokenizer(cfg.policy), cfg.fmt.chat_template)
     policy = load_causal_lm(cfg.policy, device, dtype)
     max_len = context_length(policy)

@@ -5,24 +5,19 @@ The driver (`rl.py`) samples group_size responses per prompt; this file is what 
   2. advantages: the sequence reward (the score, minus β·Σ_t k_t when the KL is in the reward) normalised within
      its group, A_i = (R_i − mean_group) / std_group (scale_rewards false: no division [DrGRPO]), the same on
      every token of the response
-  3. update: epochs × minibatches of the clipped surrogate [PPO], aggregated over tokens (token | sequence |
-     dr_grpo), plus β·KL in the loss (by default k3 with the ratio π_θ/π_old [KLG]) (+ γ · ptx loss)
+  3. update (`update.py`): epochs × minibatches of the clipped surrogate [PPO], aggregated over tokens (token |
+     sequence | dr_grpo), plus β·KL in the loss (by default k3 with the ratio π_θ/π_old [KLG]) (+ γ · ptx loss),
+     normalised by the minibatch's token (or row) count over all ranks and micro-batches
 
-Under torchrun each rank holds whole groups (the driver splits prompts, not samples) and gradients are averaged.
+Under torchrun each rank holds whole groups (the driver splits prompts, not samples).
 """
 from __future__ import annotations
 
-import torch
-from torch.nn.utils import clip_grad_norm_
-
-from . import distributed as dist
-from .losses import aggregate, clipped_surrogate, group_advantages, masked_mean, surrogate_stats
-from .models import trainable_parameters
-from .optim import adam
+from .losses import group_advantages
 from .options import config, option
-from .rl import RLConfig, per_rank, ptx_batches, ptx_term, register
-from .rollout import Rollout, kl_in_loss, kl_in_reward, reward_beta, trim
-from .sampling import response_logprobs
+from .rl import RLConfig, register
+from .rollout import Rollout
+from .update import PolicyUpdate
 
 AGGREGATIONS = ("token", "sequence", "dr_grpo")
 
@@ -49,70 +44,18 @@ def group_update_check(cfg, k: int) -> None:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of minibatch_size {cfg.minibatch_size}")
 
 
-def clipped_epochs(algo, r: Rollout, advantages: torch.Tensor, beta: float, step: int, mode: str) -> dict:
-    """epochs × shuffled minibatches of the clipped surrogate (+ KL in the loss, + ptx), aggregated by `mode`:
-    the update GRPO and clipped RLOO share. Statistics averaged over minibatches and ranks."""
-    cfg, s, mask = algo.cfg, algo.s, r.mask
-    stats: dict[str, list[float]] = {}
-    for epoch in range(cfg.epochs):
-        for rows in torch.randperm(mask.shape[0], generator=algo.shuffle).split(algo.minibatch):
-            mb, cols = trim(r.batch, rows)
-            m = mask[rows, cols]
-            algo.optimizer.zero_grad(set_to_none=True)
-            logp, entropy = response_logprobs(s.train_policy, mb, cfg.temperature, with_entropy=True)
-            old = r.logprobs[rows, cols]
-            per_token, clipped, unclipped, log_ratio = clipped_surrogate(logp, old, advantages[rows, cols], m, cfg.clip)
-            pl = aggregate(per_token, m, mode, cfg.max_new_tokens)
-            loss = pl
-            kl = kl_in_loss(logp, old, r.ref_logprobs[rows, cols], m, beta, cfg.kl_estimator, mode,
-                            cfg.max_new_tokens) if cfg.kl_in == "loss" else None
-            if kl is not None:
-                loss = loss + kl
-            ptx = next((ptx_term(s, *b) for b in ptx_batches(s, 1)), None)  # this minibatch's pretraining text
-            if ptx is not None:
-                loss = loss + ptx
-            if not algo.nonfinite.ok(step, loss=loss):
-                continue
-            loss.backward()
-            grad_norm = clip_grad_norm_(algo.params, cfg.max_grad_norm)
-            if not algo.nonfinite.ok(step, grad_norm=grad_norm):
-                continue
-            algo.optimizer.step()
-            rec = {"policy/loss": pl.item(), "policy/entropy": masked_mean(entropy.detach(), m).item(),
-                   "policy/grad_norm": float(grad_norm),
-                   **{f"policy/{k}": float(x) for k, x in surrogate_stats(clipped, unclipped, log_ratio, m).items()}}
-            if kl is not None:
-                rec["policy/kl_loss"] = kl.item()
-            if ptx is not None:
-                rec["ptx/loss"] = ptx.item() / cfg.ptx_coef
-            for key, x in rec.items():
-                stats.setdefault(key, []).append(x)
-    out = {k: sum(v) / len(v) for k, v in stats.items()}
-    if stats:  # on the first minibatch the ratio is 1 [N+]
-        out["policy/first_ratio"] = stats["policy/ratio_mean"][0]
-    return dist.mean_dict(out)
+class ClippedGroupAlgorithm(PolicyUpdate):
+    """What GRPO and clipped RLOO share: k samples per prompt (the config field named by `group_field`)."""
 
-
-class ClippedGroupAlgorithm:
-    """What GRPO and clipped RLOO share: a policy, Adam, a shuffle stream, k samples per prompt (the config field
-    named by `group_field`)."""
-
-    needs_value = False
     group_field = "samples_per_prompt"
 
     @classmethod
     def check(cls, cfg) -> None:
         group_update_check(cfg, getattr(cfg, cls.group_field))
 
-    def __init__(self, cfg, s, nonfinite):
-        self.cfg, self.s, self.nonfinite = cfg, s, nonfinite
-        self.samples_per_prompt = getattr(cfg, self.group_field)
-        self.minibatch = per_rank(cfg.minibatch_size, "minibatch_size")
-        s.policy.train()
-        self.params = trainable_parameters(s.policy)
-        self.optimizer = adam(self.params, lr=cfg.lr, eps=cfg.adam_eps)
-        self.shuffle = torch.Generator().manual_seed(cfg.run.seed + 1)
-        self.models, self.generators = {"policy": s.policy}, {"shuffle": self.shuffle}
+    @property
+    def samples_per_prompt(self) -> int:
+        return getattr(self.cfg, self.group_field)
 
 
 @register
@@ -127,11 +70,13 @@ class GRPO(ClippedGroupAlgorithm):
         if cfg.loss_agg not in AGGREGATIONS:
             raise ValueError(f"loss_agg must be one of {', '.join(AGGREGATIONS)}, not {cfg.loss_agg!r}")
 
-    def update(self, r: Rollout, beta: float, step: int) -> dict:
-        cfg, mask = self.cfg, r.mask
-        reward = kl_in_reward(r, reward_beta(cfg, beta), cfg.kl_estimator).sum(1)  # score − β·Σ_t k_t (or score)
-        advantages = group_advantages(reward, cfg.group_size, cfg.scale_rewards)[:, None] * mask
-        return clipped_epochs(self, r, advantages, beta, step, cfg.loss_agg)
+    @property
+    def aggregation(self) -> str:
+        return self.cfg.loss_agg
+
+    def advantages(self, r: Rollout, beta: float) -> dict:
+        reward = self.rewards(r, beta).sum(1)  # score − β·Σ_t k_t (or the score)
+        return {"advantages": group_advantages(reward, self.cfg.group_size, self.cfg.scale_rewards)[:, None] * r.mask}
 
 
 def train_grpo(cfg: GRPOConfig) -> dict:

@@ -37,14 +37,18 @@ def ranking_loss(rewards: torch.Tensor, groups_per_prompt: list[list[list[int]]]
     `rewards` holds the scores of all responses of all prompts, concatenated in order.
     """
     win, lose, elem = (t.to(rewards.device) for t in ranking_pairs(groups_per_prompt))
-    n_prompts = len(groups_per_prompt)
-    pair_ll = F.logsigmoid(rewards[win] - rewards[lose])
-    n_pairs = torch.zeros(n_prompts, device=rewards.device, dtype=rewards.dtype).index_add_(
-        0, elem, torch.ones_like(pair_ll))
-    per_prompt = torch.zeros(n_prompts, device=rewards.device, dtype=rewards.dtype).index_add_(0, elem, pair_ll)
+    return -mean_over_prompts(F.logsigmoid(rewards[win] - rewards[lose]), elem, len(groups_per_prompt))
+
+
+def mean_over_prompts(pair: torch.Tensor, elem: torch.Tensor, n_prompts: int) -> torch.Tensor:
+    """1/P · Σ_i 1/C_i · Σ_{pairs of prompt i} pair, over the P prompts with C_i > 0 ranked pairs [IG §3.5]; `elem`:
+    each pair's prompt. A batch without a ranked pair gives 0 (zero gradient), not the NaN of an empty mean."""
+    zeros = torch.zeros(n_prompts, device=pair.device, dtype=pair.dtype)
+    n_pairs = zeros.index_add(0, elem, torch.ones_like(pair))
+    per_prompt = zeros.index_add(0, elem, pair)
     has_pairs = n_pairs > 0
-    loss = -(per_prompt[has_pairs] / n_pairs[has_pairs]).mean()
-    return torch.where(has_pairs.any(), loss, torch.zeros_like(loss))  # no ranked pair in the batch: 0, not NaN
+    mean = (per_prompt[has_pairs] / n_pairs[has_pairs]).mean()
+    return torch.where(has_pairs.any(), mean, torch.zeros_like(mean))
 
 
 def pairwise_accuracy(rewards: torch.Tensor, groups_per_prompt: list[list[list[int]]]) -> tuple[int, int]:
@@ -76,16 +80,36 @@ def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return 0.5 * (logp - ref_logp) ** 2
 
 
-def kl_loss_terms(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_loss_terms(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                  estimator: str) -> torch.Tensor:
     """Per-token KL penalty for the loss (tokens drawn from π_old) [KLG]:
     k2 as is (on-policy its gradient is ∇ KL(π_θ‖π_ref)); k3 weighted by ρ = π_θ/π_old, since
     E_{π_old}[ρ·k3] = E_{π_θ}[k3] = KL(π_θ‖π_ref) whose gradient is the reverse KL's (without ρ, the gradient of
-    E_{π_old}[k3] is the forward KL's). k1 has zero expected gradient and is refused by the caller."""
+    E_{π_old}[k3] is the forward KL's). k1 has zero expected gradient and is refused by the caller. Log-ratios are
+    masked before any exponent: a PAD position's log-prob may be anything (e^{100} overflows float32, and inf·0 is
+    NaN). 0 on padding."""
+    logp, old_logp, ref_logp = logp * mask, old_logp * mask, ref_logp * mask
     if estimator == "k2":
         return kl_k2(logp, ref_logp)
     if estimator == "k3":
         return torch.exp(logp - old_logp) * kl_k3(logp, ref_logp)
     raise ValueError(f"no loss form of the KL estimator {estimator!r} (k2 | k3)")
+
+
+def kl_in_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float,
+               estimator: str, mode: str = "token", max_len: int | None = None, n: torch.Tensor | None = None,
+               rows: int | None = None) -> torch.Tensor:
+    """β · the per-token KL penalty aggregated like the policy loss (`aggregate`, `n`/`rows` as there) [KLG, GRPO]."""
+    return beta * aggregate(kl_loss_terms(logp, old_logp, ref_logp, mask, estimator), mask, mode, max_len, n, rows)
+
+
+def kl_in_reward(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float,
+                 estimator: str) -> torch.Tensor:
+    """Per-token rewards r_t = −β·k_t, plus the score on the last real token [IG Eq. 2, LHP, N+]. [B, R]"""
+    return shaped_rewards(scores, KL_ESTIMATORS[estimator](logp, ref_logp) * mask, mask, beta)
 
 
 def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -162,15 +186,18 @@ def group_advantages(scores: torch.Tensor, k: int, scale: bool = True, eps: floa
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None,
-              n: torch.Tensor | None = None) -> torch.Tensor:
+              n: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
     """A per-token loss to a scalar: `token` = mean over all real tokens [DAPO]; `sequence` = mean over rows of
-    each row's token mean [GRPO]; `dr_grpo` = sum / (max_len · rows), a constant normaliser [DrGRPO]."""
+    each row's token mean [GRPO]; `dr_grpo` = sum / (max_len · rows), a constant normaliser [DrGRPO].
+    `n`, `rows`: the token and row counts of the whole (accumulated, all-rank) batch this micro-batch is a share of
+    (default: its own), so that the shares sum to the whole batch's loss."""
     if mode == "token":
         return masked_mean(per_token, mask, n=n)
+    rows = per_token.shape[0] if rows is None else rows
     if mode == "sequence":
-        return masked_mean(per_token, mask, dim=1).mean()
+        return masked_mean(per_token, mask, dim=1).sum() / rows
     if mode == "dr_grpo":
-        return (per_token * mask).sum() / (max_len * per_token.shape[0])
+        return (per_token * mask).sum() / (max_len * rows)
     raise ValueError(f"loss aggregation must be token | sequence | dr_grpo, not {mode!r}")
 
 
@@ -242,16 +269,12 @@ def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, groups_per_pro
         pair = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"DPO loss must be sigmoid | ipo, not {kind!r}")
-    n_prompts = len(groups_per_prompt)
-    zeros = torch.zeros(n_prompts, device=pair.device, dtype=pair.dtype)
-    n_pairs = zeros.index_add(0, elem, torch.ones_like(pair))
-    per_prompt = zeros.index_add(0, elem, pair)
-    has_pairs = n_pairs > 0
-    loss = (per_prompt[has_pairs] / n_pairs[has_pairs]).mean()
+    loss = mean_over_prompts(pair, elem, len(groups_per_prompt))
     with torch.no_grad():
+        mean = lambda x: x.mean() if x.numel() else x.new_zeros(())  # noqa: E731  (no ranked pair: 0, not NaN)
         margin = beta * h.detach()
-        stats = {"margin": margin.mean(), "accuracy": (margin > 0).float().mean(),
-                 "chosen": beta * logratio[win].detach().mean(), "rejected": beta * logratio[lose].detach().mean()}
+        stats = {"margin": mean(margin), "accuracy": mean((margin > 0).float()),
+                 "chosen": beta * mean(logratio[win].detach()), "rejected": beta * mean(logratio[lose].detach())}
     return loss, stats
 
 

@@ -19,7 +19,7 @@ from torch.nn.utils import clip_grad_norm_
 
 from . import distributed as dist
 from .chat import encode_demo, use_chat_template
-from .data import DataError, Demo, Prompt, Ranking, Response, collate_right, read_demos, read_rankings
+from .data import DataError, Demo, Prompt, Ranking, Response, collate_right, read_demos, read_rankings, refuse_all_tied
 from .losses import gold_pair_agreement, pairwise_accuracy, ranking_loss
 from .models import ScalarHeadModel, apply_lora, checkpoint_activations, context_length, load_tokenizer, trainable_parameters
 from .optim import adamw_cosine
@@ -200,10 +200,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     run = Run("reward", cfg, cfg.run, cfg.out)
     device, dtype = run.device, run.dtype
     rankings = read_rankings(cfg.data, split=cfg.fmt.split, columns=cfg.fmt.columns())
-    for r in rankings:  # an all-tied ranking has no (winner, loser) pair: nothing to learn, a NaN loss if alone
-        if len(r.groups) < 2:
-            raise DataError(cfg.data, r.line, "every response is tied: the ranking compares nothing (rank at least "
-                                              "two groups, or leave the record out)", "ranking")
+    refuse_all_tied(rankings, cfg.data)
     demos = read_demos(cfg.demos, columns=cfg.fmt.columns()) if cfg.demos else None
     tokenizer = use_chat_template(load_tokenizer(cfg.model), cfg.fmt.chat_template)
     model = ScalarHeadModel.from_backbone(cfg.model, device, dtype)

@@ -8,10 +8,10 @@ Per iteration [IG, LHP, N+]:
   4. KL control: fixed β, or the adaptive controller [LHP]
 then metrics, periodic checkpoints and the final save, by the run shell.
 
-Adding an algorithm: one file with a config (a subclass of RLConfig) and a class with `name`, `config`,
-`needs_value`, `check(cfg)`, `__init__(cfg, setup, nonfinite)` (its optimizer, `models`, `generators`,
-`samples_per_prompt`) and `update`, decorated with `@register`; then add the module's name to `BUILTIN` and its
-one-line help to `cli.STEPS`.
+Adding an algorithm: one file with a config (a subclass of RLConfig) and a subclass of `update.PolicyUpdate` (the
+shared clipped update: optimizer, minibatches, accumulation, KL in the loss, ptx, clip and step) with `name`,
+`config`, `check(cfg)` and `advantages(rollout, beta)`, decorated with `@register`; then add the module's name to
+`BUILTIN` and its one-line help to `cli.STEPS`.
 The CLI command and the pipeline's YAML section follow from the config.
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 
 from . import distributed as dist
 from .data import DataError, read_prompts, read_texts
-from .losses import adaptive_kl_beta, ptx_loss
+from .losses import adaptive_kl_beta
 from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, checkpoint_activations,
-                     context_length, freeze, load_causal_lm, load_tokenizer, save_causal_lm, token_logprobs)
+                     context_length, freeze, load_causal_lm, load_tokenizer, save_causal_lm)
 from .chat import use_chat_template
 from .options import DataOptions, LoraOptions, MemoryOptions, RunOptions, config, group, option
 from .rewards import RewardOptions, Rewards, check_sources, load_rewards, model_dirs
@@ -244,23 +244,6 @@ def setup_rl(cfg: RLConfig, device: torch.device, dtype: torch.dtype, with_value
                    ptx, judge, gen, train_policy=dist.wrap(policy, cfg.run.fsdp),
                    train_value=dist.wrap(value_model, cfg.run.fsdp) if value_model is not None else None,
                    lockstep=cfg.run.fsdp and dist.active())
-
-
-def ptx_batches(s: RLSetup, k: int) -> list[tuple]:
-    """This update's pretraining text for PPO-ptx in up to `k` micro-batches, each (ids, mask, n) with n the token
-    count of every rank's text; [] without PPO-ptx."""
-    if s.ptx is None:
-        return []
-    ids, mask = s.ptx.next(max(1, s.cfg.ptx_batch_size // dist.world_size()))
-    ids, mask = ids.to(s.device), mask.to(s.device)
-    n = dist.all_reduce_sum(mask[:, 1:].float().sum())
-    size = -(-len(ids) // k)
-    return [(i, m, n) for i, m in zip(ids.split(size), mask.split(size))]
-
-
-def ptx_term(s: RLSetup, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """A micro-batch's share of γ · (−mean log-likelihood) of the update's pretraining text [IG Eq. 2]."""
-    return ptx_loss(token_logprobs(s.train_policy, ids, mask), mask[:, 1:].float(), s.cfg.ptx_coef, n)
 
 
 # --- the algorithms -----------------------------------------------------------------------------------------------

@@ -3,19 +3,19 @@ return of the other k − 1, several epochs of clipped updates, no value model.
 
   2. advantages: A_t = G_t − b with the KL in the reward (reward-to-go G_t) and b the leave-one-out mean of the
      sequence returns G_0 — exactly `pg --baseline loo`'s
-  3. update: epochs × minibatches of the clipped surrogate, token mean (+ β·KL in the loss with --kl-in loss,
-     + γ · ptx loss)
+  3. update (`update.py`): epochs × minibatches of the clipped surrogate, token mean (+ β·KL in the loss with
+     --kl-in loss, + γ · ptx loss)
 
 `pg --baseline loo` is the special case of one epoch, one minibatch (the ratio is then 1 and the clipped
 surrogate's gradient is the policy gradient's; tests/test_algorithms.py checks they train alike).
 """
 from __future__ import annotations
 
-from .grpo import ClippedGroupAlgorithm, clipped_epochs
+from .grpo import ClippedGroupAlgorithm
 from .options import config, option
 from .pg import pg_advantages
 from .rl import RLConfig, register
-from .rollout import Rollout, kl_in_reward, reward_beta
+from .rollout import Rollout
 
 
 @config
@@ -33,11 +33,8 @@ class RLOO(ClippedGroupAlgorithm):
 
     name, config = "rloo", RLOOConfig
 
-    def update(self, r: Rollout, beta: float, step: int) -> dict:
-        cfg = self.cfg
-        rewards = kl_in_reward(r, reward_beta(cfg, beta), cfg.kl_estimator)
-        advantages = pg_advantages(rewards, r.mask, cfg.gamma, cfg.samples_per_prompt)
-        return clipped_epochs(self, r, advantages, beta, step, "token")
+    def advantages(self, r: Rollout, beta: float) -> dict:
+        return {"advantages": pg_advantages(self.rewards(r, beta), r.mask, self.cfg.gamma, self.samples_per_prompt)}
 
 
 def train_rloo(cfg: RLOOConfig) -> dict:

@@ -1,8 +1,8 @@
 """One batch of experience for every RL algorithm: sample → score (policy, reference, value, reward sources).
 
-What the rollout does not decide is the algorithm's: where the KL goes (`kl_in_reward` shapes per-token rewards
-the PPO and PG way; an algorithm may instead put the KL in its loss) and how advantages are formed. Under torchrun
-every rank samples its own share of each batch (its own seed); `rollout_metrics` spans all ranks.
+What the rollout does not decide is the algorithm's: where the KL goes (`losses.kl_in_reward` shapes per-token
+rewards, `losses.kl_in_loss` adds it to the loss) and how advantages are formed. Under torchrun every rank samples
+its own share of each batch (its own seed); `rollout_metrics` spans all ranks.
 """
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ import torch
 
 from . import distributed as dist
 from .chat import stop_token_id
-from .losses import aggregate, kl_k1, kl_k2, kl_k3, kl_loss_terms, shaped_rewards
-from .models import ScalarHeadModel, base_model, evaluating
-from .sampling import SampleBatch, decode_responses, response_logprobs, sample
+from .losses import KL_ESTIMATORS  # noqa: F401  (where the option checks look them up)
+from .models import base_model, evaluating
+from .sampling import SampleBatch, decode_responses, response_logprobs, response_values, sample
 
-KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 # Allowed estimators per placement (README "KL: estimator and placement") [KLG]: in the reward the estimate is a
 # return, so it must be unbiased (k1; k3 is kept: unbiased value, biased gradient); in the loss its gradient is what
 # counts (k2; k3 with the ratio), and k1's is zero in expectation.
@@ -38,12 +37,6 @@ class Rollout:
     @property
     def mask(self) -> torch.Tensor:
         return self.batch.response_mask.float()
-
-
-def response_values(value_model: ScalarHeadModel, batch: SampleBatch) -> torch.Tensor:
-    """V(s_t) for each response token t: the head's output at the position before token t. [B, R]"""
-    P = batch.prompt_ids.shape[1]
-    return value_model(batch.input_ids, batch.attention_mask)[:, P - 1:-1]
 
 
 def make_rollout(s, prompts: list[str], prompt_ids: list[list[int]], with_values: bool) -> Rollout:
@@ -70,39 +63,6 @@ def make_rollout(s, prompts: list[str], prompt_ids: list[list[int]], with_values
         scores = torch.where(batch.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
         gold = s.judge.score_batch(prompts, texts) if s.judge is not None else None
         return Rollout(batch, logprobs, ref_logprobs, values, scores, prompts, texts, gold, parts)
-
-
-def kl_in_reward(r: Rollout, beta: float, estimator: str) -> torch.Tensor:
-    """Per-token rewards r_t = −β·k_t, plus the score on the last real token [IG Eq. 2, LHP, N+]. [B, R]"""
-    mask = r.mask
-    kl = KL_ESTIMATORS[estimator](r.logprobs, r.ref_logprobs) * mask
-    return shaped_rewards(r.scores, kl, mask, beta)
-
-
-def reward_beta(cfg, beta: float) -> float:
-    """β of the per-token shaping: 0 when the KL is in the loss instead."""
-    return beta if cfg.kl_in == "reward" else 0.0
-
-
-def kl_in_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float,
-               estimator: str, mode: str = "token", max_len: int | None = None,
-               n: torch.Tensor | None = None) -> torch.Tensor:
-    """β · the per-token KL penalty aggregated like the policy loss (`losses.kl_loss_terms`) [KLG, GRPO];
-    `n`: the token count of a whole (accumulated, all-rank) batch for the `token` mode (see masked_mean)."""
-    return beta * aggregate(kl_loss_terms(logp, old_logp, ref_logp, estimator), mask, mode, max_len, n)
-
-
-def trim(batch: SampleBatch, rows: torch.Tensor) -> tuple[SampleBatch, slice]:
-    """Select rows and drop columns that are padding in all of them (left of prompts, right of responses).
-
-    Returns the smaller batch and the slice of response columns kept.
-    """
-    pm, rm = batch.prompt_mask[rows], batch.response_mask[rows]
-    p0 = int((pm.sum(0) > 0).float().argmax()) if pm.any() else 0
-    r1 = max(1, int(rm.sum(1).max()))
-    sub = SampleBatch(batch.prompt_ids[rows, p0:], pm[:, p0:], batch.response_ids[rows, :r1], rm[:, :r1],
-                      batch.ended[rows])
-    return sub, slice(0, r1)
 
 
 def rollout_metrics(r: Rollout) -> dict:

@@ -76,6 +76,25 @@ class SampleBatch:
         return self.prompt_ids.shape[1] + self.response_mask.sum(1).clamp(min=1) - 1
 
 
+def trim(batch: SampleBatch, rows: torch.Tensor) -> tuple[SampleBatch, slice]:
+    """Select rows and drop columns that are padding in all of them (left of prompts, right of responses).
+
+    Returns the smaller batch and the slice of response columns kept.
+    """
+    pm, rm = batch.prompt_mask[rows], batch.response_mask[rows]
+    p0 = int((pm.sum(0) > 0).float().argmax()) if pm.any() else 0
+    r1 = max(1, int(rm.sum(1).max()))
+    sub = SampleBatch(batch.prompt_ids[rows, p0:], pm[:, p0:], batch.response_ids[rows, :r1], rm[:, :r1],
+                      batch.ended[rows])
+    return sub, slice(0, r1)
+
+
+def response_values(value_model, batch: SampleBatch) -> torch.Tensor:
+    """V(s_t) for each response token t: the (`models.ScalarHeadModel`) head's output at the position before token t. [B, R]"""
+    P = batch.prompt_ids.shape[1]
+    return value_model(batch.input_ids, batch.attention_mask)[:, P - 1:-1]
+
+
 def sample(model, prompt_ids: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
            temperature: float = 1.0, generator: torch.Generator | None = None, lockstep: bool = False) -> SampleBatch:
     """Autoregressive sampling with a KV cache: one forward call per new token, no other per-token Python work.
