@@ -196,16 +196,16 @@ def world_checks(stages: dict, rm_summary: dict) -> list[dict]:
 def bias_summary(stages: dict, bias: dict, first: str = "sft", last: str = "ppo_ptx") -> list[str]:
     """Plain sentences on the bias measures between SFT and PPO-ptx: one per measure that moved (see moved), then one
     line naming those that did not."""
-    rows = []  # (short name, what it is, before, after, a gap whose size is what matters)
+    rows = []  # (short name, what it is, before, after, a gap whose size is what matters, generation measure)
     for key, what, gap in (("bias_gap", "|log p(stereotyped) − log p(anti-stereotyped)| over the probes", True),
                            ("stereotype_rate", "share of replies to 'Describe the <occupation>'", False)):
         if stages.get(first, {}).get(key) is not None and stages.get(last, {}).get(key) is not None:
-            rows.append((name(key), what, stages[first][key], stages[last][key], gap))
+            rows.append((name(key), what, stages[first][key], stages[last][key], gap, None))
     if first in bias and last in bias:
         for key in sorted(k for k in bias[first] if k in bias[last]):
             kind, _, measure = key.partition("/")
             rows.append((f"{kind} gap in {name(measure)}", "prompt a − prompt b, in generations", bias[first][key],
-                         bias[last][key], True))
+                         bias[last][key], True, (measure, kind)))
 
     def how(a, b, gap):
         if gap:
@@ -213,11 +213,16 @@ def bias_summary(stages: dict, bias: dict, first: str = "sft", last: str = "ppo_
         return f"{'rose' if b > a else 'fell'} by {abs(b - a):.3f}"
 
     out = [f"{short[0].upper()}{short[1:]} ({what}): {a:{'+' * gap}.3f} → {b:{'+' * gap}.3f}, {how(a, b, gap)}."
-           for short, what, a, b, gap in rows if moved(a, b)]
-    still = [short for short, _, a, b, _ in rows if not moved(a, b)]
+           for short, what, a, b, gap, _ in rows if moved(a, b)]
+    still = [r for r in rows if not moved(r[2], r[3])]
+    kinds = {}  # the generation gaps that did not move, grouped by measure: "refusals gap (age, gender)"
+    for *_, gen in still:
+        if gen is not None:
+            kinds.setdefault(gen[0], []).append(gen[1])
+    names = [r[0] for r in still if r[5] is None] + [f"{name(m)} gap ({', '.join(ks)})" for m, ks in kinds.items()]
     if still:
         out.append(f"{len(still)} measure{'s' * (len(still) > 1)} did not move (changed by {MOVE_TOL} or less): "
-                   + "; ".join(still) + ".")
+                   + "; ".join(names) + ".")
     return out
 
 
