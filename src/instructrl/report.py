@@ -9,7 +9,7 @@ from pathlib import Path
 
 import matplotlib
 
-from .stages import label
+from .stages import STAGES, label
 from .utils import atomic_write_text, write_json
 
 matplotlib.use("Agg")
@@ -364,6 +364,8 @@ def _stage_table(stages: dict, cell) -> str:
     """Metrics as rows (their names, with the meaning on hover), stages as columns: fits 1280 px with ten stages."""
     e = html.escape
     rows = [m for m in METRICS if any(st.get(m) is not None for st in stages.values())]
+    order = [s.name for s in STAGES]  # the pipeline's order, whatever order the dict came in
+    stages = {n: stages[n] for n in sorted(stages, key=lambda n: order.index(n) if n in order else len(order))}
     head = "".join(f"<th>{e(label(n))}</th>" for n in stages)
     body = "".join(f"<tr><th title='{e(NAMES[m][1])}'>{e(name(m))}</th>"
                    + "".join(f"<td>{cell(st[m]) if st.get(m) is not None else ''}</td>" for st in stages.values())
