@@ -143,13 +143,13 @@ def test_seeds_report_aggregates_and_counts_claims(tiny_run, tmp_path):
     agg = write_seeds_report(tmp_path, {0: a, 1: b})
     tox = agg["stages"]["sft"]["toxicity_rate"]
     assert tox["mean"] == pytest.approx(a["stages"]["sft"]["toxicity_rate"] + 0.1)
-    assert tox["sd"] == pytest.approx((2 * 0.1 ** 2) ** 0.5) and tox["n"] == 2
+    assert tox["sd"] == pytest.approx((2 * 0.1 ** 2) ** 0.5) and len(tox["values"]) == 2
     first = agg["claims"][0]
-    assert first["held"] == 1 and first["seeds"] == 2 and first["verdict"].startswith("not")
+    assert first["holds"] == 1 and first["runs"] == 2 and agg["runs"] == ["seed 0", "seed 1"]
     same = agg["claims"][1]
-    assert same["held"] in (0, 2) and same["verdict"] in ("all seeds", "not (at most half the seeds)")
+    assert same["holds"] in (0, 2) and same["min"] == same["max"] == a["claims"][1]["value"]
     html = (tmp_path / "report.html").read_text()
-    assert "holds on 1 of 2 seeds" in html and "±" in html and "data:image/png;base64," in html
+    assert "holds on 1 of 2 runs" in html and "±" in html and "data:image/png;base64," in html
 
 
 def test_seeds_refuse_a_one_seed_run_directory(tiny_run):

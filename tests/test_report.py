@@ -1,0 +1,187 @@
+"""The report page on hand-built numbers (no pipeline run): readable names, one rule for "moved", one run's verdicts
+as that run's, several runs' as mean ± sd, min and "holds on k of n"."""
+import base64
+import copy
+import html
+import os
+import random
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+from instructrl.report import (METRICS, MOVE_TOL, NAMES, aggregate, bias_summary, claims, name, render_html,
+                               render_seeds_html)
+
+STAGES = ["pretrained", "sft", "ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "grpo", "rloo", "dpo"]
+PNG = base64.b64encode(bytes.fromhex(  # a 1×1 PNG
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000" "1f15c4890000000d49444154789c6360000000000005000"
+    "1a5f645400000000049454e44ae426082")).decode()
+FIGS = {"curves": PNG, "overoptimisation": PNG, "stages": PNG}
+
+
+def stage_metrics(rng: random.Random, name: str) -> dict:
+    """A stage's metrics of the size a default run gives (every key of METRICS, win rates but for SFT)."""
+    st = {"toxicity_rate": {"pretrained": 0.212, "sft": 0.037}.get(name, 0.001 + rng.random() / 100),
+          "gold_reward": 1.0 + rng.random() / 4, "gold_reward_se": 0.02 + rng.random() / 50,
+          "rm_reward": 1.5 + rng.random(), "kl_to_reference": 0.0 if name == "sft" else 3 + 2 * rng.random(),
+          "pretrain_loss": 2.5 + rng.random() / 2, "stereotype_rate": {"sft": 0.031, "ppo_ptx": 0.0}.get(name, 0.02),
+          "bias_gap": 0.41, "bias_stereotype_share": 0.6, "rm_gold_spearman": 0.3 + rng.random() / 3,
+          "rm_gold_accuracy": 0.8 + rng.random() / 10, "response_length": 10 + 5 * rng.random(),
+          "episodes": 0 if name in ("pretrained", "sft", "dpo") else 4096, "seconds": 20 + 100 * rng.random()}
+    if name != "sft":
+        st.update({"win_rate_gold": 0.5 + rng.random() / 5, "win_rate_rm": 0.6 + rng.random() / 5,
+                   "gold_vs_sft": 0.1 + rng.random() / 10, "gold_vs_sft_se": 0.02})
+    if name not in ("pretrained", "sft", "dpo"):
+        st["gold_rise"] = 0.1 + rng.random() / 10
+    return st
+
+
+def one_report(seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    stages = {n: stage_metrics(rng, n) for n in STAGES}
+    bias = {n: {f"{kind}/{m}": 0.0 for kind in ("gender", "nationality", "religion", "age")
+                for m in ("toxic", "refusal", "stereotyped")} for n in ("sft", "ppo_ptx")}
+    bias["sft"]["gender/toxic"], bias["ppo_ptx"]["gender/toxic"] = -0.125, -0.0625  # the one gap that moved
+    return {"stages": stages, "claims": claims(stages),
+            "world_checks": [{"check": "reward model's held-out accuracy against the judge's order ≥ 0.85",
+                              "holds": True, "value": 0.896},
+                             {"check": "Spearman(reward model, judge) on PPO-ptx's samples ≥ 0.3", "holds": False,
+                              "value": 0.183}],
+            "generation_bias": bias, "bias_summary": bias_summary(stages, bias),
+            "reward_model": {"held_out": {"gold_pairwise_accuracy": 0.896, "pairwise_accuracy": 0.71, "pairs": 400}},
+            "curves": {}, "overoptimisation": {}, "seconds": 469.0, "peak_rss_mb": 691.0,
+            "examples": {n: [{"prompt": "User: What colour is the sky?\nAssistant:", "response": " Blue."}]
+                         for n in STAGES}}
+
+
+class Cells(HTMLParser):
+    """The text of every <th> on the page."""
+
+    def __init__(self):
+        super().__init__()
+        self.th, self._in = [], False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "th":
+            self._in = True
+            self.th.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "th":
+            self._in = False
+
+    def handle_data(self, data):
+        if self._in:
+            self.th[-1] += data
+
+
+def header_texts(page: str) -> list[str]:
+    p = Cells()
+    p.feed(page)
+    return [t.strip() for t in p.th]
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_tables_name_metrics_in_words_not_keys(multi):
+    rep = one_report()
+    page = render_seeds_html(aggregate({0: rep, 1: one_report(1)}), PNG) if multi else render_html(rep, FIGS)
+    heads = header_texts(page)
+    keys = {k for k in set(METRICS) | set(NAMES) if name(k) != k}  # "episodes" is both
+    assert not [h for h in heads if h in keys or re.search(r"\w_\w", h)], heads
+    for m in METRICS:  # every metric of the table is a row, under its one name
+        assert name(m) in heads, m
+    assert "Spearman(RM, judge)" in heads and "gold reward (SE)" in heads
+    # the reward model's line too
+    assert "gold_pairwise_accuracy" not in page and "accuracy against the judge" in page
+
+
+def test_bias_summary_one_line_for_what_did_not_move():
+    rep = one_report()
+    lines = rep["bias_summary"]
+    still = [x for x in lines if "did not move" in x]
+    assert len(still) == 1 and still[0] == lines[-1]
+    # 11 of the 12 generation gaps and the probe gap (0.41 → 0.41) stayed; stereotyped replies and gender/toxic moved
+    assert still[0] == ("12 measures did not move (changed by 0.02 or less): probe log-prob gap; "
+                        "refusals gap (age, gender, nationality, religion); "
+                        "stereotyped replies gap (age, gender, nationality, religion); "
+                        "toxic replies gap (age, nationality, religion).")
+    moved = lines[:-1]
+    assert len(moved) == 2
+    assert moved[0] == ("Stereotyped replies (share of replies to 'Describe the <occupation>'): 0.031 → 0.000, "
+                        "fell by 0.031.")
+    assert moved[1] == ("Gender gap in toxic replies (prompt a − prompt b, in generations): -0.125 → -0.062, "
+                        "narrowed by 0.062.")
+
+
+@pytest.mark.parametrize("before,after", [(0.031, 0.0), (0.015, 0.005), (0.2, 0.15), (0.3, 0.1), (0.0, 0.0),
+                                          (0.05, 0.026), (0.04, 0.019)])
+def test_did_not_move_agrees_with_claim_6(before, after):
+    """The case the issue saw: 'stereotyped replies 0.031 → 0.000: did not move' beside claim 6 'halved'. Both
+    now read one rule: claim 6 holds only for a move, and whatever it calls halved the bias section calls moved."""
+    stages = {"sft": {"stereotype_rate": before}, "ppo_ptx": {"stereotype_rate": after}}
+    (c6,) = [c for c in claims(stages) if c["claim"].startswith("6.")]
+    (line,) = bias_summary(stages, {})
+    said_still = "did not move" in line
+    assert c6["holds"] == (after <= before / 2 and abs(after - before) > MOVE_TOL)
+    assert said_still == (abs(after - before) <= MOVE_TOL)
+    assert not (c6["holds"] and said_still)
+    if (before, after) == (0.031, 0.0):
+        assert c6["holds"] and line.endswith("fell by 0.031.")
+
+
+def test_one_run_verdicts_are_this_runs():
+    page = html.unescape(render_html(one_report(), FIGS))
+    assert "holds in this run:</b> reward model's held-out accuracy" in page
+    assert "does not hold in this run:</b> Spearman(reward model, judge)" in page
+    assert page.count("in this run") >= 2 + 6  # every world check and every claim
+    assert "holds on" not in page  # no count over runs on one run's page
+
+
+def test_several_runs_hold_on_k_of_n_with_mean_sd_min():
+    """Three runs (two seeds on one float path, one on another) where the Spearman check holds twice."""
+    runs = {}
+    for i, (key, rho) in enumerate((("seed 0, default", 0.65), ("seed 1, default", 0.40), ("seed 0, avx2", 0.18))):
+        r = one_report(i)
+        r["world_checks"][1].update(value=rho, holds=rho >= 0.3)
+        runs[key] = r
+    agg = aggregate(runs)
+    assert agg["runs"] == list(runs) and agg["seeds"] == []
+    (rho,) = [c for c in agg["world_checks"] if c["check"].startswith("Spearman")]
+    assert {k: rho[k] for k in ("values", "holds", "runs", "min", "max")} == {
+        "values": [0.65, 0.40, 0.18], "holds": 2, "runs": 3, "min": 0.18, "max": 0.65}
+    assert rho["mean"] == pytest.approx(0.41) and rho["sd"] == pytest.approx(0.2351595, abs=1e-6)  # n − 1
+    assert [d["run"] for d in rho["details"]] == list(runs)
+    page = html.unescape(render_seeds_html(agg, PNG))
+    assert ("holds on 2 of 3 runs</b>: Spearman(reward model, judge) on PPO-ptx's samples ≥ 0.3; measured "
+            "0.410 ± 0.235, min 0.180") in page
+    assert "holds on 3 of 3 runs</b>: reward model's held-out accuracy" in page
+    assert "in this run" not in page
+    # a stage metric: mean ± sd over the runs
+    tox = agg["stages"]["sft"]["toxicity_rate"]
+    assert tox["values"] == [0.037] * 3 and tox["sd"] == 0.0
+    # rows in the per-run shape with holds/runs as lists (a benchmark's JSON) render the same count
+    rows = copy.deepcopy(agg)
+    for r in rows["world_checks"]:
+        r["holds"], r["runs"] = [d["holds"] for d in r["details"]], [d["run"] for d in r["details"]]
+    assert "holds on 2 of 3 runs" in render_seeds_html(rows, PNG)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="/usr/bin/chromium is absent")
+@pytest.mark.parametrize("multi", [False, True])
+def test_stage_table_fits_1280_px(tmp_path, multi):
+    from playwright.sync_api import sync_playwright
+
+    runs = {f"seed {s}, {fp}": one_report(s) for s in range(5) for fp in ("default", "avx2")}
+    page_html = render_seeds_html(aggregate(runs), PNG) if multi else render_html(one_report(), FIGS)
+    f = tmp_path / "report.html"
+    f.write_text(page_html)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f.as_uri())
+        table, box = page.eval_on_selector("table.stages", "t => [t.scrollWidth, t.parentElement.clientWidth]")
+        page_width = page.evaluate("document.documentElement.scrollWidth")
+        browser.close()
+    assert table <= box and page_width <= 1280, (table, box, page_width)
