@@ -140,7 +140,7 @@ CASES = {
                                       "--block-size 256 must be at most --n-positions 128"),
     "world_share_above_one": (WORLD + ["--out", "{proj}/w2", "--p-rude", "1.5"], "--p-rude must be <= 1"),
     "label_simulate_k_one": (["label", "simulate", "--policy", "{sft}", "--prompts", "{proj}/prompts.jsonl",
-                              "--out", "{proj}/r.jsonl", "--world", "{world}", "--k", "1"], "K must be at least 2"),
+                              "--out", "{proj}/r.jsonl", "--world", "{world}", "--k", "1"], "'--k': must be >= 2"),
     # data
     "rm_all_tied_ranking": (RM + ["--out", "{proj}/o"], "tied.jsonl:2"),
     "eval_prompt_too_long": (EVAL[:4] + ["{proj}/long_prompts.jsonl"], "long_prompts.jsonl:2"),

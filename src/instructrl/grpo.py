@@ -21,7 +21,7 @@ from .models import trainable_parameters
 from .optim import adam
 from .options import config, option
 from .rl import RLConfig, per_rank, ptx_batches, ptx_term, register
-from .rollout import Rollout, kl_in_loss, kl_in_reward, reward_beta, trim
+from .rollout import KL_ESTIMATORS, KL_PLACES, Rollout, kl_in_loss, kl_in_reward, reward_beta, trim
 from .sampling import response_logprobs
 
 AGGREGATIONS = ("token", "sequence", "dr_grpo")
@@ -29,24 +29,32 @@ AGGREGATIONS = ("token", "sequence", "dr_grpo")
 
 @config
 class GRPOConfig(RLConfig):
-    kl_estimator: str = option("k3", "per-token KL estimator: k1 | k3 in the reward; k2 | k3 in the loss [KL, KLG]")
+    kl_estimator: str = option("k3", "per-token KL estimator: k1 | k3 in the reward; k2 | k3 in the loss [KL, KLG]",
+                               choices=tuple(KL_ESTIMATORS))
     kl_in: str = option("loss", "where the KL penalty goes: loss (β·KL aggregated like the policy loss; k3 with the "
-                                "ratio π_θ/π_old) | reward (−β·Σ_t k_t in the sequence reward) [GRPO, KLG]")
-    group_size: int = option(4, "k samples per prompt (divides batch_size) [GRPO]")
+                                "ratio π_θ/π_old) | reward (−β·Σ_t k_t in the sequence reward) [GRPO, KLG]",
+                        choices=tuple(KL_PLACES))
+    group_size: int = option(4, "k samples per prompt (divides batch_size) [GRPO]", ge=2)
     scale_rewards: bool = option(True, "divide the group-centred rewards by the group std (false: Dr. GRPO) [DrGRPO]")
     loss_agg: str = option("token", "loss aggregation: token (mean over all tokens) [DAPO] | sequence (mean of "
-                                    "per-sequence means) [GRPO] | dr_grpo (sum / (max_new_tokens · rows)) [DrGRPO]")
-    epochs: int = option(2, "passes over each batch of rollouts")
-    minibatch_size: int = option(32, "rollouts per optimizer step (global; divides batch_size)")
-    clip: float = option(0.2, "policy clip range ε")
+                                    "per-sequence means) [GRPO] | dr_grpo (sum / (max_new_tokens · rows)) [DrGRPO]",
+                           choices=AGGREGATIONS)
+    epochs: int = option(2, "passes over each batch of rollouts", ge=1)
+    minibatch_size: int = option(32, "rollouts per optimizer step (global; divides batch_size)", ge=1)
+    clip: float = option(0.2, "policy clip range ε", gt=0)
+
+    def check(self) -> None:
+        super().check()
+        check_groups(self, "group_size")
 
 
-def group_update_check(cfg, k: int) -> None:
-    """The options GRPO and clipped RLOO share: whole groups per rank, minibatches that divide the batch."""
-    if k < 2 or cfg.batch_size % k:
-        raise ValueError(f"samples per prompt ({k}) must be >= 2 and divide batch_size ({cfg.batch_size})")
+def check_groups(cfg, k_field: str) -> None:
+    """The rules GRPO and clipped RLOO share: whole groups of k samples per batch, minibatches that divide it."""
+    k = getattr(cfg, k_field)
+    if cfg.batch_size % k:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --{k_field.replace('_', '-')} {k}")
     if cfg.batch_size % cfg.minibatch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of minibatch_size {cfg.minibatch_size}")
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --minibatch-size {cfg.minibatch_size}")
 
 
 def clipped_epochs(algo, r: Rollout, advantages: torch.Tensor, beta: float, step: int, mode: str) -> dict:
@@ -100,10 +108,6 @@ class ClippedGroupAlgorithm:
     needs_value = False
     group_field = "samples_per_prompt"
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        group_update_check(cfg, getattr(cfg, cls.group_field))
-
     def __init__(self, cfg, s, nonfinite):
         self.cfg, self.s, self.nonfinite = cfg, s, nonfinite
         self.samples_per_prompt = getattr(cfg, self.group_field)
@@ -120,12 +124,6 @@ class GRPO(ClippedGroupAlgorithm):
     """Step 3 with GRPO: group-normalised advantages, clipped updates, no value model, KL in the loss."""
 
     name, config, group_field = "grpo", GRPOConfig, "group_size"
-
-    @classmethod
-    def check(cls, cfg: GRPOConfig) -> None:
-        super().check(cfg)
-        if cfg.loss_agg not in AGGREGATIONS:
-            raise ValueError(f"loss_agg must be one of {', '.join(AGGREGATIONS)}, not {cfg.loss_agg!r}")
 
     def update(self, r: Rollout, beta: float, step: int) -> dict:
         cfg, mask = self.cfg, r.mask

@@ -37,7 +37,9 @@ class PPOConfig(RLConfig):
 
     def check(self) -> None:
         super().check()
-        PPO.check(self)
+        if self.batch_size % self.minibatch_size:
+            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --minibatch-size "
+                             f"{self.minibatch_size}")
 
 
 def whitening(x: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -49,12 +51,6 @@ def whitening(x: torch.Tensor, mask: torch.Tensor) -> dict:
 @register
 class PPO:
     name, config, needs_value = "ppo", PPOConfig, True
-
-    @staticmethod
-    def check(cfg: PPOConfig) -> None:
-        if cfg.batch_size % cfg.minibatch_size:
-            raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --minibatch-size "
-                             f"{cfg.minibatch_size}")
 
     def __init__(self, cfg: PPOConfig, s, nonfinite):
         self.cfg, self.s, self.nonfinite = cfg, s, nonfinite

@@ -47,8 +47,8 @@ class RewardOptions:
 
     weights: list[float] = option(factory=list, help="one weight per --reward (instead of SPEC@WEIGHT; default 1)")
     normalize: bool = option(False, "whiten each reward over the batch before the weighted sum")
-    timeout: float = option(60.0, "seconds a reward server may take to answer")
-    retries: int = option(3, f"retries of a failed reward-server call (waits {BACKOFF_S} s, doubling)")
+    timeout: float = option(60.0, "seconds a reward server may take to answer", gt=0)
+    retries: int = option(3, f"retries of a failed reward-server call (waits {BACKOFF_S} s, doubling)", ge=0)
 
 
 class RewardSource(Protocol):
