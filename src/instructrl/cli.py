@@ -45,8 +45,12 @@ def options_of(cls) -> list[inspect.Parameter]:
             for f in flat_fields(cls)]
 
 
+CONFIG_COMMANDS: dict[str, type] = {}  # command name → its config class (tests/test_bounds.py walks them)
+
+
 def config_command(name: str, cls, train, show: list[str], doc: str, app_=None) -> None:
     """Register `instructrl NAME`, whose options are the fields of config class `cls`, calling `train(cls(...))`."""
+    CONFIG_COMMANDS[name] = cls
     def command(**options):
         cfg = cls(**options)
         cfg.validate()  # where the options are parsed: a bad value stops here, before torch and any model load
