@@ -45,8 +45,9 @@ class TemplateLimit(ValueError):
 
 
 @contextlib.contextmanager
-def render_time_limit(seconds: float = RENDER_SECONDS):
-    """Stop a rendering that takes longer than `seconds` (SIGALRM: in the main thread; elsewhere unbounded)."""
+def render_time_limit():
+    """Stop a rendering that takes longer than RENDER_SECONDS (SIGALRM: in the main thread; elsewhere unbounded)."""
+    seconds = RENDER_SECONDS
     if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0]:
         yield  # not the main thread, or a timer of someone else's is running: leave it alone
         return
