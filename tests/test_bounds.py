@@ -2,7 +2,6 @@
 and its bound, or accepted by the parser. The table is generated from the commands themselves (a new option is
 covered without editing it); a few legal values then run end to end and give finite weights."""
 import math
-import sys
 import typing
 
 import pytest
@@ -64,13 +63,6 @@ def parse(path, cmd, required, opt, value):
     return None
 
 
-def run_main(monkeypatch, args):
-    monkeypatch.setattr(sys, "argv", ["instructrl", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    return e.value.code
-
-
 def test_table_covers_every_command():
     covered = {path for path, *_ in CASES}
     for name in ["world", "pretrain", "sft", "rm", "dpo", "ppo", "pg", "grpo", "rloo", "eval", "pipeline", "sample",
@@ -80,7 +72,7 @@ def test_table_covers_every_command():
     assert len(CASES) > 600
 
 
-def test_every_numeric_option_refuses_inf_nan_and_minus_one_or_accepts_it(monkeypatch, capsys):
+def test_every_numeric_option_refuses_inf_nan_and_minus_one_or_accepts_it(monkeypatch, capsys, cli_main):
     monkeypatch.setattr(cli, "app", typer.main.get_command(cli.app))  # built once, not once per call
     accepted, refused, through_main = [], 0, set()
     for path, cmd, required, opt, value in CASES:
@@ -96,7 +88,7 @@ def test_every_numeric_option_refuses_inf_nan_and_minus_one_or_accepts_it(monkey
             continue
         # once per command and value, through the real entry point: exit 2 and that one line
         through_main.add((path, value))
-        code = run_main(monkeypatch, [*path, *required, f"{opt}={value}"])
+        code = cli_main(*path, *required, f"{opt}={value}")
         err = capsys.readouterr().err.strip()
         assert code == 2, (case, err)
         assert len(err.splitlines()) == 1 and err.startswith("error:") and error in err, (case, err)
@@ -145,11 +137,10 @@ def finite_weights(d):
      "--warmup-ratio", "0", "--val-fraction", "0"],
 ], ids=["sft-0-epochs", "sft-zeros", "ppo-zeros", "dpo-zeros"])
 def test_legal_edge_values_run_to_finite_weights(args, tmp_path, tiny_lm_dir, tiny_sft_dir, tiny_rm_dir, world_dir,
-                                                 monkeypatch, capsys):
+                                                 cli_main, capsys):
     names = {"lm": tiny_lm_dir, "sft": tiny_sft_dir, "rm": tiny_rm_dir, "world": world_dir,
              "rankings": tiny_rm_dir.parent / "rankings.jsonl"}
     out = tmp_path / "out"
-    code = run_main(monkeypatch, [a.format(**names) for a in args] + ["--out", out, "--device", "cpu",
-                                                                      "--no-progress"])
+    code = cli_main(*[a.format(**names) for a in args], "--out", out, "--device", "cpu", "--no-progress")
     assert code == 0, capsys.readouterr().err
     assert finite_weights(out)

@@ -1,12 +1,10 @@
 """Every rule lives in its config class and the pipeline's pre-flight reaches all of them: a mistake in any section
 of a pipeline YAML (the sections only --compare trains included) is refused with exit 2 and one line naming the
 key, in well under 5 s, before the first stage writes anything."""
-import sys
 import time
 
 import pytest
 
-from instructrl import cli
 from instructrl.dpo import DPOConfig
 from instructrl.grpo import GRPOConfig
 from instructrl.pg import PGConfig
@@ -61,27 +59,21 @@ PIPELINE_MISTAKES = {
 }
 
 
-def run_main(monkeypatch, args):
-    monkeypatch.setattr(sys, "argv", ["instructrl", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    return e.value.code
-
-
 def test_table_covers_every_trainer_section():
     sections = {text.split(":")[0] for text, _ in PIPELINE_MISTAKES.values()}
     assert {"ppo", "pg", "grpo", "rloo", "dpo", "reward"} <= sections and len(PIPELINE_MISTAKES) >= 15
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINE_MISTAKES))
-def test_pipeline_mistake_refused_in_one_line_before_anything_is_written(name, tmp_path, monkeypatch, capsys):
+def test_pipeline_mistake_refused_in_one_line_before_anything_is_written(name, tmp_path, monkeypatch, capsys,
+                                                                         cli_main):
     text, message = PIPELINE_MISTAKES[name]
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text + "\n")
     monkeypatch.chdir(tmp_path)
     before = sorted(tmp_path.rglob("*"))
     t0 = time.perf_counter()
-    code = run_main(monkeypatch, ["pipeline", "--config", cfg, "--out", tmp_path / "run"])
+    code = cli_main("pipeline", "--config", cfg, "--out", tmp_path / "run")
     seconds = time.perf_counter() - t0
     err = capsys.readouterr().err
     assert code == 2, err
