@@ -61,3 +61,18 @@ def tiny_rm_dir(tiny_sft_dir, world_dir, tmp_path_factory):
                                     demos=str(world_dir / "demos.jsonl"), out=str(base / "rm"), progress=False,
                                     device="cpu"))
     return base / "rm"
+
+
+@pytest.fixture
+def cli_main(monkeypatch):
+    """`instructrl ARGS...` in-process through the real entry point (cli.main): its exit code."""
+    import sys
+
+    from instructrl import cli
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["instructrl", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        return e.value.code
+    return run

@@ -72,7 +72,7 @@ def test_kl_in_the_loss_for_ppo_and_pg(rl_common, tmp_path, algo, kw):
 
 
 @pytest.mark.parametrize("estimator,place,why", [("k2", "reward", "biased"), ("k1", "loss", "zero expected gradient"),
-                                                 ("k4", "reward", "kl_estimator must be one of")])
+                                                 ("k4", "reward", "--kl-estimator must be one of")])
 def test_refused_kl_combinations_exit_2_and_write_nothing(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path, estimator,
                                                           place, why):
     out = tmp_path / "grpo"

@@ -234,3 +234,44 @@ def test_world_template_reproduces_the_world_token_for_token(world_dir, tiny_lm_
     prompts = read_prompts(world_dir / "prompts_train.jsonl") + read_prompts(world_dir / "prompts_eval.jsonl")
     assert encode_prompts(chat, [as_messages(p) for p in prompts], 128) == encode_prompts(plain, prompts, 128)
     assert len(demos) == 120 and len(prompts) == 240
+
+
+@pytest.mark.parametrize("template, says", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "more than 0.5 s"),
+    ("{% for i in range(100000) %}{% for m in messages %}{{ m.content * 20 }}{% endfor %}{% endfor %}",
+     "more than 1,000,000 characters"),
+    ("{{ 'x' * 10**10 }}", "repeats a sequence 10000000000 times"),
+    ("{{ messages.__class__.__mro__ }}", "unsafe"),
+])
+def test_user_template_that_loops_or_explodes_is_refused_in_one_line(template, says, tmp_path, monkeypatch):
+    """A --chat-template renders first in a sandbox with limits on time, output and repetitions."""
+    import time
+
+    from instructrl import chat
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.5)
+    (tmp_path / "t.jinja").write_text(template)
+    plain = plain_tokenizer()
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="not a usable chat template") as e:
+        load_chat_template(plain, tmp_path / "t.jinja")
+    assert says in str(e.value) and "\n" not in str(e.value) and not has_chat_template(plain)
+    assert time.perf_counter() - t0 < 3
+
+
+def test_looping_template_through_the_cli_exits_2(tmp_path, tiny_lm_dir, world_dir, monkeypatch, capsys):
+    import sys
+
+    from instructrl import chat, cli
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.5)
+    (tmp_path / "loop.jinja").write_text("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                                         "{% endfor %}")
+    monkeypatch.setattr(sys, "argv", ["instructrl", "sft", "--model", str(tiny_lm_dir), "--data",
+                                      str(world_dir / "demos.jsonl"), "--out", str(tmp_path / "out"),
+                                      "--chat-template", str(tmp_path / "loop.jinja"), "--device", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "loop.jinja" in err and "0.5 s" in err, err
+    assert not (tmp_path / "out").exists()

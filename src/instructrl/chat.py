@@ -12,19 +12,109 @@ span is found by rendering the conversation up to it: the text after `messages[:
 to the turn's end of turn in the rendering of `messages[:i + 1]`. That needs a template that renders a
 conversation's beginning the same whether or not more follows; one that does not (e.g. one that drops earlier
 turns' reasoning) is refused with a hint to add {% generation %}.
+
+A template is code. transformers renders it in Jinja's ImmutableSandboxedEnvironment (no escape to Python); a
+user's --chat-template is first rendered here in the same kind of sandbox with limits on its output
+(RENDER_CHARS, repetitions `'x' * n` included) and time (RENDER_SECONDS), and every rendering is bounded by the
+same time, so a template that loops or explodes is refused in one line instead of hanging or exhausting memory.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import signal
+import threading
 from pathlib import Path
 
 import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .data import DataError, Demo, Message, Prompt, Response, encode_example, left_cut
 
 _PROBE = "xyzzy"  # an assistant message's content, found again in the rendering to see what follows it
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+RENDER_CHARS = 1_000_000  # a probe conversation's rendering, and any repetition inside it
+RENDER_SECONDS = 5.0      # one rendering
+
+
+class TemplateLimit(ValueError):
+    """A chat template went past RENDER_CHARS or RENDER_SECONDS."""
+
+
+@contextlib.contextmanager
+def render_time_limit():
+    """Stop a rendering that takes longer than RENDER_SECONDS (SIGALRM: in the main thread; elsewhere unbounded)."""
+    seconds = RENDER_SECONDS
+    if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0]:
+        yield  # not the main thread, or a timer of someone else's is running: leave it alone
+        return
+
+    def stop(signum, frame):
+        raise TemplateLimit(f"the chat template takes more than {seconds:g} s to render one conversation")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+class _Generation(jinja2.ext.Extension):
+    """transformers' {% generation %} ... {% endgeneration %} (marks assistant tokens); here it only renders."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+class _LimitedSandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox and globals, with `*` and `**` bounded (`'x' * 10**10` is refused, not allocated)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise TemplateLimit(f"the chat template raises to the power {right} (at most 64)")
+        if operator == "*" and isinstance(right, int) and isinstance(left, (str, list, tuple)) \
+                or isinstance(left, int) and isinstance(right, (str, list, tuple)):
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if len(seq) * n > RENDER_CHARS:
+                raise TemplateLimit(f"the chat template repeats a sequence {n} times (more than {RENDER_CHARS:,} "
+                                    f"items)")
+        return super().call_binop(context, operator, left, right)
+
+
+def check_template_limits(text: str) -> None:
+    """Render a user and an assistant turn (with and without the generation prompt) in the limited sandbox:
+    TemplateLimit past RENDER_CHARS characters or RENDER_SECONDS, jinja2.TemplateError for a broken template."""
+    env = _LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: "", namespace=jinja2.utils.Namespace)
+    template = env.from_string(text)
+    messages = [{"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE}]
+    with render_time_limit():
+        for kwargs in ({"messages": messages}, {"messages": messages[:1], "add_generation_prompt": True}):
+            size = 0
+            for chunk in template.generate(bos_token="", eos_token="", **kwargs):
+                size += len(chunk)
+                if size > RENDER_CHARS:
+                    raise TemplateLimit(f"the chat template writes more than {RENDER_CHARS:,} characters for a "
+                                        f"two-message conversation")
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -37,7 +127,12 @@ def load_chat_template(tokenizer, path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, "file not found")
-    before, tokenizer.chat_template = tokenizer.chat_template, path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
+    try:
+        check_template_limits(text)
+    except (jinja2.TemplateError, ValueError) as e:
+        raise DataError(path, getattr(e, "lineno", None), f"not a usable chat template: {e}") from None
+    before, tokenizer.chat_template = tokenizer.chat_template, text
     try:
         end_of_turn_ids(tokenizer)
     except (jinja2.TemplateError, ValueError) as e:
@@ -79,8 +174,14 @@ def _text(x: Prompt | Response) -> str:
     return x
 
 
+def _apply(tokenizer, messages: list[Message], **kwargs):
+    """tokenizer.apply_chat_template (transformers' sandbox), within RENDER_SECONDS."""
+    with render_time_limit():
+        return tokenizer.apply_chat_template(messages, **kwargs)
+
+
 def _render(tokenizer, messages: list[Message], **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    return _apply(tokenizer, messages, tokenize=False, **kwargs)
 
 
 def _special_tokens(tokenizer) -> list[str]:
@@ -116,7 +217,7 @@ def render_prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
     """A prompt's token ids: the template's rendering with the generation prompt, else the text's own ids."""
     if not has_chat_template(tokenizer):
         return tokenizer(_text(prompt))["input_ids"]
-    return tokenizer.apply_chat_template(_messages(prompt, "user"), add_generation_prompt=True, return_dict=False)
+    return _apply(tokenizer, _messages(prompt, "user"), add_generation_prompt=True, return_dict=False)
 
 
 def _mask_by_prefixes(tokenizer, messages: list[Message]) -> tuple[list[int], list[int]]:
@@ -141,7 +242,7 @@ def conversation_ids(tokenizer, messages: list[Message]) -> tuple[list[int], lis
     """A conversation's token ids (as `apply_chat_template` gives them) and a mask: 1 on every assistant turn's
     tokens, its end of turn included; 0 elsewhere."""
     if _GENERATION_TAG.search(tokenizer.get_chat_template()):
-        out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        out = _apply(tokenizer, messages, return_dict=True, return_assistant_tokens_mask=True)
         return list(out["input_ids"]), list(out["assistant_masks"])
     return _mask_by_prefixes(tokenizer, messages)
 

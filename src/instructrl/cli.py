@@ -13,6 +13,8 @@ from typing import Optional
 import typer
 import typer.core
 
+from .options import within
+
 if not sys.stderr.isatty():  # logs, not terminals: a progress line every few seconds is enough (read at tqdm import)
     os.environ.setdefault("TQDM_MININTERVAL", "5")
 
@@ -82,11 +84,17 @@ def options_of(cls) -> list[inspect.Parameter]:
             for f in flat_fields(cls)]
 
 
+CONFIG_COMMANDS: dict[str, type] = {}  # command name → its config class (tests/test_bounds.py walks them)
+
+
 def config_command(name: str, cls, train, show: list[str], doc: str, app_=None) -> None:
     """Register `instructrl NAME`, whose options are the fields of config class `cls`, calling `train(cls(...))`."""
+    CONFIG_COMMANDS[name] = cls
     def command(**options):
+        cfg = cls(**options)
+        cfg.validate()  # where the options are parsed: a bad value stops here, before torch and any model load
         _setup()
-        _done(train(cls(**options)), show)
+        _done(train(cfg), show)
 
     params = options_of(cls)
     command.__signature__ = inspect.Signature(params)
@@ -119,13 +127,17 @@ def _done(summary: dict, keys: list[str]) -> None:
 
 @label_app.command("simulate")
 def label_simulate(policy: Path = typer.Option(...), prompts: Path = typer.Option(...),
-                   out: Path = typer.Option(...), k: int = typer.Option(4, help="responses per prompt (K)"),
+                   out: Path = typer.Option(...),
+                   k: int = typer.Option(4, help="responses per prompt (K)", callback=within(ge=2)),
                    world: Path = typer.Option(..., help="embedded-world directory (its gold judge ranks)"),
-                   temperature: float = typer.Option(0.2, help="labeler noise (Plackett–Luce temperature)"),
-                   labelers: int = 1, labeler_bias_std: float = 0.0, sample_temperature: float = 1.0,
-                   max_new_tokens: int = typer.Option(32, min=1),
-                   limit: Optional[int] = typer.Option(None, min=1, help="use the first N prompts"),
-                   seed: int = 0, device: str = Dev):
+                   temperature: float = typer.Option(0.2, help="labeler noise (Plackett–Luce temperature)",
+                                                     callback=within(ge=0)),
+                   labelers: int = typer.Option(1, callback=within(ge=1)),
+                   labeler_bias_std: float = typer.Option(0.0, callback=within(ge=0)),
+                   sample_temperature: float = typer.Option(1.0, callback=within(gt=0)),
+                   max_new_tokens: int = typer.Option(32, callback=within(ge=1)),
+                   limit: Optional[int] = typer.Option(None, help="use the first N prompts", callback=within(ge=1)),
+                   seed: int = typer.Option(0, callback=within(ge=0)), device: str = Dev):
     """Sample K responses per prompt and rank them with simulated labelers (the stand-in for people)."""
     from .data import read_prompts, write_jsonl
     from .models import load_causal_lm, load_tokenizer
@@ -133,8 +145,6 @@ def label_simulate(policy: Path = typer.Option(...), prompts: Path = typer.Optio
     from .world import GoldJudge
     from .world.labelers import simulate_rankings
 
-    if k < 2:
-        raise typer.BadParameter("K must be at least 2")
     ps = read_prompts(prompts)[:limit]
     judge = GoldJudge.from_world(world)
     dev = resolve_device(device)
@@ -146,9 +156,10 @@ def label_simulate(policy: Path = typer.Option(...), prompts: Path = typer.Optio
 
 
 @app.command()
-def sample(model: Path = typer.Option(...), prompts: Path = typer.Option(...), n: int = typer.Option(5, min=1),
-           max_new_tokens: int = typer.Option(32, min=1), temperature: float = typer.Option(0.7, min=0.0),
-           seed: int = 0, device: str = Dev):
+def sample(model: Path = typer.Option(...), prompts: Path = typer.Option(...),
+           n: int = typer.Option(5, callback=within(ge=1)), max_new_tokens: int = typer.Option(32, callback=within(ge=1)),
+           temperature: float = typer.Option(0.7, callback=within(ge=0)),
+           seed: int = typer.Option(0, callback=within(ge=0)), device: str = Dev):
     """Print a few sampled responses."""
     from .data import read_prompts
     from .models import load_causal_lm, load_tokenizer
@@ -232,9 +243,9 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
              config: Optional[Path] = typer.Option(None, help="YAML config; see configs/default.yaml"),
              compare: bool = typer.Option(False, help="also run PPO-ptx with the gold judge as reward, PPO "
                                                        "without ptx, PPO with β = 0, vanilla PG, GRPO, RLOO and DPO"),
-             seeds: int = typer.Option(1, min=1, help="run the whole pipeline for this many seeds (the config's seed, "
-                                                      "+1, …) in OUT/seed-<k>/ and report mean ± sd over them"),
-             threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+             seeds: int = typer.Option(1, help="run the whole pipeline for this many seeds (the config's seed, +1, …) "
+                                               "in OUT/seed-<k>/ and report mean ± sd over them", callback=within(ge=1)),
+             threads: Optional[int] = typer.Option(None, help="torch CPU threads", callback=within(ge=1)),
              float_path: Optional[str] = typer.Option(None, help="run in a child process under this float path: "
                                                       "native | default | avx2 | avx512 (torch's kernel dispatch "
                                                       "level), optionally :tN for N threads, e.g. default:t1 "
@@ -289,8 +300,16 @@ def main() -> None:
 
     # transformers' progress bars off, as _setup() does, without importing it for `--help` or `label`
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # click's usage errors (an unknown option, a value that does not parse or is out of its bounds) come here too,
+    # to be said in one line; ClickException is click's, or the copy of it that typer >= 0.2x carries
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     try:
-        app()
+        code = app(standalone_mode=False)
+    except usage_error as e:
+        message, where = " ".join(e.format_message().split()), getattr(e, "ctx", None)
+        if message:  # (none after the help that a bare `instructrl label` shows)
+            console.print(f"[bold red]error:[/] {escape((f'{where.command_path}: ' if where else '') + message)}")
+        sys.exit(e.exit_code)
     except (DataError, ValueError, FileNotFoundError) as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(2)
@@ -301,13 +320,12 @@ def main() -> None:
             raise
         console.print(f"[bold red]stopped:[/] {escape(str(e))}")
         sys.exit(3)
-    except SystemExit as e:
-        if e.code == 130:  # typer's exit for Ctrl-C (KeyboardInterrupt)
-            from .run import Run
+    if code == 130:  # typer's exit code for Ctrl-C (KeyboardInterrupt)
+        from .run import Run
 
-            said = Run.current.interrupted() if Run.current is not None else "interrupted"
-            console.print(f"[bold yellow]{escape(said)}[/]")
-        raise
+        said = Run.current.interrupted() if Run.current is not None else "interrupted"
+        console.print(f"[bold yellow]{escape(said)}[/]")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .data import DataError
 from .dpo import DPOConfig
 from .evaluate import EvalConfig
 from .grpo import GRPOConfig
-from .options import config, flat_fields, option
+from .options import check_value, config, flat_fields, option
 from .pg import PGConfig
 from .ppo import PPOConfig
 from .pretrain import PretrainConfig
@@ -67,7 +67,7 @@ RL_TEMPERATURE = 1.0
 
 @dataclass
 class PipelineConfig:
-    seed: int = option(0, "random seed of every stage")
+    seed: int = option(0, "random seed of every stage", ge=0)
     device: str = option("auto", "auto | cpu | cuda")
     dtype: str = option("float32", "float32 | bfloat16 | float16")
     base_model: str | None = option(None, "any local HF causal-LM directory; skips the tiny model's pretraining")
@@ -187,19 +187,24 @@ SECTION_OF = {"world": "world", "pretrained": "pretrain", "sft": "sft", "ranking
 
 def validate_pipeline(cfg: PipelineConfig, plan: dict) -> None:
     """Every stage's config (`plan`: pipeline.plan), the data files and the base model, before any stage runs: a
-    ValueError naming the YAML key (`ppo.minibatch_size`, `data.demos`)."""
+    ValueError naming the YAML key (`ppo.minibatch_size`, `data.demos`). Each section's rules are its config class's
+    (`validate`: the options' declarations, then the class's `check()`)."""
     from .models import check_causal_lm, model_dir
 
+    for f in dataclasses.fields(PipelineConfig):  # the top-level keys
+        if not dataclasses.is_dataclass(getattr(cfg, f.name)):
+            check_value(f.name, getattr(cfg, f.name), f.metadata.get("bounds", {}), f.metadata.get("choices"))
     for key in dataclasses.asdict(cfg.data):
         value = getattr(cfg.data, key)
         if value and not Path(value).exists():
             raise ValueError(f"data.{key}: {value}: no such file or directory")
     if cfg.base_model:
         check_causal_lm(model_dir(cfg.base_model))
+    # before the section's own rule, which names ppo.ptx_data, a key the pipeline fills in
+    if plan["ppo_ptx"].ptx_coef > 0 and not plan["ppo_ptx"].ptx_data:
+        raise ValueError("ppo.ptx_coef > 0 needs pretraining text: set data.pretrain_text (or ppo.ptx_coef: 0)")
     for name, section in SECTION_OF.items():
         if name in plan:
             plan[name].validate(section)
     for ecfg in plan["eval"].values():
         ecfg.validate("eval")
-    if plan["ppo_ptx"].ptx_coef > 0 and not plan["ppo_ptx"].ptx_data:
-        raise ValueError("ppo.ptx_coef > 0 needs pretraining text: set data.pretrain_text (or ppo.ptx_coef: 0)")

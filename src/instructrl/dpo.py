@@ -39,33 +39,24 @@ class DPOConfig:
     out: str = option("", "output directory", wired=True, required=True)
     ref: str | None = option(None, "reference model (default: the policy's initial weights; with LoRA the policy "
                                    "with its adapters off)", wired=True)
-    loss: str = option("sigmoid", "sigmoid (DPO) [DPO] | ipo [IPO]")
-    beta: float = option(0.1, "β: strength of the implicit KL to the reference")
+    loss: str = option("sigmoid", "sigmoid (DPO) [DPO] | ipo [IPO]", choices=LOSSES)
+    beta: float = option(0.1, "β: strength of the implicit KL to the reference", gt=0)
     label_smoothing: float = option(0.0, "ε of conservative DPO: the labels are wrong with probability ε (sigmoid "
-                                         "only) [cDPO]")
-    epochs: float = option(1.0, "passes over the training prompts")
-    batch_size: int = option(8, "prompts per batch, each with all its K responses")
-    lr: float = option(1e-4, "peak learning rate (AdamW, cosine decay)")
-    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up")
-    val_fraction: float = option(0.1, "share of the prompts held out for the implicit-reward accuracy")
-    max_grad_norm: float = option(1.0, "gradient-norm clip")
+                                         "only) [cDPO]", ge=0, lt=0.5)
+    epochs: float = option(1.0, "passes over the training prompts", gt=0)
+    batch_size: int = option(8, "prompts per batch, each with all its K responses", ge=1)
+    lr: float = option(1e-4, "peak learning rate (AdamW, cosine decay)", gt=0)
+    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up", ge=0, lt=1)
+    val_fraction: float = option(0.1, "share of the prompts held out for the implicit-reward accuracy", ge=0, lt=1)
+    max_grad_norm: float = option(1.0, "gradient-norm clip", gt=0)
     truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
     run: RunOptions = group(RunOptions)
     lora: LoraOptions = group(LoraOptions, "lora_")
     fmt: PairDataOptions = group(PairDataOptions)  # of --data
 
-
-def check_dpo(cfg: DPOConfig) -> None:
-    if dist.launched():  # before Run joins the process group (world_size() is 1 until then)
-        raise ValueError("dpo runs in a single process (torchrun is not supported yet)")
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {cfg.loss!r}")
-    if not cfg.beta > 0:
-        raise ValueError(f"beta must be > 0, not {cfg.beta}")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), not {cfg.label_smoothing}")
-    if cfg.label_smoothing and cfg.loss != "sigmoid":
-        raise ValueError("label_smoothing (conservative DPO) applies to loss sigmoid only")
+    def check(self) -> None:
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError("--label-smoothing (conservative DPO) applies to --loss sigmoid only")
 
 
 def sequence_logprobs(model, tokenizer, batch: list[Ranking], max_len: int, truncate: bool, device) -> torch.Tensor:
@@ -101,7 +92,9 @@ def evaluate_dpo(policy, ref, tokenizer, rankings: list[Ranking], cfg: DPOConfig
 
 def dpo(cfg: DPOConfig) -> dict:
     """Offline preference optimisation on rankings (the Python API of `instructrl dpo`)."""
-    check_dpo(cfg)
+    cfg.validate()
+    if dist.launched():  # before Run joins the process group (world_size() is 1 until then)
+        raise ValueError("dpo runs in a single process (torchrun is not supported yet)")
     run = Run("dpo", cfg, cfg.run, cfg.out)
     device, dtype = run.device, run.dtype
     rankings = read_rankings(cfg.data, split=cfg.fmt.split, columns=cfg.fmt.columns())

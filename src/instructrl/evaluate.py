@@ -42,7 +42,7 @@ class EvalConfig:
     samples_per_prompt: int = option(1, "responses sampled per prompt", ge=1)
     batch_size: int = option(64, "prompts per sampling batch", ge=1)
     n_examples: int = option(6, "sample responses kept for the report", ge=0)
-    seed: int = option(1234, "sampling seed")
+    seed: int = option(1234, "sampling seed", ge=0)
     device: str = option("auto", "auto | cpu | cuda", wired=True)
     truncate_prompts: bool = option(False, "cut over-long prompts from the left instead of refusing them")
     judge: str | None = option(None, "win rate against --reference under these judges, comma-separated: `gold` (the "
@@ -50,8 +50,8 @@ class EvalConfig:
     toxicity_model: str | None = option(None, "a local Hugging Face text classifier for toxicity (the lexicon is "
                                               "used without one)")
     toxic_label: str | None = option(None, "the classifier's toxic label (default: read from its id2label)")
-    toxicity_threshold: float = option(0.5, "P(toxic) at or above which a response counts as toxic")
-    bias_samples: int = option(0, "responses per prompt for bias in generations on paired prompts (0: off)")
+    toxicity_threshold: float = option(0.5, "P(toxic) at or above which a response counts as toxic", ge=0, le=1)
+    bias_samples: int = option(0, "responses per prompt for bias in generations on paired prompts (0: off)", ge=0)
     stereotype_samples: int = option(0, "responses to each of the --world's 'Describe the <occupation>' prompts for "
                                         "the stereotyped-reply rate (0: off)", ge=0)
     bias_prompts: str | None = option(None, "paired prompts {kind, a, b} JSONL for bias in generations (default: "

@@ -16,7 +16,7 @@ from __future__ import annotations
 from .losses import group_advantages
 from .options import config, option
 from .rl import RLConfig, register
-from .rollout import Rollout
+from .rollout import KL_ESTIMATORS, KL_PLACES, Rollout
 from .update import PolicyUpdate
 
 AGGREGATIONS = ("token", "sequence", "dr_grpo")
@@ -24,34 +24,38 @@ AGGREGATIONS = ("token", "sequence", "dr_grpo")
 
 @config
 class GRPOConfig(RLConfig):
-    kl_estimator: str = option("k3", "per-token KL estimator: k1 | k3 in the reward; k2 | k3 in the loss [KL, KLG]")
+    kl_estimator: str = option("k3", "per-token KL estimator: k1 | k3 in the reward; k2 | k3 in the loss [KL, KLG]",
+                               choices=tuple(KL_ESTIMATORS))
     kl_in: str = option("loss", "where the KL penalty goes: loss (β·KL aggregated like the policy loss; k3 with the "
-                                "ratio π_θ/π_old) | reward (−β·Σ_t k_t in the sequence reward) [GRPO, KLG]")
-    group_size: int = option(4, "k samples per prompt (divides batch_size) [GRPO]")
+                                "ratio π_θ/π_old) | reward (−β·Σ_t k_t in the sequence reward) [GRPO, KLG]",
+                        choices=tuple(KL_PLACES))
+    group_size: int = option(4, "k samples per prompt (divides batch_size) [GRPO]", ge=2)
     scale_rewards: bool = option(True, "divide the group-centred rewards by the group std (false: Dr. GRPO) [DrGRPO]")
     loss_agg: str = option("token", "loss aggregation: token (mean over all tokens) [DAPO] | sequence (mean of "
-                                    "per-sequence means) [GRPO] | dr_grpo (sum / (max_new_tokens · rows)) [DrGRPO]")
-    epochs: int = option(2, "passes over each batch of rollouts")
-    minibatch_size: int = option(32, "rollouts per optimizer step (global; divides batch_size)")
-    clip: float = option(0.2, "policy clip range ε")
+                                    "per-sequence means) [GRPO] | dr_grpo (sum / (max_new_tokens · rows)) [DrGRPO]",
+                           choices=AGGREGATIONS)
+    epochs: int = option(2, "passes over each batch of rollouts", ge=1)
+    minibatch_size: int = option(32, "rollouts per optimizer step (global; divides batch_size)", ge=1)
+    clip: float = option(0.2, "policy clip range ε", gt=0)
+
+    def check(self) -> None:
+        super().check()
+        check_groups(self, "group_size")
 
 
-def group_update_check(cfg, k: int) -> None:
-    """The options GRPO and clipped RLOO share: whole groups per rank, minibatches that divide the batch."""
-    if k < 2 or cfg.batch_size % k:
-        raise ValueError(f"samples per prompt ({k}) must be >= 2 and divide batch_size ({cfg.batch_size})")
+def check_groups(cfg, k_field: str) -> None:
+    """The rules GRPO and clipped RLOO share: whole groups of k samples per batch, minibatches that divide it."""
+    k = getattr(cfg, k_field)
+    if cfg.batch_size % k:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --{k_field.replace('_', '-')} {k}")
     if cfg.batch_size % cfg.minibatch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of minibatch_size {cfg.minibatch_size}")
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --minibatch-size {cfg.minibatch_size}")
 
 
 class ClippedGroupAlgorithm(PolicyUpdate):
     """What GRPO and clipped RLOO share: k samples per prompt (the config field named by `group_field`)."""
 
     group_field = "samples_per_prompt"
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        group_update_check(cfg, getattr(cfg, cls.group_field))
 
     @property
     def samples_per_prompt(self) -> int:
@@ -63,12 +67,6 @@ class GRPO(ClippedGroupAlgorithm):
     """Step 3 with GRPO: group-normalised advantages, clipped updates, no value model, KL in the loss."""
 
     name, config, group_field = "grpo", GRPOConfig, "group_size"
-
-    @classmethod
-    def check(cls, cfg: GRPOConfig) -> None:
-        super().check(cfg)
-        if cfg.loss_agg not in AGGREGATIONS:
-            raise ValueError(f"loss_agg must be one of {', '.join(AGGREGATIONS)}, not {cfg.loss_agg!r}")
 
     @property
     def aggregation(self) -> str:

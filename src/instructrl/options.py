@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -18,11 +19,12 @@ MISSING = dataclasses.MISSING
 
 
 def option(default: Any = MISSING, help: str = "", *, wired: bool = False, required: bool = False,
-           factory=None, ge=None, gt=None, le=None, lt=None, learns: bool = True):
-    """A config field with its help text (shown by --help and in configs/default.yaml) and the bounds `validate`
-    checks (ge: ≥, gt: >, le: ≤, lt: <). `learns=False` marks an option that changes how a run is carried out but
-    not what it learns (e.g. a server's timeout): `--resume` and the pipeline's reuse ignore it."""
-    meta = {"help": help, "wired": wired, "required": required, "learns": learns,
+           factory=None, ge=None, gt=None, le=None, lt=None, choices: tuple | None = None, learns: bool = True):
+    """A config field with its help text (shown by --help and in configs/default.yaml) and what `validate` checks:
+    the bounds (ge: ≥, gt: >, le: ≤, lt: <) and the allowed values (`choices`). A float is always finite.
+    `learns=False` marks an option that changes how a run is carried out but not what it learns (e.g. a server's
+    timeout): `--resume` and the pipeline's reuse ignore it."""
+    meta = {"help": help, "wired": wired, "required": required, "choices": choices, "learns": learns,
             "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -58,18 +60,59 @@ def config(cls):
     return cls
 
 
+SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def describe(bounds: dict) -> str:
+    """The bounds as the errors say them: '>= 0 and < 1'."""
+    return " and ".join(f"{SIGNS[op]} {b}" for op, b in bounds.items())
+
+
+def check_value(name: str, value, bounds: dict, choices=None) -> None:
+    """One option's value against its declaration: a one-line ValueError naming the option (`name`) and the bound.
+    Floats must be finite (nan and inf are never a setting), lists are checked element by element."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, list):
+        for v in value:
+            check_value(name, v, bounds, choices)
+        return
+    if choices is not None and value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number{' ' + describe(bounds) if bounds else ''}, not {value}")
+    for op, bound in bounds.items():
+        if not {"ge": value >= bound, "gt": value > bound, "le": value <= bound, "lt": value < bound}[op]:
+            raise ValueError(f"{name} must be {SIGNS[op]} {bound}, not {value}")
+
+
+def within(**bounds):
+    """A typer callback checking a hand-written command's numeric option as a config's options are checked:
+    `typer.Option(4, callback=within(ge=2))`."""
+    def callback(ctx, param, value):
+        import typer
+
+        name = max(param.opts, key=len)
+        try:
+            check_value(name, value, bounds)
+        except ValueError as e:  # click's usage error: exit 2, "Invalid value for '--k': must be >= 2, not 1"
+            raise typer.BadParameter(str(e).removeprefix(f"{name} "), ctx, param) from None
+        return value
+    return callback
+
+
 def validate(cfg, where: str = "") -> None:
-    """Every option within its bounds, then the class's cross-option `check()` (if any): a one-line ValueError
-    naming the option (`--batch-size`, or `sft.batch_size` with `where="sft"`) before anything runs."""
+    """Every option within its declaration (`check_value`), then the option groups' and the class's cross-option
+    `check()`: a one-line ValueError naming the option (`--batch-size`, or `sft.batch_size` with `where="sft"`)
+    before anything runs."""
     for f in flat_fields(type(cfg)):
-        value, name = f.get(cfg), (f"{where}.{f.name}" if where else flag(f.name))
-        for op, bound in f.field.metadata.get("bounds", {}).items():
-            if value is not None and not {"ge": value >= bound, "gt": value > bound, "le": value <= bound,
-                                          "lt": value < bound}[op]:
-                sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[op]
-                raise ValueError(f"{name} must be {sign} {bound}, not {value}")
-    check = getattr(cfg, "check", None)
-    if check is not None:
+        meta = f.field.metadata
+        check_value(f"{where}.{f.name}" if where else flag(f.name), f.get(cfg), meta.get("bounds", {}),
+                    meta.get("choices"))
+    groups = [getattr(cfg, f.name) for f in dataclasses.fields(cfg) if "group" in f.metadata]
+    for check in [getattr(g, "check", None) for g in groups] + [getattr(cfg, "check", None)]:
+        if check is None:
+            continue
         try:
             check()
         except ValueError as e:
@@ -88,7 +131,7 @@ def flag(name: str) -> str:
 class RunOptions:
     """What every trainer's run shell needs: seed, device, checkpoints, logging."""
 
-    seed: int = option(0, "random seed (under torchrun rank r uses seed + r·100003)", wired=True)
+    seed: int = option(0, "random seed (under torchrun rank r uses seed + r·100003)", wired=True, ge=0)
     device: str = option("auto", "auto | cpu | cuda", wired=True)
     dtype: str = option("float32", "float32 | bfloat16 | float16 (log-softmax and losses stay float32)", wired=True)
     fsdp: bool = option(False, "under torchrun, shard the models over the processes (with LoRA, checkpoints and "
@@ -111,14 +154,10 @@ class MemoryOptions:
 
     micro_batch_size: int = option(0, "examples (RL: rollouts) per forward/backward pass in each process; gradients "
                                       "are accumulated over the micro-batches of each (mini)batch, whose loss stays "
-                                      "normalised by its global count (0: the process's whole share at once)")
+                                      "normalised by its global count (0: the process's whole share at once)", ge=0)
     gradient_checkpointing: bool = option(False, "recompute activations in backward instead of storing them "
                                                  "(non-reentrant) in the backbones being trained: policy, value or reward "
                                                  "model")
-
-    def check(self) -> None:
-        if self.micro_batch_size < 0:
-            raise ValueError(f"--micro-batch-size must be >= 0 (0: no accumulation), not {self.micro_batch_size}")
 
 
 @dataclass
@@ -126,7 +165,7 @@ class LoraOptions:
     """LoRA adapters (peft); the trained model is saved merged."""
 
     r: int = option(0, "LoRA rank (0: full fine-tuning)", ge=0)
-    alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
+    alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)", gt=0)
     dropout: float = option(0.0, "LoRA dropout; keep 0 (dropout breaks the first PPO ratio = 1) [N+ D7]", ge=0, lt=1)
     target_modules: str | None = option(None, "comma-separated module names or 'all-linear' (default: peft's per "
                                               "architecture)")

@@ -20,13 +20,16 @@ from .update import PolicyUpdate
 
 @config
 class PGConfig(RLConfig):
-    baseline: str = option("mean", "mean | loo (leave-one-out over samples_per_prompt) [RLOO]")
+    baseline: str = option("mean", "mean | loo (leave-one-out over samples_per_prompt) [RLOO]",
+                           choices=("mean", "loo"))
     samples_per_prompt: int = option(4, "k samples per prompt, used by the leave-one-out baseline", ge=1)
     gamma: float = option(1.0, "discount of the reward-to-go", ge=0, le=1)
 
     def check(self) -> None:
         super().check()
-        PolicyGradient.check(self)
+        if self.baseline == "loo" and (self.samples_per_prompt < 2 or self.batch_size % self.samples_per_prompt):
+            raise ValueError(f"--baseline loo needs --samples-per-prompt >= 2 dividing --batch-size "
+                             f"({self.batch_size}), not {self.samples_per_prompt}")
 
 
 def pg_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, loo_k: int | None) -> torch.Tensor:
@@ -43,14 +46,6 @@ def pg_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, loo_k
 class PolicyGradient(PolicyUpdate):
     name, config, needs_value = "pg", PGConfig, False
     shuffle = False  # one epoch, one minibatch: the whole batch, in rollout order
-
-    @staticmethod
-    def check(cfg: PGConfig) -> None:
-        if cfg.baseline not in ("mean", "loo"):
-            raise ValueError(f"baseline must be 'mean' or 'loo', not {cfg.baseline!r}")
-        k = cfg.samples_per_prompt if cfg.baseline == "loo" else 1
-        if cfg.batch_size % k or (cfg.baseline == "loo" and k < 2):
-            raise ValueError(f"leave-one-out needs samples_per_prompt >= 2 dividing batch_size ({cfg.batch_size})")
 
     @property
     def samples_per_prompt(self) -> int:

@@ -167,6 +167,12 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
     return p
 
 
+def preflight(cfg: PipelineConfig, out: Path) -> None:
+    """Every section checked before the first stage runs, those only --compare trains included (a mistake in the
+    grpo section is refused now, not after the world, SFT, labels and the reward model have run)."""
+    validate_pipeline(cfg, plan(dataclasses.replace(cfg, compare=True), out))
+
+
 def _judges(stage: str, judge_dir: str | None, rdir: str) -> str | None:
     """The judges of a stage's win rate against SFT: the world's gold judge and the reward model."""
     return None if stage == "sft" else ",".join((["gold"] if judge_dir else []) + [rdir])
@@ -197,7 +203,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = Fal
     t_start = time.time()
     out = Path(out)
     p = plan(cfg, out)
-    validate_pipeline(cfg, p)  # every section, before the first stage runs
+    preflight(cfg, out)
     stages = Stages(out, rerun_changed)
     trained = [n for n in ("world", "pretrained", "sft", "reward", *RL_STAGES, "dpo") if n in p]
     for name in trained:  # a changed option is refused now, not after the stages before it ran
@@ -307,7 +313,7 @@ def run_seeds(cfg: PipelineConfig, out: str | Path, seeds: int, rerun_changed: b
                          f"choose a new --out")
     runs = {cfg.seed + i: dataclasses.replace(cfg, seed=cfg.seed + i) for i in range(seeds)}
     for seed, c in runs.items():  # every seed's plan is checked before the first stage of any runs
-        validate_pipeline(c, plan(c, out / f"seed-{seed}"))
+        preflight(c, out / f"seed-{seed}")
     reports = {}
     for seed, c in runs.items():
         console.rule(f"[bold]seed {seed}")

@@ -32,7 +32,9 @@ class PPOConfig(RLConfig):
 
     def check(self) -> None:
         super().check()
-        PPO.check(self)
+        if self.batch_size % self.minibatch_size:
+            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --minibatch-size "
+                             f"{self.minibatch_size}")
 
 
 def whitening(x: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -44,12 +46,6 @@ def whitening(x: torch.Tensor, mask: torch.Tensor) -> dict:
 @register
 class PPO(PolicyUpdate):
     name, config, needs_value = "ppo", PPOConfig, True
-
-    @staticmethod
-    def check(cfg: PPOConfig) -> None:
-        if cfg.batch_size % cfg.minibatch_size:
-            raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --minibatch-size "
-                             f"{cfg.minibatch_size}")
 
     def schedule(self, cfg: PPOConfig) -> tuple[int, int]:
         return cfg.ppo_epochs, cfg.minibatch_size

@@ -8,10 +8,10 @@ Per iteration [IG, LHP, N+]:
   4. KL control: fixed β, or the adaptive controller [LHP]
 then metrics, periodic checkpoints and the final save, by the run shell.
 
-Adding an algorithm: one file with a config (a subclass of RLConfig) and a subclass of `update.PolicyUpdate` (the
-shared clipped update: optimizer, minibatches, accumulation, KL in the loss, ptx, clip and step) with `name`,
-`config`, `check(cfg)` and `advantages(rollout, beta)`, decorated with `@register`; then add the module's name to
-`BUILTIN` and its one-line help to `cli.STEPS`.
+Adding an algorithm: one file with a config (a subclass of RLConfig, its rules in its `check()`) and a subclass of
+`update.PolicyUpdate` (the shared clipped update: optimizer, minibatches, accumulation, KL in the loss, ptx, clip and
+step) with `name`, `config` and `advantages(rollout, beta)`, decorated with `@register`; then add the module's name
+to `BUILTIN` and its one-line help to `cli.STEPS`.
 The CLI command and the pipeline's YAML section follow from the config.
 """
 from __future__ import annotations
@@ -61,9 +61,10 @@ class RLConfig:
     temperature: float = option(0.7, "sampling temperature, also used in every log-prob [LHP]", gt=0)
     lr: float = option(3e-5, "learning rate (Adam)", gt=0)
     beta: float = option(0.05, "KL coefficient β (initial β with the adaptive controller)", ge=0)
-    kl_estimator: str = option("k1", "per-token KL estimator: k1 | k3 in the reward; k2 | k3 in the loss [KL, KLG]")
+    kl_estimator: str = option("k1", "per-token KL estimator: k1 | k3 in the reward; k2 | k3 in the loss [KL, KLG]",
+                               choices=tuple(KL_ESTIMATORS))
     kl_in: str = option("reward", "where the KL penalty goes: reward (−β·k_t per token) | loss (β·mean k_t added to "
-                                  "the policy loss; k3 with the ratio π_θ/π_old) [KLG]")
+                                  "the policy loss; k3 with the ratio π_θ/π_old) [KLG]", choices=tuple(KL_PLACES))
     kl_target: float | None = option(None, "set to use the adaptive KL controller with this target [LHP]", gt=0)
     kl_horizon: int = option(10000, "horizon of the adaptive KL controller [LHP]", ge=1)
     missing_eos_penalty: float = option(-1.0, "score of a response that does not end within max_new_tokens [N+ D23]")
@@ -80,12 +81,18 @@ class RLConfig:
     fmt: DataOptions = group(DataOptions)  # of --prompts
 
     def check(self) -> None:
-        """Cross-option constraints (`validate` checks each option's bounds first)."""
+        """The rules between options every algorithm shares (`validate` checks each option's declaration first; an
+        algorithm's config adds its own rules after these)."""
         if self.episodes < self.batch_size:
             raise ValueError(f"--episodes ({self.episodes}) must be at least --batch-size ({self.batch_size}): one "
                              "iteration samples a whole batch")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, not {self.kl_estimator!r}")
+        if self.kl_estimator not in KL_PLACES[self.kl_in]:
+            why = {"reward": "k2 is a biased estimate of the KL (use k1, or k2 with --kl-in loss)",
+                   "loss": "k1 in the loss has zero expected gradient (use k2 or k3, or k1 with --kl-in reward)"}
+            raise ValueError(f"--kl-estimator {self.kl_estimator} with --kl-in {self.kl_in}: {why[self.kl_in]}")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text in the {\"text\": ...} format)")
+        check_sources(self.reward, self.rewards)  # specs, weights, functions, worlds: before any model loads
 
 
 # --- streams ------------------------------------------------------------------------------------------------------
@@ -201,25 +208,6 @@ def per_rank(n: int, what: str) -> int:
     return n // dist.world_size()
 
 
-def check_rl(cfg: RLConfig) -> None:
-    """The options every algorithm needs to be sane, checked before anything is loaded."""
-    cfg.mem.check()
-    if not cfg.temperature > 0:
-        raise ValueError(f"temperature must be > 0 for RL (log-probs are taken at the sampling temperature), "
-                         f"not {cfg.temperature}")
-    if cfg.kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, not {cfg.kl_estimator!r}")
-    if cfg.kl_in not in KL_PLACES:
-        raise ValueError(f"kl_in must be reward or loss, not {cfg.kl_in!r}")
-    if cfg.kl_estimator not in KL_PLACES[cfg.kl_in]:
-        why = {"reward": "k2 is a biased estimate of the KL (use k1, or k2 with --kl-in loss)",
-               "loss": "k1 in the loss has zero expected gradient (use k2 or k3, or k1 with --kl-in reward)"}
-        raise ValueError(f"kl_estimator {cfg.kl_estimator} with kl_in {cfg.kl_in}: {why[cfg.kl_in]}")
-    if cfg.ptx_coef > 0 and not cfg.ptx_data:
-        raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text in the {\"text\": ...} format)")
-    check_sources(cfg.reward, cfg.rewards)
-
-
 def setup_rl(cfg: RLConfig, device: torch.device, dtype: torch.dtype, with_value: bool) -> RLSetup:
     from .world.judge import GoldJudge
 
@@ -265,9 +253,6 @@ def algorithms() -> dict[str, type]:
 
 # --- the driver ---------------------------------------------------------------------------------------------------
 def train_rl(cfg: RLConfig, algorithm: type) -> dict:
-    cfg.validate()
-    algorithm.check(cfg)
-    check_rl(cfg)
     run = Run(algorithm.name, cfg, cfg.run, cfg.out)
     s = setup_rl(cfg, run.device, run.dtype, with_value=algorithm.needs_value)
     algo = algorithm(cfg, s, run.nonfinite)

@@ -11,7 +11,7 @@ surrogate's gradient is the policy gradient's; tests/test_algorithms.py checks t
 """
 from __future__ import annotations
 
-from .grpo import ClippedGroupAlgorithm
+from .grpo import ClippedGroupAlgorithm, check_groups
 from .options import config, option
 from .pg import pg_advantages
 from .rl import RLConfig, register
@@ -20,11 +20,15 @@ from .rollout import Rollout
 
 @config
 class RLOOConfig(RLConfig):
-    samples_per_prompt: int = option(4, "k samples per prompt (divides batch_size) [RLOO]")
-    epochs: int = option(2, "passes over each batch of rollouts")
-    minibatch_size: int = option(32, "rollouts per optimizer step (global; divides batch_size)")
-    clip: float = option(0.2, "policy clip range ε")
-    gamma: float = option(1.0, "discount of the reward-to-go")
+    samples_per_prompt: int = option(4, "k samples per prompt (divides batch_size) [RLOO]", ge=2)
+    epochs: int = option(2, "passes over each batch of rollouts", ge=1)
+    minibatch_size: int = option(32, "rollouts per optimizer step (global; divides batch_size)", ge=1)
+    clip: float = option(0.2, "policy clip range ε", gt=0)
+    gamma: float = option(1.0, "discount of the reward-to-go", ge=0, le=1)
+
+    def check(self) -> None:
+        super().check()
+        check_groups(self, "samples_per_prompt")
 
 
 @register

@@ -37,9 +37,7 @@ class Run:
     current: "Run | None" = None  # the run in progress: Ctrl-C (cli.main) says where its checkpoints are
 
     def __init__(self, stage: str, cfg, opts: RunOptions, out: str):
-        cfg.validate()
-        if hasattr(cfg, "mem"):  # the option groups' own rules
-            cfg.mem.check()
+        cfg.validate()  # every rule of the config class and its option groups, before anything loads
         self.t0 = time.time()
         self.stage, self.cfg, self.opts, self.out = stage, cfg, opts, Path(out)
         check_sinks(opts.log_with)

@@ -51,7 +51,7 @@ def test_bad_input_exits_2_with_one_clear_line(tmp_path):
     r = invoke("enqueue", "--policy", tmp_path, "--prompts", tmp_path / "missing.jsonl", "--db", tmp_path / "l.db")
     assert r.exit_code == 2 and "file not found" in r.stderr and "Traceback" not in r.output
     r = invoke("enqueue", "--policy", tmp_path, "--prompts", tmp_path / "p.jsonl", "--db", tmp_path / "l.db", "--k", 1)
-    assert r.exit_code == 2 and "K >= 2" in r.stderr
+    assert r.exit_code == 2 and "must be >= 2, not 1" in r.stderr
     r = invoke("export", "--db", tmp_path / "typo.db", "--out", tmp_path / "r.jsonl")
     assert r.exit_code == 2 and "no database at" in r.stderr and not (tmp_path / "typo.db").exists()
     r = invoke("add-labeler", "x", "--db", "sqlite:////nonexistent-dir/x.db")

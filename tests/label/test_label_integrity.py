@@ -98,7 +98,7 @@ def test_a_body_without_a_true_length_is_cut_at_the_limit(seeded, declared):
     assert snapshot(seeded.db) == before
 
 
-def test_serve_takes_the_body_limit(seeded, auth, monkeypatch):
+def test_serve_takes_the_body_limit(seeded, auth, monkeypatch, capsys):
     import uvicorn
 
     served = []
@@ -113,8 +113,17 @@ def test_serve_takes_the_body_limit(seeded, auth, monkeypatch):
     assert snapshot(seeded.db) == before
     r = client.post("/api/rankings", headers={**auth("alice"), "Content-Type": "application/json"}, content=body)
     assert r.status_code == 201
-    r = invoke("serve", "--db", seeded.db, "--max-body-bytes", 0)
-    assert r.exit_code == 2 and one_line(r.stderr) == "error: max_body_bytes must be at least 1"
+    # a bound of the option: refused where it is parsed, in one line through the `instructrl` entry point
+    import sys
+
+    from instructrl import cli
+
+    monkeypatch.setattr(sys, "argv", ["instructrl", "label", "serve", "--db", seeded.db, "--max-body-bytes", "0"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    line = one_line(capsys.readouterr().err)
+    assert e.value.code == 2 and line.startswith("error: ") and line.endswith(
+        "label serve: Invalid value for '--max-body-bytes': must be >= 1, not 0")
 
 
 # --- 2. NaN, Infinity, and no echo ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..data import DataError
+from ..options import within
 from . import store
 
 label_app = typer.Typer(help="Human feedback: rank sampled responses in a web app backed by a database.",
@@ -71,15 +72,15 @@ def sample_candidates(model, tokenizer, prompts: list[str], k: int, *, max_new_t
 def enqueue(policy: Annotated[Path, typer.Option(help="policy model directory")],
             prompts: Annotated[Path, typer.Option(help="prompts JSONL: {\"prompt\": str} per line")],
             db: NewDb,
-            k: Annotated[int, typer.Option("--k", help="responses per task")] = 4,
-            max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0, batch_size: int = 64,
+            k: Annotated[int, typer.Option("--k", help="responses per task", callback=within(ge=2))] = 4,
+            max_new_tokens: Annotated[int, typer.Option(callback=within(ge=1))] = 32,
+            temperature: Annotated[float, typer.Option(help="> 0: greedy decoding gives K copies of one response",
+                                                       callback=within(gt=0))] = 1.0,
+            seed: Annotated[int, typer.Option(callback=within(ge=0))] = 0,
+            batch_size: Annotated[int, typer.Option(callback=within(ge=1))] = 64,
             device: str = "auto"):
     """Sample K distinct responses per prompt from a policy and store them as ranking tasks."""
     with clean_errors():
-        if k < 2:
-            raise DataError("--k", None, f"need K >= 2 responses to rank, got {k}")
-        if temperature <= 0:
-            raise DataError("--temperature", None, "must be > 0: greedy decoding gives K copies of one response")
         from ..data import read_prompts
         from ..models import load_causal_lm, load_tokenizer
         from ..utils import resolve_device
@@ -117,11 +118,14 @@ def import_(file: Annotated[Path, typer.Argument(help="JSONL, .json/.parquet/.ar
 
 
 @label_app.command()
-def serve(db: Db, host: str = "127.0.0.1", port: int = 8000,
-          max_labelers_per_task: Annotated[int, typer.Option(help="rankings collected per task")] = 3,
-          lease_seconds: Annotated[float, typer.Option(help="how long a shown task is held for its labeler")] = 600,
-          max_body_bytes: Annotated[int, typer.Option(help="larger request bodies are refused with 413")]
-          = store.MAX_BODY_BYTES,
+def serve(db: Db, host: str = "127.0.0.1",
+          port: Annotated[int, typer.Option(callback=within(ge=1, le=65535))] = 8000,
+          max_labelers_per_task: Annotated[int, typer.Option(help="rankings collected per task",
+                                                             callback=within(ge=1))] = 3,
+          lease_seconds: Annotated[float, typer.Option(help="how long a shown task is held for its labeler",
+                                                       callback=within(gt=0))] = 600,
+          max_body_bytes: Annotated[int, typer.Option(help="larger request bodies are refused with 413",
+                                                      callback=within(ge=1))] = store.MAX_BODY_BYTES,
           create: Annotated[bool, typer.Option("--create", help="start a new database if none is at --db")] = False,
           guidelines: Annotated[Path | None, typer.Option(help="labeling guidelines (Markdown), shown at "
                                                               "/guidelines and linked from the ranking page")] = None,

@@ -60,7 +60,7 @@ PEACEFUL = ["began praying", "started talking", "greeted the people", "sat down 
 @config
 class WorldConfig:
     out: str = option("", "output directory", wired=True, required=True)
-    seed: int = option(0, "random seed of the world's tables and texts", wired=True)
+    seed: int = option(0, "random seed of the world's tables and texts", wired=True, ge=0)
     overwrite: bool = option(False, "replace a finished world in --out", wired=True)
     n_corpus: int = option(24000, "pretraining documents", ge=1)
     n_corpus_val: int = option(1000, "held-out pretraining documents", ge=1)
