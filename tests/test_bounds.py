@@ -18,7 +18,10 @@ ANY_FINITE = {"--missing-eos-penalty", "--reward-weights"}  # a weight < 0: a pe
 
 def commands(group=None, path=()):
     """(path, click command) of every command of the `instructrl` app."""
-    group = group or typer.main.get_command(cli.app)
+    if group is None:
+        group = typer.main.get_command(cli.app)
+        for name, cmd in cli._step_commands().commands.items():  # the steps are built when named (lazy imports)
+            group.add_command(cmd, name)
     for name, cmd in group.commands.items():
         if hasattr(cmd, "commands"):
             yield from commands(cmd, path + (name,))

@@ -83,7 +83,7 @@ def test_entry_point_exit_codes(error, code, monkeypatch, capsys):
     raised = {"nonfinite": NonFiniteError("loss is nan at step 3"), "data": DataError("d.jsonl", 4, "no prompt"),
               "other": RuntimeError("a bug")}[error]
 
-    def app():
+    def app(**kwargs):
         raise raised
 
     monkeypatch.setattr(cli, "app", app)

@@ -219,14 +219,14 @@ def _step_commands():
 @app.command("serve-rm")
 def serve_rm(reward: Path = typer.Option(..., help="reward-model directory (ours, or a Hugging Face sequence "
                                                   "classifier with one label)"),
-             port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free one, printed)"),
+             port: int = typer.Option(8000, callback=within(ge=0, le=65535), help="TCP port (0: any free one, printed)"),
              host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface; then "
                                                          "set a --token)"),
-             batch_size: int = typer.Option(64, min=1, max=1024, help="texts per forward pass; a request is scored "
+             batch_size: int = typer.Option(64, callback=within(ge=1, le=1024), help="texts per forward pass; a request is scored "
                                                                      "chunk by chunk, taking turns with the others"),
-             max_body_bytes: int = typer.Option(8 << 20, min=1, help="larger request bodies are refused (413)"),
-             max_queries: int = typer.Option(1024, min=1, help="requests with more queries are refused (413)"),
-             max_concurrent: int = typer.Option(64, min=1, help="requests served at once; more get 503"),
+             max_body_bytes: int = typer.Option(8 << 20, callback=within(ge=1), help="larger request bodies are refused (413)"),
+             max_queries: int = typer.Option(1024, callback=within(ge=1), help="requests with more queries are refused (413)"),
+             max_concurrent: int = typer.Option(64, callback=within(ge=1), help="requests served at once; more get 503"),
              token: Optional[str] = typer.Option(None, envvar="INSTRUCTRL_RM_TOKEN", show_default=False,
                                                  help="require `Authorization: Bearer TOKEN` (401 otherwise); "
                                                       "--reward clients send $INSTRUCTRL_RM_TOKEN"),

@@ -92,7 +92,6 @@ class RLConfig:
             raise ValueError(f"--kl-estimator {self.kl_estimator} with --kl-in {self.kl_in}: {why[self.kl_in]}")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text in the {\"text\": ...} format)")
-        check_sources(self.reward, self.rewards)  # specs, weights, functions, worlds: before any model loads
 
 
 # --- streams ------------------------------------------------------------------------------------------------------
@@ -253,6 +252,8 @@ def algorithms() -> dict[str, type]:
 
 # --- the driver ---------------------------------------------------------------------------------------------------
 def train_rl(cfg: RLConfig, algorithm: type) -> dict:
+    cfg.validate()
+    check_sources(cfg.reward, cfg.rewards)  # every --reward usable (functions, worlds, model dirs) before anything loads
     run = Run(algorithm.name, cfg, cfg.run, cfg.out)
     s = setup_rl(cfg, run.device, run.dtype, with_value=algorithm.needs_value)
     algo = algorithm(cfg, s, run.nonfinite)
