@@ -90,19 +90,21 @@ def label_simulate(policy: Path = typer.Option(...), prompts: Path = typer.Optio
     """Sample K responses per prompt and rank them with simulated labelers (the stand-in for people)."""
     from .data import read_prompts, write_jsonl
     from .models import load_causal_lm, load_tokenizer
+    from .outputs import check_file_output
     from .utils import resolve_device
     from .world import GoldJudge
     from .world.labelers import simulate_rankings
 
     if k < 2:
         raise typer.BadParameter("K must be at least 2")
+    check_file_output(out, [str(policy), str(prompts), str(world)])  # before any model loads
     ps = read_prompts(prompts)[:limit]
     judge = GoldJudge.from_world(world)
     dev = resolve_device(device)
     recs = simulate_rankings(load_causal_lm(policy, dev), load_tokenizer(policy), ps, judge, k=k,
                              temperature=temperature, n_labelers=labelers, labeler_bias_std=labeler_bias_std,
                              sample_temperature=sample_temperature, max_new_tokens=max_new_tokens, seed=seed)
-    write_jsonl(out, recs)
+    write_jsonl(out, recs, overwrite=False)
     _done({"stage": "label simulate", "rankings": len(recs), "out": str(out)}, ["rankings", "out"])
 
 
@@ -125,11 +127,14 @@ def sample(model: Path = typer.Option(...), prompts: Path = typer.Option(...), n
 
 def _eval(cfg, out: Optional[str] = None) -> dict:
     from .evaluate import evaluate
-    from .utils import write_json
+    from .outputs import check_file_output, inputs_of
+    from .utils import atomic_write_text
 
+    if out:  # before the evaluation runs
+        check_file_output(out, inputs_of(cfg))
     r = evaluate(cfg)
     if out:
-        write_json(out, r)
+        atomic_write_text(out, json.dumps(r, indent=2, ensure_ascii=False) + "\n", overwrite=False)
     typer.echo(json.dumps({k: v for k, v in r.items() if k not in ("config", "examples")}, indent=2))
     return r
 
@@ -210,12 +215,15 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
 
 
 def main() -> None:
-    """Entry point. Exit codes: 0 done, 2 a user error (one line naming the file/line/field or the option; nothing
-    written), 3 stopped on non-finite values, 130 interrupted (Ctrl-C; the message says how to resume)."""
+    """Entry point. Exit codes (README, "Exit codes"): 0 done; 2 a user error (one line naming the file/line/field or
+    the option; nothing written); 3 stopped on non-finite values (nothing written; the last good checkpoint kept);
+    4 an outside failure (disk full, I/O or network error; one line naming the path, the last checkpoint kept);
+    130 interrupted (Ctrl-C; the message says how to resume)."""
     from rich.markup import escape
 
     from .data import DataError
     from .optim import NonFiniteError
+    from .run import Run
     from .utils import console
 
     _setup()
@@ -227,10 +235,14 @@ def main() -> None:
     except NonFiniteError as e:
         console.print(f"[bold red]stopped:[/] {escape(str(e))}")
         sys.exit(3)
+    except OSError as e:  # disk full, I/O, network: not the user's mistake, and nothing half-written is left
+        where = f" writing {e.filename}" if e.filename else ""
+        run = Run.current
+        kept = f"; {run.out} was not written; {run.last_good()}" if run is not None else ""
+        console.print(f"[bold red]failed:[/] {escape(f'{e.strerror or e}{where}{kept}')}")
+        sys.exit(4)
     except SystemExit as e:
         if e.code == 130:  # typer's exit for Ctrl-C (KeyboardInterrupt)
-            from .run import Run
-
             said = Run.current.interrupted() if Run.current is not None else "interrupted"
             console.print(f"[bold yellow]{escape(said)}[/]")
         raise

@@ -35,7 +35,10 @@ def export_records(db) -> list[dict]:
 def export_rankings(db, out: str | os.PathLike, overwrite: bool = False) -> tuple[int, int]:
     """Write every ranking that orders something to `out` atomically, never over an existing file unless
     `overwrite`. Returns (rankings written, all-tied rankings left out); on error nothing is written."""
+    from ..outputs import check_place
+
     out = Path(out)
+    check_place(out, [str(db)], "--out")  # never over the database itself
     if out.is_dir():
         raise DataError(out, None, "is a directory; --out takes a file path")
     records = export_records(db)
