@@ -228,7 +228,17 @@ def main() -> None:
 
     _setup()
     try:
-        app()
+        code = app(standalone_mode=False)  # click's usage errors come here too: one line each, as ours
+    except typer.TyperException as e:  # click's own (a usage error: exit 2)
+        if not hasattr(e, "format_message"):
+            raise
+        ctx = getattr(e, "ctx", None)
+        console.print(f"[bold red]error:[/] {escape(e.format_message())} (see "
+                      f"`{ctx.command_path if ctx else 'instructrl'} --help`)")
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        console.print("[bold yellow]aborted[/]")
+        sys.exit(1)
     except (DataError, ValueError, FileNotFoundError) as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(2)
@@ -241,11 +251,10 @@ def main() -> None:
         kept = f"; {run.out} was not written; {run.last_good()}" if run is not None else ""
         console.print(f"[bold red]failed:[/] {escape(f'{e.strerror or e}{where}{kept}')}")
         sys.exit(4)
-    except SystemExit as e:
-        if e.code == 130:  # typer's exit for Ctrl-C (KeyboardInterrupt)
-            said = Run.current.interrupted() if Run.current is not None else "interrupted"
-            console.print(f"[bold yellow]{escape(said)}[/]")
-        raise
+    if code == 130:  # typer's exit code for Ctrl-C (KeyboardInterrupt)
+        said = Run.current.interrupted() if Run.current is not None else "interrupted"
+        console.print(f"[bold yellow]{escape(said)}[/]")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
