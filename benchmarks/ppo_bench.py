@@ -556,7 +556,9 @@ def cmd_suite(a) -> None:
               f"{f['total'] / rates['float32']:.2f} s vs measured {tot:.2f} s")
         print("   scoring split (s): " + ", ".join(f"{k[6:]} {m[k]:.3f}" for k in m if k.startswith("score_")))
     if a.json:
-        Path(a.json).write_text(json.dumps({"floor": floor, "runs": results}, indent=1))
+        from instructrl.utils import atomic_write_text
+
+        atomic_write_text(a.json, json.dumps({"floor": floor, "runs": results}, indent=1), overwrite=False)
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -723,6 +725,10 @@ def main() -> None:
     p.add_argument("--response", type=int, default=32)
     p.add_argument("--reps", type=int, default=7)
     a = ap.parse_args()
+    if getattr(a, "json", None):  # the output policy of every command: never over an existing file, checked first
+        from instructrl.outputs import check_file_output
+
+        check_file_output(a.json, [], "--json")
     {"setup": cmd_setup, "run": cmd_run, "suite": cmd_suite, "floor": cmd_floor, "generate": cmd_generate,
      "adam-ab": cmd_adam_ab,
      "profile": cmd_profile}[a.cmd](a)
