@@ -558,22 +558,75 @@ def test_lr_1e30_in_every_trainer_exits_3_and_keeps_the_last_checkpoint(name, fi
 
 
 # --- an outside failure: disk full while saving ------------------------------------------------------------------
-def test_disk_full_while_saving_exits_4_naming_the_path_and_keeps_the_checkpoint(fill, tmp_path, monkeypatch,
+@pytest.mark.parametrize("where", ["out", "checkpoint"])
+def test_disk_full_while_saving_exits_4_naming_the_path_and_keeps_the_checkpoint(where, fill, tmp_path, monkeypatch,
                                                                                   capsys):
+    """out: OUT's final fsync fails (ENOSPC as an OSError); checkpoint: safetensors fails writing the second
+    checkpoint (ENOSPC in its own error type). Both: exit 4, one line naming the path, the first checkpoint kept."""
     import errno
 
-    from instructrl import utils
+    from safetensors import SafetensorError
 
-    def full(path):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    from instructrl import checkpoint, utils
 
-    monkeypatch.setattr(utils, "fsync_tree", full)  # OUT's last write fails; the checkpoints' own writes do not
+    if where == "out":
+        def full(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        monkeypatch.setattr(utils, "fsync_tree", full)  # OUT's last write fails; the checkpoints' own do not
+    else:
+        def full(*a, **k):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+
+        real = checkpoint.Checkpointer.save
+
+        def save(self, step, *a, **k):
+            if step == 2:
+                monkeypatch.setattr(checkpoint, "save_file", full)
+            return real(self, step, *a, **k)
+
+        monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
     out = tmp_path / "o"
     code = run_main(monkeypatch, fill(TRAINERS["sft"]) + ["--save-every", "1", "--out", out])
     raw = capsys.readouterr().err
     err = " ".join(raw.split())
     assert code == 4, raw
-    assert "Traceback" not in raw and "No space left on device writing" in err and f"{out} was not written" in err
+    assert len(raw.strip().splitlines()) == 1 and "Traceback" not in raw, raw
+    assert "No space left on device writing" in err and f"{out} was not written" in err, err
     assert not out.exists() and not list(tmp_path.glob(".o.*"))
     steps = finite_checkpoints(tmp_path / "o-checkpoints")
     assert steps and f"the last good checkpoint is {steps[-1]}" in err, err
+    assert where == "out" or [s.name for s in steps] == ["step-00000001"]
+
+
+# --- killed runs' leftovers, and inputs fingerprinted by content ------------------------------------------------
+def test_a_killed_runs_temporaries_are_removed_and_a_moved_aside_output_put_back(tmp_path):
+    from instructrl.outputs import clean_temporaries
+
+    out = tmp_path / "o"
+    left = [tmp_path / ".o.abcd_123.tmp", tmp_path / ".o.0123456789abcdef.tmp",
+            tmp_path / "o-checkpoints" / ".step-x1y2z3w4.tmp"]
+    for p in left:
+        p.mkdir(parents=True) if "step" in p.name or "abcd" in p.name else p.write_text("half")
+    kept = [tmp_path / ".o.b.abcd_123.tmp", tmp_path / "o-checkpoints" / "step-00000001", tmp_path / ".o.lock"]
+    for p in kept:  # another output's temp ("o.b"), a finished checkpoint, the lock
+        p.mkdir(parents=True)
+    (tmp_path / ".o.old").mkdir()
+    (tmp_path / ".o.old" / "summary.json").write_text("{}")  # killed between atomic_dir's two renames
+    clean_temporaries(out)
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+    assert (out / "summary.json").is_file() and not (tmp_path / ".o.old").exists()
+
+
+def test_a_directory_input_is_fingerprinted_by_every_byte(tmp_path):
+    from instructrl.outputs import content_id
+
+    d = tmp_path / "model"
+    d.mkdir()
+    blob = bytearray(5 << 20)  # larger than the first and last MiB that an earlier fingerprint read
+    (d / "model.safetensors").write_bytes(blob)
+    before = content_id(str(d))
+    blob[len(blob) // 2] = 1
+    (d / "model.safetensors").write_bytes(blob)
+    assert content_id(str(d)) != before

@@ -16,11 +16,14 @@ resume, metric sinks, the progress bar, periodic saves and the summary. A traine
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from . import distributed as dist
@@ -123,6 +126,10 @@ class Run:
                 yield from self._output()
             except NonFiniteError as e:
                 raise NonFiniteError(f"{e}; {self.out} was not written; {self.last_good()}") from None
+            except SafetensorError as e:  # a full disk, in safetensors' words: the OSError it is (exit 4)
+                if "code: 28" not in str(e) and "StorageFull" not in str(e):
+                    raise
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.out)) from None
         Run.current = None  # OUT is written: a later failure (the pipeline's next step) is not this run's
 
     def _output(self):
