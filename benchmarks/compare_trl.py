@@ -70,10 +70,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", "/tmp/trlvenv/bin/python"))
-    ap.add_argument("--json", default=None, help="append every run's RESULT here (jsonl)")
+    ap.add_argument("--json", default=None, help="append every run's RESULT here (jsonl; a new file)")
     ap.add_argument("--smoke", action="store_true", help="one round of one iteration on a tiny setup (seconds; CI); "
                                                          "without TRL at --trl-python its arm is left out, saying so")
     a = ap.parse_args()
+    if a.json:  # the output policy of every command: a new file, never appended to one of the user's
+        from instructrl.outputs import check_file_output
+
+        check_file_output(a.json, [], "--json")
     if a.smoke:
         return smoke(a)
     compare(a)

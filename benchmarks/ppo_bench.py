@@ -623,7 +623,9 @@ def cmd_suite(a) -> None:
               f"{f['total'] / rates['float32']:.2f} s vs measured {tot:.2f} s")
         print("   scoring split (s): " + ", ".join(f"{k[6:]} {m[k]:.3f}" for k in m if k.startswith("score_")))
     if a.json:
-        Path(a.json).write_text(json.dumps({"floor": floor, "runs": results}, indent=1))
+        from instructrl.utils import atomic_write_text
+
+        atomic_write_text(a.json, json.dumps({"floor": floor, "runs": results}, indent=1), overwrite=False)
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -816,6 +818,10 @@ def main() -> None:
     p.add_argument("--response", type=int, default=32)
     p.add_argument("--reps", type=int, default=7)
     a = ap.parse_args()
+    if getattr(a, "json", None):  # the output policy of every command: never over an existing file, checked first
+        from instructrl.outputs import check_file_output
+
+        check_file_output(a.json, [], "--json")
     if a.smoke:
         return cmd_smoke(a)
     if a.cmd is None:

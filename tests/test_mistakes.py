@@ -59,6 +59,13 @@ def proj(tmp_path, world_dir, tiny_sft_dir):
     (p / "long_prompts.jsonl").write_text(json.dumps({"prompt": "User: hi\nAssistant:"}) + "\n"
                                           + json.dumps({"prompt": LONG_PROMPT}) + "\n")
     (p / "bad_demos.jsonl").write_text('{"prompt": "x"}\n')
+    (p / "userrun").mkdir()  # a directory of the user's that looks like a run's: their own config and report
+    (p / "userrun" / "config.yaml").write_text("seed: 1\n")
+    (p / "userrun" / "report.json").write_text("{}\n")
+    (p / "pipe.yaml").write_text(f"data: {{demos: {p / 'demos.jsonl'}}}\n")
+    from instructrl.label import store
+
+    store.open_store(str(p / "labels.db")).dispose()
     return p
 
 
@@ -70,6 +77,12 @@ RM = ["rm", "--model", "{sft}", "--data", "{proj}/tied.jsonl", "--device", "cpu"
 EVAL = ["eval", "--model", "{sft}", "--prompts", "{proj}/prompts.jsonl", "--device", "cpu"]
 PRE = ["pretrain", "--corpus", "{world}/corpus.jsonl"]
 WORLD = ["world"]
+GRPO = ["grpo"] + PPO[1:]
+RLOO = ["rloo"] + PPO[1:]
+DPO = ["dpo", "--policy", "{sft}", "--data", "{proj}/tied.jsonl", "--device", "cpu"]
+SIM = ["label", "simulate", "--policy", "{sft}", "--prompts", "{proj}/prompts.jsonl", "--world", "{world}"]
+EXPORT = ["label", "export", "--db", "{proj}/labels.db"]
+PIPE = ["pipeline", "--config", "{proj}/pipe.yaml"]
 CASES = {
     # paths: never replace what the user made, never write over the inputs, never look a local path up on a hub
     "out_contains_the_input": (["sft", "--model", "{lm}", "--data", "{proj}/demos.jsonl", "--out", "{proj}"],
@@ -151,6 +164,57 @@ CASES = {
     # the labeling tool
     "label_stats_missing_db": (["label", "stats", "--db", "{proj}/typo.db"], "typo.db"),
     "label_export_missing_db": (["label", "export", "--db", "{proj}/typo.db", "--out", "{proj}/r.jsonl"], "typo.db"),
+    # every command that writes: refused before any work when its output would replace what the user has or
+    # lie inside an input
+    "eval_out_is_its_prompts": (EVAL + ["--out", "{proj}/prompts.jsonl"], "contains the input"),
+    "eval_out_is_an_existing_file": (EVAL + ["--out", "{proj}/notes.txt"], "exists; refusing to replace it"),
+    "eval_out_is_a_directory": (EVAL + ["--out", "{proj}/wdir"], "is a directory"),
+    "eval_out_inside_the_model": (EVAL + ["--out", "{sft}/eval.json"], "is inside the input"),
+    "eval_out_parent_is_a_file": (EVAL + ["--out", "{proj}/notes.txt/e.json"], "is a file, not a directory"),
+    "label_simulate_out_is_the_worlds_demos": (SIM + ["--out", "{world}/demos.jsonl"], "is inside the input"),
+    "label_simulate_out_is_its_prompts": (SIM + ["--out", "{proj}/prompts.jsonl"], "contains the input"),
+    "label_simulate_out_is_an_existing_file": (SIM + ["--out", "{proj}/demos.jsonl"], "exists; refusing"),
+    "label_simulate_out_is_a_directory": (SIM + ["--out", "{proj}/wdir"], "is a directory"),
+    "label_simulate_prompts_missing": (SIM[:5] + ["{proj}/nope.jsonl"] + SIM[6:] + ["--out", "{proj}/r.jsonl"],
+                                       "nope.jsonl"),
+    "label_export_over_its_database": (EXPORT + ["--out", "{proj}/labels.db", "--overwrite"], "contains the input"),
+    "label_export_over_a_file": (EXPORT + ["--out", "{proj}/notes.txt"], "exists; pass --overwrite"),
+    "label_export_into_a_directory": (EXPORT + ["--out", "{proj}/wdir"], "is a directory"),
+    "pipeline_out_is_a_users_directory": (PIPE + ["--out", "{proj}/userrun"], "not a pipeline run"),
+    "pipeline_seeds_out_is_a_users_directory": (PIPE + ["--seeds", "2", "--out", "{proj}/userrun"],
+                                                "not a pipeline run"),
+    "pipeline_out_is_a_file": (PIPE + ["--out", "{proj}/notes.txt"], "is an existing file"),
+    "pipeline_out_contains_its_data": (PIPE + ["--out", "{proj}"], "contains the input"),
+    "pipeline_out_is_a_step_output": (PIPE + ["--out", "{proj}/sft_done"], "not a pipeline run"),
+    "pipeline_config_missing": (["pipeline", "--config", "{proj}/nope.yaml", "--out", "{proj}/run"], "nope.yaml"),
+    # the trainers' outputs and inputs, every command
+    "sft_out_with_user_files": (SFT + ["--out", "{proj}/wdir"], "other files in it"),
+    "sft_out_inside_the_model": (SFT + ["--out", "{lm}/sft"], "is inside the input"),
+    "rm_out_inside_the_model": (RM + ["--out", "{sft}/rm"], "is inside the input"),
+    "rm_data_missing": (RM[:4] + ["{proj}/nope.jsonl"] + RM[5:] + ["--out", "{proj}/o"], "nope.jsonl"),
+    "pretrain_out_is_an_existing_file": (PRE + ["--out", "{proj}/notes.txt"], "is an existing file"),
+    "pretrain_corpus_missing": (["pretrain", "--corpus", "{proj}/nope.jsonl", "--out", "{proj}/o"], "nope.jsonl"),
+    "world_out_is_an_existing_file": (WORLD + ["--out", "{proj}/notes.txt"], "is an existing file"),
+    "ppo_out_inside_the_reward_model": (PPO + ["--out", "{rm}/ppo"], "is inside the input"),
+    "pg_out_is_another_steps_output": (PG + ["--out", "{proj}/sft_done"], "holds a finished 'sft' output"),
+    "grpo_out_is_an_existing_file": (GRPO + ["--out", "{proj}/notes.txt"], "is an existing file"),
+    "grpo_out_is_its_policy": (GRPO + ["--out", "{sft}"], "contains the input"),
+    "grpo_policy_is_a_reward_model": (["grpo", "--policy", "{rm}"] + GRPO[3:] + ["--out", "{proj}/o"],
+                                      "a reward model"),
+    "grpo_reward_path_missing": (GRPO[:4] + ["{proj}/no_rm"] + GRPO[5:] + ["--out", "{proj}/o"], "no such directory"),
+    "rloo_out_is_another_steps_output": (RLOO + ["--out", "{proj}/sft_done"], "holds a finished 'sft' output"),
+    "rloo_out_with_user_files": (RLOO + ["--out", "{proj}/wdir"], "other files in it"),
+    "rloo_prompts_missing": (RLOO[:6] + ["{proj}/nope.jsonl"] + RLOO[7:] + ["--out", "{proj}/o"], "nope.jsonl"),
+    "rloo_reward_is_a_language_model": (RLOO[:4] + ["{sft}"] + RLOO[5:] + ["--out", "{proj}/o"],
+                                        "no trained reward head"),
+    "dpo_out_is_an_existing_file": (DPO + ["--out", "{proj}/notes.txt"], "is an existing file"),
+    "dpo_out_inside_the_policy": (DPO + ["--out", "{sft}/dpo"], "is inside the input"),
+    "dpo_data_missing": (DPO[:4] + ["{proj}/nope.jsonl"] + DPO[5:] + ["--out", "{proj}/o"], "nope.jsonl"),
+    "dpo_policy_is_a_reward_model": (["dpo", "--policy", "{rm}"] + DPO[3:] + ["--out", "{proj}/o"], "a reward model"),
+    "dpo_out_contains_its_data": (DPO + ["--out", "{proj}"], "contains the input"),
+    "serve_rm_reward_missing": (["serve-rm", "--reward", "{proj}/no_rm", "--device", "cpu"], "no such directory"),
+    "serve_rm_reward_is_a_language_model": (["serve-rm", "--reward", "{sft}", "--device", "cpu"],
+                                            "no trained reward head"),
 }
 
 
@@ -162,19 +226,22 @@ def fill(proj, tiny_lm_dir, tiny_sft_dir, tiny_rm_dir, world_dir):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_mistake_exits_2_with_one_line_and_changes_nothing(name, fill, proj, tmp_path, tiny_lm_dir, tiny_sft_dir,
-                                                           tiny_rm_dir, monkeypatch, capsys):
+                                                           tiny_rm_dir, world_dir, monkeypatch, capsys):
     args, message = CASES[name]
-    before = tree(tmp_path, tiny_lm_dir, tiny_sft_dir, tiny_rm_dir)
+    roots = tmp_path, tiny_lm_dir, tiny_sft_dir, tiny_rm_dir, world_dir
+    before = tree(*roots)
     code = run_main(monkeypatch, fill(args))
-    err = " ".join(capsys.readouterr().err.split())  # rich may wrap long lines
+    raw = capsys.readouterr().err
+    err = " ".join(raw.split())  # rich may wrap long lines
     assert code == 2, err
     assert "Traceback" not in err, err
     assert message in err, err
-    assert tree(tmp_path, tiny_lm_dir, tiny_sft_dir, tiny_rm_dir) == before, "a file was written, changed or removed"
+    assert len([line for line in raw.splitlines() if line.strip()]) == 1, raw  # one line, nothing else
+    assert tree(*roots) == before, "a file was written, changed or removed"
 
 
 def test_corpus_is_large():
-    assert len(CASES) >= 40 and len(PIPELINE_CASES) >= 10
+    assert len(CASES) + len(PIPELINE_CASES) >= 90
 
 
 def test_unwritable_out_parent(proj, monkeypatch, capsys, fill):
@@ -353,3 +420,215 @@ def test_no_cuda_device_is_refused(tmp_path, proj, fill, monkeypatch, capsys):
         pytest.skip("a CUDA device is present")
     assert run_main(monkeypatch, fill(SFT[:-2] + ["--device", "cuda", "--out", "{proj}/o"])) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+# --- a run that learns nothing, or learns NaN, is a failure: exit 3, no output, the last checkpoint intact ------
+def test_a_finite_reward_does_not_reset_a_count_of_nan_losses():
+    """pg checks one loss per iteration after the reward: the count must still reach the limit."""
+    from instructrl.optim import NonFinite, NonFiniteError
+
+    nf = NonFinite("pg", limit=3)
+    with pytest.warns(UserWarning):
+        for step in (1, 2):
+            assert nf.ok(step, reward=1.0) and not nf.ok(step, loss=float("nan"))
+        assert nf.ok(3, reward=1.0)
+        with pytest.raises(NonFiniteError, match="stopped at step 3: non-finite loss, 3 checks"):
+            nf.ok(3, loss=float("nan"))
+    nf = NonFinite("sft", limit=3)
+    with pytest.warns(UserWarning):
+        assert not nf.ok(1, loss=float("inf"))
+    assert nf.ok(2, loss=1.0) and nf.ok(2, grad_norm=1.0)  # an applied update resets the count
+    assert nf.bad == 0 and nf.updates == 1
+    nf.check_learned()
+    with pytest.warns(UserWarning):
+        skipped = NonFinite("sft", limit=3)
+        skipped.ok(1, loss=float("nan"))
+    with pytest.raises(NonFiniteError, match="every update was skipped"):
+        skipped.check_learned()
+
+
+def rl_command(name: str, episodes: int = 16) -> list[str]:
+    from instructrl.options import flat_fields
+    from instructrl.rl import algorithms
+
+    mb = ["--minibatch-size", "4"] if any(f.name == "minibatch_size" for f in flat_fields(algorithms()[name].config)) \
+        else []
+    return [name, "--policy", "{sft}", "--reward", "{rm}", "--prompts", "{proj}/prompts.jsonl", "--device", "cpu",
+            "--no-progress", "--episodes", str(episodes), "--batch-size", "8", "--max-new-tokens", "8", *mb]
+
+
+RANKINGS = "{rm}/../rankings.jsonl"  # conftest's simulated rankings, beside the tiny reward model
+TRAINERS = {
+    "sft": SFT + ["--batch-size", "32", "--epochs", "1", "--no-progress"],
+    "rm": ["rm", "--model", "{sft}", "--data", RANKINGS, "--device", "cpu", "--batch-size", "8", "--no-progress"],
+    "dpo": ["dpo", "--policy", "{sft}", "--data", RANKINGS, "--device", "cpu", "--batch-size", "8", "--no-progress"],
+    "pretrain": PRE + ["--steps", "4", "--batch-size", "8", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+                       "--vocab-size", "300", "--no-progress"],
+    **{name: rl_command(name, episodes=32) for name in ("ppo", "pg", "grpo", "rloo")},
+}
+
+
+def stops_with_exit_3(monkeypatch, capsys, args, out: Path) -> str:
+    code = run_main(monkeypatch, [*args, "--out", out])
+    raw = capsys.readouterr().err
+    err = " ".join(raw.split())
+    assert code == 3, raw
+    assert "Traceback" not in raw, raw
+    assert [line for line in raw.splitlines() if line.startswith("stopped:")] == [raw.splitlines()[-1]], raw
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.*")), "an output or a temp was left"
+    return err
+
+
+def nan_reward_module(tmp_path, monkeypatch) -> str:
+    (tmp_path / "nan_reward.py").write_text("def score(prompts, responses):\n"
+                                            "    return [float('nan')] * len(responses)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "nan_reward:score"
+
+
+def _algorithm_names():
+    from instructrl.rl import algorithms
+
+    return sorted(algorithms())
+
+
+@pytest.mark.parametrize("name", _algorithm_names())
+def test_nan_reward_every_update_skipped_exits_3(name, fill, tmp_path, monkeypatch, capsys):
+    """Every reward NaN: both iterations skipped (under the limit of 3), so nothing was learned: exit 3."""
+    from instructrl.rl import algorithms
+
+    args = fill(rl_command(name) + (["--value", "{rm}"] if algorithms()[name].needs_value else []))
+    args[args.index("--reward") + 1] = nan_reward_module(tmp_path, monkeypatch)
+    err = stops_with_exit_3(monkeypatch, capsys, args, tmp_path / "o")
+    assert "every update was skipped" in err and "was not written" in err, err
+
+
+def _nan_logprobs(orig):
+    def patched(*a, **k):
+        out = orig(*a, **k)
+        return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+    return patched
+
+
+NAN_LOSS = {"sft": ("instructrl.sft", "sft_loss"), "rm": ("instructrl.reward", "rm_loss"),
+            "pretrain": ("instructrl.pretrain", "lm_loss")}
+
+
+@pytest.mark.parametrize("name", _algorithm_names() + ["sft", "rm", "dpo", "pretrain"])
+def test_nan_loss_reaches_the_limit_and_exits_3(name, fill, tmp_path, monkeypatch, capsys):
+    """The update's log-probabilities (RL) or the loss NaN while the rewards are finite: the count of non-finite
+    checks is not reset by the finite rewards, so the run stops at the limit (pg checks one loss per iteration)."""
+    import importlib
+
+    if name in NAN_LOSS:
+        module, fn = NAN_LOSS[name]
+        monkeypatch.setattr(f"{module}.{fn}", _nan_logprobs(getattr(importlib.import_module(module), fn)))
+    elif name == "dpo":
+        from instructrl import dpo
+
+        orig = dpo.batch_loss
+        monkeypatch.setattr(dpo, "batch_loss", lambda *a, **k: (orig(*a, **k)[0] * float("nan"), orig(*a, **k)[1]))
+    else:
+        for module in ("ppo", "pg", "grpo", "rloo"):
+            mod = importlib.import_module(f"instructrl.{module}")
+            if hasattr(mod, "response_logprobs"):
+                monkeypatch.setattr(mod, "response_logprobs", _nan_logprobs(mod.response_logprobs))
+    err = stops_with_exit_3(monkeypatch, capsys, fill(TRAINERS[name]), tmp_path / "o")
+    assert "non-finite loss" in err and "checks without an update" in err, err
+
+
+def finite_checkpoints(root: Path) -> list[Path]:
+    """Every checkpoint under root, each readable and all its weights finite."""
+    from safetensors.torch import load_file
+
+    steps = sorted(root.glob("step-*")) if root.is_dir() else []
+    for step in steps:
+        for f in step.glob("model.*.safetensors"):
+            assert all(bool(torch.isfinite(t).all()) for t in load_file(str(f)).values() if t.is_floating_point())
+    return steps
+
+
+@pytest.mark.parametrize("name", sorted(TRAINERS))
+def test_lr_1e30_in_every_trainer_exits_3_and_keeps_the_last_checkpoint(name, fill, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    args = fill(TRAINERS[name]) + ["--lr", "1e30", "--save-every", "1", "--max-nonfinite", "1"]
+    err = stops_with_exit_3(monkeypatch, capsys, args, out)
+    assert "non-finite" in err and ("the last good checkpoint is" in err or "no checkpoint was written" in err), err
+    steps = finite_checkpoints(tmp_path / "o-checkpoints")
+    if "the last good checkpoint is" in err:
+        assert str(steps[-1]) in err, err
+
+
+# --- an outside failure: disk full while saving ------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["out", "checkpoint"])
+def test_disk_full_while_saving_exits_4_naming_the_path_and_keeps_the_checkpoint(where, fill, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """out: OUT's final fsync fails (ENOSPC as an OSError); checkpoint: safetensors fails writing the second
+    checkpoint (ENOSPC in its own error type). Both: exit 4, one line naming the path, the first checkpoint kept."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from instructrl import checkpoint, utils
+
+    if where == "out":
+        def full(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        monkeypatch.setattr(utils, "fsync_tree", full)  # OUT's last write fails; the checkpoints' own do not
+    else:
+        def full(*a, **k):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+
+        real = checkpoint.Checkpointer.save
+
+        def save(self, step, *a, **k):
+            if step == 2:
+                monkeypatch.setattr(checkpoint, "save_file", full)
+            return real(self, step, *a, **k)
+
+        monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+    out = tmp_path / "o"
+    code = run_main(monkeypatch, fill(TRAINERS["sft"]) + ["--save-every", "1", "--out", out])
+    raw = capsys.readouterr().err
+    err = " ".join(raw.split())
+    assert code == 4, raw
+    assert len(raw.strip().splitlines()) == 1 and "Traceback" not in raw, raw
+    assert "No space left on device writing" in err and f"{out} was not written" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".o.*"))
+    steps = finite_checkpoints(tmp_path / "o-checkpoints")
+    assert steps and f"the last good checkpoint is {steps[-1]}" in err, err
+    assert where == "out" or [s.name for s in steps] == ["step-00000001"]
+
+
+# --- killed runs' leftovers, and inputs fingerprinted by content ------------------------------------------------
+def test_a_killed_runs_temporaries_are_removed_and_a_moved_aside_output_put_back(tmp_path):
+    from instructrl.outputs import clean_temporaries
+
+    out = tmp_path / "o"
+    left = [tmp_path / ".o.abcd_123.tmp", tmp_path / ".o.0123456789abcdef.tmp",
+            tmp_path / "o-checkpoints" / ".step-x1y2z3w4.tmp"]
+    for p in left:
+        p.mkdir(parents=True) if "step" in p.name or "abcd" in p.name else p.write_text("half")
+    kept = [tmp_path / ".o.b.abcd_123.tmp", tmp_path / "o-checkpoints" / "step-00000001", tmp_path / ".o.lock"]
+    for p in kept:  # another output's temp ("o.b"), a finished checkpoint, the lock
+        p.mkdir(parents=True)
+    (tmp_path / ".o.old").mkdir()
+    (tmp_path / ".o.old" / "summary.json").write_text("{}")  # killed between atomic_dir's two renames
+    clean_temporaries(out)
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+    assert (out / "summary.json").is_file() and not (tmp_path / ".o.old").exists()
+
+
+def test_a_directory_input_is_fingerprinted_by_every_byte(tmp_path):
+    from instructrl.outputs import content_id
+
+    d = tmp_path / "model"
+    d.mkdir()
+    blob = bytearray(5 << 20)  # larger than the first and last MiB that an earlier fingerprint read
+    (d / "model.safetensors").write_bytes(blob)
+    before = content_id(str(d))
+    blob[len(blob) // 2] = 1
+    (d / "model.safetensors").write_bytes(blob)
+    assert content_id(str(d)) != before

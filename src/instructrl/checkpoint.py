@@ -3,7 +3,8 @@
 A checkpoint is a directory `DIR/step-00000123/` holding, in safetensors and small JSON files only (nothing is
 ever unpickled): model weights, optimizer state, scheduler state, every RNG state (python, numpy, torch and our
 own generators), the run's counters and the metrics written so far. It is written to a temp directory, fsynced
-and renamed, so it is either complete or absent; the last `keep` are kept. A corrupt newest checkpoint is
+and renamed, so it is either complete or absent; the last `keep` are kept. Weights with a NaN or inf are never
+saved (NonFiniteError): the newest checkpoint stays the last good one. A corrupt newest checkpoint is
 skipped with a warning and the previous one is used.
 
 Models are saved unwrapped (a DDP module's keys are the plain model's) and without frozen weights (under LoRA only
@@ -123,6 +124,12 @@ class Checkpointer:
         ranks = dist.gather_objects((rng_state(generators or {}), state or {}))
         if not dist.is_main():
             return None
+        bad = next((f"{name}.{k}" for name, sd in states.items() for k, v in sd.items()
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:  # a checkpoint to resume from is never worse than the one before it
+            from .optim import NonFiniteError
+
+            raise NonFiniteError(f"checkpoint of step {step} not written: non-finite tensor {bad}")
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(self.root, ".step-")
         try:

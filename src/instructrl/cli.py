@@ -141,17 +141,19 @@ def label_simulate(policy: Path = typer.Option(...), prompts: Path = typer.Optio
     """Sample K responses per prompt and rank them with simulated labelers (the stand-in for people)."""
     from .data import read_prompts, write_jsonl
     from .models import load_causal_lm, load_tokenizer
+    from .outputs import check_file_output
     from .utils import resolve_device
     from .world import GoldJudge
     from .world.labelers import simulate_rankings
 
+    check_file_output(out, [str(policy), str(prompts), str(world)])  # before any model loads
     ps = read_prompts(prompts)[:limit]
     judge = GoldJudge.from_world(world)
     dev = resolve_device(device)
     recs = simulate_rankings(load_causal_lm(policy, dev), load_tokenizer(policy), ps, judge, k=k,
                              temperature=temperature, n_labelers=labelers, labeler_bias_std=labeler_bias_std,
                              sample_temperature=sample_temperature, max_new_tokens=max_new_tokens, seed=seed)
-    write_jsonl(out, recs)
+    write_jsonl(out, recs, overwrite=False)
     _done({"stage": "label simulate", "rankings": len(recs), "out": str(out)}, ["rankings", "out"])
 
 
@@ -175,11 +177,14 @@ def sample(model: Path = typer.Option(...), prompts: Path = typer.Option(...),
 
 def _eval(cfg, out: Optional[str] = None) -> dict:
     from .evaluate import evaluate
-    from .utils import write_json
+    from .outputs import check_file_output, inputs_of
+    from .utils import atomic_write_text
 
+    if out:  # before the evaluation runs
+        check_file_output(out, inputs_of(cfg))
     r = evaluate(cfg)
     if out:
-        write_json(out, r)
+        atomic_write_text(out, json.dumps(r, indent=2, ensure_ascii=False) + "\n", overwrite=False)
     typer.echo(json.dumps({k: v for k, v in r.items() if k not in ("config", "examples")}, indent=2))
     return r
 
@@ -290,9 +295,17 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
             write_json(Path(out) / "machine.json", cpu_info())
 
 
+def _current_run():
+    """The run in progress, if a step started one (without importing the run shell, and torch, when none did)."""
+    module = sys.modules.get(f"{__package__}.run")
+    return module.Run.current if module is not None else None
+
+
 def main() -> None:
-    """Entry point. Exit codes: 0 done, 2 a user error (one line naming the file/line/field or the option; nothing
-    written), 3 stopped on non-finite values, 130 interrupted (Ctrl-C; the message says how to resume)."""
+    """Entry point. Exit codes (README, "Exit codes"): 0 done; 2 a user error (one line naming the file/line/field or
+    the option; nothing written); 3 stopped on non-finite values (nothing written; the last good checkpoint kept);
+    4 an outside failure (disk full, I/O or network error; one line naming the path, the last checkpoint kept);
+    130 interrupted (Ctrl-C; the message says how to resume)."""
     from rich.markup import escape
 
     from .data import DataError
@@ -310,6 +323,9 @@ def main() -> None:
         if message:  # (none after the help that a bare `instructrl label` shows)
             console.print(f"[bold red]error:[/] {escape((f'{where.command_path}: ' if where else '') + message)}")
         sys.exit(e.exit_code)
+    except typer.Abort:
+        console.print("[bold yellow]aborted[/]")
+        sys.exit(1)
     except (DataError, ValueError, FileNotFoundError) as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(2)
@@ -320,10 +336,15 @@ def main() -> None:
             raise
         console.print(f"[bold red]stopped:[/] {escape(str(e))}")
         sys.exit(3)
+    except OSError as e:  # disk full, I/O, network: not the user's mistake, and nothing half-written is left
+        where = f" writing {e.filename}" if e.filename else ""
+        run = _current_run()
+        kept = f"; {run.out} was not written; {run.last_good()}" if run is not None else ""
+        console.print(f"[bold red]failed:[/] {escape(f'{e.strerror or e}{where}{kept}')}")
+        sys.exit(4)
     if code == 130:  # typer's exit code for Ctrl-C (KeyboardInterrupt)
-        from .run import Run
-
-        said = Run.current.interrupted() if Run.current is not None else "interrupted"
+        run = _current_run()
+        said = run.interrupted() if run is not None else "interrupted"
         console.print(f"[bold yellow]{escape(said)}[/]")
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -3,7 +3,8 @@
 Every trainer writes its step in plain sight (backward, clip, `optimizer.step()`); `NonFinite.ok` is asked before
 backward (the loss; for RL, the rewards first) and before the step (the gradient norm). A NaN or inf anywhere skips
 the step on every rank alike (DDP's all-reduce in backward never waits for a rank that skipped); `limit`
-consecutive skips stop the run, the last checkpoint intact.
+non-finite checks without an update in between stop the run, the last checkpoint intact, and a run in which every
+update was skipped fails too (the run shell asks `check_learned` before it writes OUT).
 """
 from __future__ import annotations
 
@@ -19,24 +20,37 @@ class NonFiniteError(RuntimeError):
 
 
 class NonFinite:
-    """Counts consecutive non-finite steps of one run."""
+    """Counts the non-finite checks since the last applied update of one run.
+
+    The gradient norm is every trainer's last check before `optimizer.step()`: a finite one is an applied update,
+    and only that resets the count. A finite reward or loss does not (with one loss check per iteration a finite
+    reward would otherwise reset a count of NaN losses forever, and the run would never stop)."""
 
     def __init__(self, stage: str, limit: int = 3):
-        self.stage, self.limit, self.bad = stage, limit, 0
+        self.stage, self.limit, self.bad, self.skipped, self.updates = stage, limit, 0, 0, 0
 
     def ok(self, step: int, **quantities: torch.Tensor | float) -> bool:
         """True when every quantity is finite on every rank; else warn, count the skip, and stop at `limit`."""
         for name, value in quantities.items():
             if not bool(torch.isfinite(dist.sync_finite(torch.as_tensor(value).detach())).all()):
                 self.bad += 1
+                self.skipped += 1
                 warnings.warn(f"{self.stage}: step {step}: non-finite {name}; step skipped "
-                              f"({self.bad}/{self.limit} in a row)")
+                              f"({self.bad}/{self.limit} since the last update)")
                 if self.bad >= self.limit:
-                    raise NonFiniteError(f"{self.stage} stopped at step {step}: non-finite {name} for {self.bad} "
-                                         f"consecutive steps; the last good checkpoint is kept")
+                    raise NonFiniteError(f"{self.stage} stopped at step {step}: non-finite {name}, {self.bad} "
+                                         f"checks without an update")
                 return False
-        self.bad = 0
+        if "grad_norm" in quantities:
+            self.bad = 0
+            self.updates += 1
         return True
+
+    def check_learned(self) -> None:
+        """A run in which every update was skipped learned nothing: that is a failure, not a result."""
+        if self.skipped and not self.updates:
+            raise NonFiniteError(f"{self.stage}: every update was skipped ({self.skipped} non-finite checks); "
+                                 f"nothing was learned")
 
 
 def adam(params, decoupled_weight_decay: bool = False, **kw) -> torch.optim.Optimizer:

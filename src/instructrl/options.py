@@ -142,7 +142,8 @@ class RunOptions:
     overwrite: bool = option(False, "replace a finished output of this step in --out (and start afresh over old "
                                     "checkpoints)")
     keep_checkpoints: int = option(2, "checkpoints kept in OUT-checkpoints/", ge=1)
-    max_nonfinite: int = option(3, "consecutive non-finite losses/rewards before the run stops", ge=1)
+    max_nonfinite: int = option(3, "non-finite rewards/losses/gradient norms without an update in between before "
+                                   "the run stops", ge=1)
     log_with: str = option("", "extra metric sinks besides metrics.jsonl, comma-separated: tensorboard, trackio "
                                "(events in OUT-logs/)")
     progress: bool = option(True, "show a progress bar", wired=True)

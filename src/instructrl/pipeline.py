@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 import time
@@ -16,9 +17,10 @@ from pathlib import Path
 
 from .config import PipelineConfig, dump_config, validate_pipeline
 from .options import flat_fields, to_flat
-from .outputs import RUN_CONTROL, content_id, differences
+from .optim import NonFiniteError
+from .outputs import RUN_CONTROL, OutputLock, check_place, clean_temporaries, content_id, differences
 from .stages import BY_NAME
-from .utils import atomic_dir, console, peak_rss_mb, write_json
+from .utils import atomic_dir, atomic_write_text, console, peak_rss_mb, write_json
 
 FINGERPRINTS = "fingerprints.json"
 NOT_LEARNED = RUN_CONTROL | {"device"}  # options a stage may be reused across
@@ -42,6 +44,30 @@ def stage_fingerprint(cfg, extra_inputs: dict | None = None, contents: bool = Tr
         elif f.name not in NOT_LEARNED and f.learns:
             options[f.name] = value
     return {"options": options, "inputs": {k: content_id(v) if contents else None for k, v in inputs.items()}}
+
+
+def check_run_dir(out: Path, inputs: list[str], ours=lambda d: (d / FINGERPRINTS).is_file()) -> None:
+    """OUT may be absent, empty, or a pipeline run (`ours`: it holds fingerprints.json, written first); a file or a
+    directory with anything else in it is refused, before any stage runs: nothing the user made is replaced."""
+    check_place(out, [x for x in inputs if x], "--out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; give a directory path")
+    if out.is_dir() and any(out.iterdir()) and not ours(out):
+        raise ValueError(f"--out {out} is a directory with other files in it (not a pipeline run); refusing to "
+                         f"replace them: choose a new --out")
+
+
+# The headline numbers a stage hands on (to the stages after it and to the report): never NaN or inf.
+HEADLINE = ("toxicity_rate", "gold_reward", "rm_reward", "kl_to_reference", "pretrain_loss", "objective/score",
+            "objective/kl", "objective/gold", "val_loss", "val_loss_best")
+
+
+def check_finite(what: str, result: dict) -> None:
+    numbers = {**result, **(result.get("final") or {})}
+    bad = next((k for k in HEADLINE if isinstance(numbers.get(k), float) and not math.isfinite(numbers[k])), None)
+    if bad is not None:
+        raise NonFiniteError(f"pipeline: {what}: {bad} is {numbers[bad]}; stopped before it reaches the next stage "
+                             f"and the report (change the stage's options and rerun with --rerun-changed)")
 
 
 class Stages:
@@ -88,6 +114,9 @@ class Stages:
 
     def record(self, key: str, fp: dict) -> None:
         self.saved[key] = fp
+        self.record_all()
+
+    def record_all(self) -> None:
         write_json(self.out / FINGERPRINTS, self.saved)
 
 
@@ -96,10 +125,12 @@ def _stage(stages: Stages, name: str, d: Path, fp: dict, fn, show: list[str]) ->
     title = BY_NAME[name].title
     if _finished(d) is not None and stages.reusable(name, d, fp):
         console.print(f"[dim]• {title}: reused {d}[/]")
+        check_finite(name, _finished(d))
         return _finished(d)
     console.rule(f"[bold]{title}")
     t0 = time.time()
     summary = fn()
+    check_finite(name, summary)
     stages.record(name, fp)
     shown = ", ".join(f"{k}={_fmt(summary[k])}" for k in show if k in summary)
     console.print(f"[bold green]✓ {title}[/] {shown} [dim]({time.time() - t0:.0f}s)[/]")
@@ -187,6 +218,27 @@ def _label_fingerprint(cfg: PipelineConfig, p: dict, contents: bool) -> dict:
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = False) -> dict:
+    t_start = time.time()
+    out = Path(out)
+    p = plan(cfg, out)
+    preflight(cfg, out)  # every section, before the first stage runs
+    stages = Stages(out, rerun_changed)
+    trained = [n for n in ("world", "pretrained", "sft", "reward", *RL_STAGES, "dpo") if n in p]
+    for name in trained:  # a changed option is refused now, not after the stages before it ran
+        stages.check_options(name, out / name, stage_fingerprint(p[name], contents=False))
+    if "rankings" in p:
+        stages.check_options("rankings", out / "rankings", _label_fingerprint(cfg, p, False))
+    for name, ecfg in p["eval"].items():
+        stages.check_options(f"eval/{name}", out / "eval" / f"{name}.json", stage_fingerprint(ecfg, contents=False))
+    check_run_dir(out, [cfg.base_model, *dataclasses.asdict(cfg.data).values()])
+    lock = OutputLock(out).acquire()  # one pipeline per run directory
+    try:
+        return _run(cfg, out, p, stages, t_start)
+    finally:
+        lock.release()
+
+
+def _run(cfg: PipelineConfig, out: Path, p: dict, stages: Stages, t_start: float) -> dict:
     from .dpo import dpo
     from .evaluate import evaluate
     from .grpo import GRPO
@@ -200,20 +252,13 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = Fal
     from .world import GoldJudge, generate_world
     from .world.labelers import simulate_rankings, split_share
 
-    t_start = time.time()
-    out = Path(out)
-    p = plan(cfg, out)
-    preflight(cfg, out)
-    stages = Stages(out, rerun_changed)
-    trained = [n for n in ("world", "pretrained", "sft", "reward", *RL_STAGES, "dpo") if n in p]
-    for name in trained:  # a changed option is refused now, not after the stages before it ran
-        stages.check_options(name, out / name, stage_fingerprint(p[name], contents=False))
-    if "rankings" in p:
-        stages.check_options("rankings", out / "rankings", _label_fingerprint(cfg, p, False))
-    for name, ecfg in p["eval"].items():
-        stages.check_options(f"eval/{name}", out / "eval" / f"{name}.json", stage_fingerprint(ecfg, contents=False))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg, settable_only=True))  # rerun with `--config OUT/config.yaml`
+    for name in (FINGERPRINTS, "config.yaml", "report.json", "report.html", "rankings",
+                 *(f"eval/{n}.json" for n in p["eval"])):  # what a killed pipeline left half-written
+        clean_temporaries(out / name)
+    if not (out / FINGERPRINTS).is_file():  # first: it marks OUT as a pipeline run
+        stages.record_all()
+    atomic_write_text(out / "config.yaml", dump_config(cfg, settable_only=True))  # rerun: `--config OUT/config.yaml`
     data, judge_dir = p["data"], p["judge"]
 
     def run(name, fn, show):
@@ -285,9 +330,11 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, rerun_changed: bool = Fal
         fp = stage_fingerprint(ecfg)
         if f.is_file() and stages.reusable(f"eval/{name}", f, fp):
             evals[name] = json.loads(f.read_text())
+            check_finite(f"eval/{name}", evals[name])
             continue
         console.print(f"[bold]eval[/] {name} …")
         evals[name] = evaluate(ecfg)
+        check_finite(f"eval/{name}", evals[name])
         write_json(f, evals[name])
         stages.record(f"eval/{name}", fp)
         e = evals[name]
@@ -311,6 +358,8 @@ def run_seeds(cfg: PipelineConfig, out: str | Path, seeds: int, rerun_changed: b
     if (out / FINGERPRINTS).is_file():
         raise ValueError(f"--out {out} holds a one-seed pipeline run; --seeds writes OUT/seed-<k>/ and its own report: "
                          f"choose a new --out")
+    check_run_dir(out, [cfg.base_model, *dataclasses.asdict(cfg.data).values()],
+                  ours=lambda d: any((s / FINGERPRINTS).is_file() for s in d.glob("seed-*")))
     runs = {cfg.seed + i: dataclasses.replace(cfg, seed=cfg.seed + i) for i in range(seeds)}
     for seed, c in runs.items():  # every seed's plan is checked before the first stage of any runs
         preflight(c, out / f"seed-{seed}")

@@ -145,8 +145,8 @@ def run_grid(cfg, out: str | Path, seeds: int, float_paths: list[str], threads: 
              rerun_changed: bool = False) -> dict:
     """The pipeline for seeds cfg.seed … cfg.seed + seeds − 1 under each float path, one run at a time, in
     OUT/<float path>/seed-<k>/; returns and writes OUT/robust.json."""
-    from .config import dump_config, validate_pipeline
-    from .pipeline import FINGERPRINTS, plan
+    from .config import dump_config
+    from .pipeline import FINGERPRINTS, preflight
 
     out = Path(out)
     for name in float_paths:
@@ -159,7 +159,7 @@ def run_grid(cfg, out: str | Path, seeds: int, float_paths: list[str], threads: 
     grid = [(seed, name) for name in float_paths for seed in range(cfg.seed, cfg.seed + seeds)]
     configs = {seed: dataclasses.replace(cfg, seed=seed) for seed in range(cfg.seed, cfg.seed + seeds)}
     for seed, name in grid:  # every run's plan is checked before the first one starts
-        validate_pipeline(configs[seed], plan(configs[seed], out / run_dir_name(name, seed)))
+        preflight(configs[seed], out / run_dir_name(name, seed))
     out.mkdir(parents=True, exist_ok=True)
     for seed, c in configs.items():
         (out / f"config-seed-{seed}.yaml").write_text(dump_config(c, settable_only=True))

@@ -16,19 +16,23 @@ resume, metric sinks, the progress bar, periodic saves and the summary. A traine
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .checkpoint import Checkpointer
 from .metrics import MetricSinks, check_sinks
-from .optim import NonFinite
-from .options import RunOptions, flat_fields, to_flat
-from .outputs import OutputLock, check_output, differences, fingerprint
+from .optim import NonFinite, NonFiniteError
+from .options import RunOptions, to_flat
+from .outputs import OutputLock, check_output, clean_temporaries, differences, fingerprint, first_nonfinite, \
+    inputs_of
 from .utils import checkpoint_dir, console, log_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, \
     write_json
 
@@ -48,9 +52,7 @@ class Run:
         self.checkpoints = Checkpointer(checkpoint_dir(out), opts.keep_checkpoints)
         self.start, self.previous, self.dir, self.metrics = 0, [], None, None
         self._saved: tuple = ({}, None, None, None)
-        inputs = [f.get(cfg) for f in flat_fields(type(cfg)) if f.wired and f.path[0] != "run" and f.name != "out"]
-        inputs = [x for v in inputs for x in (v if isinstance(v, list) else [v])]  # a repeatable option: each one
-        self.inputs = [v for v in inputs if isinstance(v, str) and v]
+        self.inputs = inputs_of(cfg)
         check_output(out, stage, self.inputs, opts.overwrite)
         if dist.is_main():
             OutputLock(out).check_free()
@@ -100,15 +102,33 @@ class Run:
             console.print(f"[dim]{self.stage}: resumed from step {self.start} ({self.checkpoints.root})[/]")
         return state
 
+    def last_good(self) -> str:
+        steps = self.checkpoints.steps()
+        return (f"the last good checkpoint is {steps[0]} (resume from it with --resume)" if steps
+                else "no checkpoint was written")
+
     @contextlib.contextmanager
     def output(self):
         """Rank 0 writes into a temp directory (`run.dir`) that becomes OUT whole, only when the block succeeds;
-        it holds OUT's lock meanwhile (a second run on the same OUT stops here, before it writes anything)."""
+        it holds OUT's lock meanwhile (a second run on the same OUT stops here, before it writes anything) and
+        first removes what a killed run on the same OUT left behind.
+
+        OUT is not written when the run learned nothing (every update skipped) or a saved tensor is not finite:
+        NonFiniteError (exit 3), naming the tensor and the last good checkpoint."""
         lock = OutputLock(self.out).acquire() if dist.is_main() else None
         with contextlib.ExitStack() as stack:
             if lock is not None:
                 stack.callback(lock.release)
-            yield from self._output()
+                clean_temporaries(self.out)
+            try:
+                yield from self._output()
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{e}; {self.out} was not written; {self.last_good()}") from None
+            except SafetensorError as e:  # a full disk, in safetensors' words: the OSError it is (exit 4)
+                if "code: 28" not in str(e) and "StorageFull" not in str(e):
+                    raise
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.out)) from None
+        Run.current = None  # OUT is written: a later failure (the pipeline's next step) is not this run's
 
     def _output(self):
         with dist.output_dir(self.out) as tmp:
@@ -121,6 +141,10 @@ class Run:
                 yield tmp
             finally:
                 self.metrics.close()
+            self.nonfinite.check_learned()
+            bad = first_nonfinite(tmp) if tmp is not None else None
+            if bad is not None:
+                raise NonFiniteError(f"{self.stage}: the trained weights are not finite ({bad})")
 
     def progress(self, total: int, start: int | None = None, desc: str | None = None):
         """Steps start+1 … total with a progress bar on rank 0."""

@@ -176,7 +176,10 @@ def export_rankings(db, out: str | os.PathLike, overwrite: bool = False, fmt: st
     atomically, never over an existing file unless `overwrite`. fmt: "jsonl", "parquet" (ranking as a list of
     groups), or "pairs" (parquet when `out` ends in .parquet, else JSONL). Returns (records written, all-tied
     rankings left out); on error nothing is written."""
+    from ..outputs import check_place
+
     out = Path(out)
+    check_place(out, [str(db)], "--out")  # never over the database itself
     if fmt not in FORMATS:
         raise DataError("--format", None, f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     if implicit_prompt and fmt != "pairs":
