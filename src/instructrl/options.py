@@ -99,8 +99,8 @@ class RunOptions:
                                     "checkpoints)")
     keep_checkpoints: int = option(2, "checkpoints kept in OUT-checkpoints/", ge=1)
     max_nonfinite: int = option(3, "consecutive non-finite losses/rewards before the run stops", ge=1)
-    log_with: str = option("", "extra metric sinks besides metrics.jsonl, comma-separated: tensorboard, trackio "
-                               "(events in OUT-logs/)")
+    log_with: str = option("", "extra metric sinks besides metrics.jsonl, comma-separated: tensorboard, trackio, "
+                               "wandb, mlflow (events and run ids in OUT-logs/)")
     progress: bool = option(True, "show a progress bar", wired=True)
 
 
