@@ -130,7 +130,8 @@ def mlflow_history(uri) -> dict[str, list[tuple[int, float]]]:
 
     client = MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("instructrl").experiment_id])
-    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+    # a file store holds `objective/score` as `objective.score` (no instructrl metric name has a '.')
+    return {k.replace(".", "/"): sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
             for k in run.data.metrics}
 
 

@@ -10,7 +10,8 @@ and the last step sent are kept in OUT-logs/) and are sent only later steps: an 
 for the steps the interrupted run had already sent, so skipping them loses nothing and duplicates nothing.
 
 W&B honours its own environment (WANDB_MODE=offline, WANDB_PROJECT, WANDB_DIR; files go to OUT-logs/ otherwise);
-MLflow its tracking URI (MLFLOW_TRACKING_URI, default ./mlruns) and MLFLOW_EXPERIMENT_NAME (default instructrl).
+MLflow its tracking URI (MLFLOW_TRACKING_URI) and MLFLOW_EXPERIMENT_NAME (default instructrl); in a file store
+(`file:DIR`) metric names have '.' for '/'.
 """
 from __future__ import annotations
 
@@ -161,10 +162,15 @@ class MlflowSink(ExternalRun):
     sink = "mlflow"
 
     def open(self, name: str, config: dict, rid: str | None) -> str:
+        import mlflow
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
+        from mlflow.utils.uri import is_local_uri
 
         self.client = MlflowClient()
+        # the file store keeps a metric as a file at its name's path: `objective/score` and `objective/score/rm`
+        # cannot both exist there, so its names use '.' for '/'
+        self.file_store = is_local_uri(mlflow.get_tracking_uri())
         if rid is not None:
             self.client.update_run(rid, status="RUNNING")
             return rid
@@ -181,7 +187,8 @@ class MlflowSink(ExternalRun):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        self.client.log_batch(self.id, metrics=[Metric(k.replace("/", ".") if self.file_store else k, v, now, step)
+                                                for k, v in values.items()])
 
     def close(self) -> None:
         self.client.set_terminated(self.id)

@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast)
 
+from . import hub
+
 transformers.logging.set_verbosity_error()
 
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
@@ -46,7 +48,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2000) -> PreTrainedToken
 def load_tokenizer(path: str | os.PathLike):
     """AutoTokenizer from a directory. A tokenizer without PAD gets EOS as pad id: every mask here is explicit,
     so pads are never found by comparing ids, and PAD == EOS cannot hide a real EOS."""
-    p = Path(path)
+    p = Path(hub.local(path))
     if not p.is_dir():  # checked before transformers sees the path: never a Hub download
         raise ValueError(f"{path}: {'not a directory' if p.exists() else 'no such directory'}; expected a local "
                          "model directory (nothing is downloaded)")
@@ -363,7 +365,7 @@ class ScalarHeadModel(nn.Module):
 def model_dir(path: str | os.PathLike) -> Path:
     """PATH as a local model directory with safetensors weights, else a ValueError saying what is there. Checked
     here, before transformers sees the path: a missing directory must never turn into a Hub download."""
-    p = Path(path)
+    p = Path(hub.local(path))  # a Hub id: its snapshot in the Hugging Face cache
     if not p.is_dir():
         raise ValueError(f"{path}: {'not a directory' if p.exists() else 'no such directory'}; expected a local "
                          "model directory (nothing is downloaded)")
