@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from instructrl import cli, hub
 from instructrl.hub import looks_like_id
@@ -43,6 +44,8 @@ def test_sft_by_hub_id_reads_model_and_data_from_the_cache(tiny_lm_dir, world_di
                       batch_size=32, progress=False, device="cpu"))
     assert s["steps"] >= 1 and (tmp_path / "sft" / "model.safetensors").is_file()
     assert s["config"]["model"] == "tiny-org/tiny-gpt"
+    front = yaml.safe_load((tmp_path / "sft" / "README.md").read_text().split("---\n")[1])
+    assert front["base_model"] == "tiny-org/tiny-gpt" and front["datasets"] == ["tiny-org/demos"]  # the card
     assert not (tmp_path / "tiny-org").exists()  # the id never became a local path
 
 

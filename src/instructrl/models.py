@@ -24,6 +24,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
                           AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast)
 
 from . import hub
+from .cards import write_model_card
 
 transformers.logging.set_verbosity_error()
 
@@ -216,7 +217,7 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 # --- scalar-head model: reward model and value model ----------------------------------------------------
-HEAD_FILE, HEAD_CONFIG, CARD_FILE = "scalar_head.safetensors", "scalar_head.json", "README.md"
+HEAD_FILE, HEAD_CONFIG = "scalar_head.safetensors", "scalar_head.json"
 KEPT = "backbone."  # HEAD_FILE keys under this prefix: exact backbone tensors that the directory's HF export shifts
 REWARD_DIR = (f"a reward model: an instructrl reward directory ({HEAD_FILE} beside the backbone) or a Hugging Face "
               "sequence classifier with num_labels=1 (as TRL, OpenRLHF and NeMo-RL save)")
@@ -523,28 +524,6 @@ def rebuilt(config, state: dict) -> nn.Module | None:
         model = AutoModel.from_config(config)
     model.load_state_dict(state, strict=False, assign=True)
     return None if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())) else model
-
-
-def write_model_card(path: str | os.PathLike, step: str, details: dict) -> None:
-    """PATH/README.md, a short model card: one section per step that wrote into the directory (its name and
-    headline numbers); writing a step again replaces its section."""
-    card = Path(path) / CARD_FILE
-    text = card.read_text() if card.is_file() else CARD_HEADER
-    head, *sections = text.split("\n## ")
-    sections = [s for s in sections if s.split("\n", 1)[0] != step]
-    body = "\n".join(f"- **{k}**: {v}" for k, v in details.items())
-    card.write_text("\n## ".join([head.rstrip("\n") + "\n", *[s.rstrip("\n") + "\n" for s in sections],
-                                  f"{step}\n\n{body}\n"]))
-
-
-CARD_HEADER = """---
-library_name: transformers
-tags: [instructrl, rlhf]
----
-# instructrl model
-
-Written by instructrl, an RLHF toolkit (SFT → reward model → PPO).
-"""
 
 
 def checkpoint_activations(model: nn.Module) -> nn.Module:
