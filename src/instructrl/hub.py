@@ -44,7 +44,8 @@ def local(path: str | os.PathLike, repo_type: str = "model") -> str | os.PathLik
         what = "model" if repo_type == "model" else "dataset"
         fetch = f"hf download {name}" + ("" if repo_type == "model" else " --repo-type dataset")
         raise ValueError(f"{name}: no such path, and no {what} with this Hub id in the Hugging Face cache "
-                         f"({cache}); download it first (`{fetch}`) or set {ALLOW_DOWNLOADS}=1") from None
+                         f"({cache}); nothing is downloaded unless {ALLOW_DOWNLOADS}=1 (or fetch it first: "
+                         f"`{fetch}`)") from None
     except Exception as e:  # with downloads allowed: the Hub's own answer (unknown id, gated, no network …)
         raise ValueError(f"{name}: could not be fetched from the Hugging Face Hub "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
