@@ -53,7 +53,8 @@ def write_model_card(path: str | os.PathLike, step: str, details: dict, meta: di
     intro, *sections = body.split("\n## ")
     sections = [s for s in sections if s.split("\n", 1)[0] != step]
     lines = "\n".join(f"- **{k}**: {v}" for k, v in details.items())
-    body = "\n## ".join([intro.rstrip("\n") + "\n", *[s.rstrip("\n") + "\n" for s in sections], f"{step}\n\n{lines}\n{extra}"])
+    sections = [s.rstrip("\n") + "\n" for s in sections] + [f"{step}\n\n{lines}\n{extra}"]
+    body = "\n## ".join([intro.rstrip("\n") + "\n", *sections])
     card.write_text(f"---\n{yaml.safe_dump(front, sort_keys=False, allow_unicode=True)}---\n{body}")
 
 
@@ -79,7 +80,7 @@ def training_card(path: str | os.PathLike, summary: dict) -> None:
     results = {k: v for k, v in flat.items()
                if k not in ENVIRONMENT and isinstance(v, (int, float)) and not isinstance(v, bool)}
     details = {"base model": f"`{base}`" if base else "none (trained from scratch)",
-               **{f"{k}": f"`{v}`" for k, v in models.items() if v != base},
+               **{k: f"`{v}`" for k, v in models.items() if v != base},
                **{"data" if k == "data" else f"data ({k})": f"`{v}`" for k, v in data.items()},
                "final metrics": ", ".join(f"{k} = {v:.6g}" for k, v in results.items()) or "none",
                "references": "; ".join(CITATIONS.get(stage, [])) or "none recorded"}
