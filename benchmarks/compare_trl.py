@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from ppo_bench import _machine, cpu_line  # noqa: E402
+
+child_cpu_info = _machine().child_cpu_info
 
 
 def cmd_for(arm: str, a) -> list[str]:
@@ -67,9 +71,37 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", "/tmp/trlvenv/bin/python"))
     ap.add_argument("--json", default=None, help="append every run's RESULT here (jsonl)")
+    ap.add_argument("--smoke", action="store_true", help="one round of one iteration on a tiny setup (seconds; CI); "
+                                                         "without TRL at --trl-python its arm is left out, saying so")
     a = ap.parse_args()
+    if a.smoke:
+        return smoke(a)
+    compare(a)
+
+
+def trl_available(python: str) -> bool:
+    return Path(python).is_file() and subprocess.run([python, "-c", "import trl"], capture_output=True).returncode == 0
+
+
+def smoke(a) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([sys.executable, str(HERE / "ppo_bench.py"), "setup", "--tiny", "--dir", d], check=True,
+                       capture_output=True)
+        arms = "ours,trl"
+        if not trl_available(a.trl_python):
+            print(f"compare_trl --smoke: TRL is not installed at --trl-python {a.trl_python}: the trl arm is left out")
+            arms = "ours"
+        a = argparse.Namespace(**{**vars(a), "dir": d, "batch": 4, "response": 4, "iters": 1, "warmup": 0,
+                                  "rounds": 1, "threads": 1, "arms": arms, "protocol": "P"})
+        compare(a)
+
+
+def compare(a) -> None:
     a.response = a.response or {"P": 32, "P-long": 96}[a.protocol]
     arms = a.arms.split(",")
+    print(cpu_line(child_cpu_info(a.threads)))   # the CPU as a measured arm sees it (this process imports no torch)
     res: dict[str, list[dict]] = {arm: [] for arm in arms}
     print(f"protocol {a.protocol}: B={a.batch} P=16 R={a.response}, threads {a.threads}, {a.rounds} rounds x "
           f"({a.warmup} warm-up + {a.iters} iterations), arms {arms}, start loadavg "

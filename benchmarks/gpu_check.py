@@ -4,7 +4,7 @@ tokens/s, seconds per PPO iteration, peak CUDA memory and model FLOPs utilisatio
 
     python benchmarks/gpu_check.py                          # one CUDA device
     torchrun --nproc_per_node 1 benchmarks/gpu_check.py --fsdp
-    python benchmarks/gpu_check.py --tiny --device cpu      # the CI smoke test (tests/test_gpu_check.py)
+    python benchmarks/gpu_check.py --smoke                  # = --tiny --device cpu: CI (tests/test_gpu_check.py)
 
 --fsdp shards the models with FSDP (torch's fully_shard), LoRA as without it. MFU counts model FLOPs only (6·N
 per trained token, 2·N per scored or generated token; checkpointing's recomputation is not counted) against the
@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from instructrl import distributed as dist  # noqa: E402
 from instructrl.data import read_demos, read_prompts, read_texts, write_jsonl  # noqa: E402
 from instructrl.models import count_parameters, load_causal_lm, load_tokenizer, train_tokenizer  # noqa: E402
-from instructrl.ppo import PPOConfig, train_ppo  # noqa: E402
+from instructrl.machine import cpu_info, cpu_line  # noqa: E402
+from instructrl.ppo import PPO, PPOConfig  # noqa: E402
+from instructrl.rl import train_rl  # noqa: E402
 from instructrl.reward import RewardConfig, train_reward_model  # noqa: E402
 from instructrl.sampling import encode_prompts, sample  # noqa: E402
 from instructrl.sft import SFTConfig, sft  # noqa: E402
@@ -66,7 +68,10 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=3, help="PPO iterations (seconds per iteration: without "
                                                                "the first, unless it is the only one)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not known")
+    ap.add_argument("--smoke", action="store_true", help="--tiny --device cpu (CI)")
     args = ap.parse_args()
+    if args.smoke:
+        args.tiny, args.device = True, "cpu"
     tiny, device = args.tiny, torch.device(args.device)
     dtype = "float32" if device.type == "cpu" else "bfloat16"  # CPU bf16 matmuls are slow and prove nothing here
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check-"))
@@ -108,10 +113,10 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     new_tokens = 8 if tiny else 128
-    summary = train_ppo(PPOConfig(policy=str(work / "sft"), reward=str(work / "rm"), out=str(work / "ppo"),
-                                  prompts=str(world / "prompts_train.jsonl"), episodes=batch * iterations,
-                                  batch_size=batch, minibatch_size=batch // 2, micro_batch_size=batch // 4,
-                                  ppo_epochs=2, max_new_tokens=new_tokens, **run))
+    summary = train_rl(PPOConfig(policy=str(work / "sft"), reward=[str(work / "rm")], out=str(work / "ppo"),
+                                 prompts=str(world / "prompts_train.jsonl"), episodes=batch * iterations,
+                                 batch_size=batch, minibatch_size=batch // 2, micro_batch_size=batch // 4,
+                                 ppo_epochs=2, max_new_tokens=new_tokens, **run), PPO)
     peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     recs = [json.loads(x) for x in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
     steady = recs[1:] or recs
@@ -147,8 +152,9 @@ def main() -> None:
               "ppo_iterations": summary["iterations"], "ppo_seconds_per_iteration": round(sec_it, 3),
               "generation_tokens_per_s": round(gen_tps, 1),
               "peak_cuda_memory_gib": round(peak_mem / 2 ** 30, 2) if peak_mem is not None else None,
-              "mfu": round(flops / sec_it / peak, 4) if peak else None}
+              "mfu": round(flops / sec_it / peak, 4) if peak else None, "cpu": cpu_info()}
     if dist.is_main():
+        print(cpu_line(report["cpu"]))
         print(json.dumps(report, indent=1))
 
 

@@ -272,13 +272,26 @@ def main() -> None:
     ap.add_argument("--max-labelers-per-task", type=int, default=3)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--flood-mb", type=float, default=50, help="one more labeler POSTs bodies this big (0: none)")
+    ap.add_argument("--smoke", action="store_true", help="2 labelers for 4 s, one kill, a 1 MB flood (CI)")
     a = ap.parse_args()
+    if a.smoke:
+        import shutil
+        import tempfile
+
+        a.labelers, a.duration, a.kills, a.tasks, a.flood_mb = 2, 4, 1, 200, 1
+        a.workdir = tempfile.mkdtemp(prefix="label_load_smoke.")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from instructrl.machine import child_cpu_info, cpu_line
+
+    print(cpu_line(child_cpu_info(1)), flush=True)
     report = run(a.labelers, a.duration, a.kills, a.tasks, a.k, a.max_labelers_per_task, a.workdir, a.flood_mb)
     print(json.dumps(report, indent=2))
     print(f"{report['rankings_per_s']} rankings/s, POST p50 {report['post_p50_ms']} ms, p99 {report['post_p99_ms']} ms, "
           f"all calls p99 {report['p99_ms']} ms with a {a.flood_mb:g} MB flood {report['flood_answers']}; "
           f"lost {report['lost']}, duplicated {report['duplicated']}, kills {report['kills']}: "
           + ("OK" if report["ok"] else "FAILED"))
+    if a.smoke:
+        shutil.rmtree(a.workdir)
     sys.exit(0 if report["ok"] else 1)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,8 @@ from pathlib import Path
 CHILD = """
 import json, sys, torch, peft
 torch.set_num_threads(1)
-from instructrl.ppo import PPOConfig, train_ppo
+from instructrl.ppo import PPO, PPOConfig
+from instructrl.rl import train_rl
 from instructrl.models import load_tokenizer
 from instructrl.utils import peak_rss_mb
 kw = json.loads(sys.argv[1])
@@ -40,7 +42,7 @@ if kw.pop("baseline", False):
     load_tokenizer(kw["policy"])
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 else:
-    s = train_ppo(PPOConfig(**kw))
+    s = train_rl(PPOConfig(**kw), PPO)
     recs = [json.loads(x) for x in open(kw["out"] + "/metrics.jsonl")][1:]  # without the first iteration
     print(json.dumps({"peak_rss_mb": s["peak_rss_mb"], "seconds": s["seconds"],
                       "per_iteration": sum(r["time/iteration"] for r in recs) / max(1, len(recs))}))
@@ -53,7 +55,7 @@ def build(d: Path, a) -> None:
     from instructrl.models import build_tiny_model, count_parameters, tiny_gpt_config, train_tokenizer
     from instructrl.world import WorldConfig, generate_world
 
-    generate_world(d / "world", WorldConfig(seed=0, n_corpus=3000, n_corpus_val=100, n_demos=50,
+    generate_world(d / "world", WorldConfig(seed=0, n_corpus=300 if a.smoke else 3000, n_corpus_val=100, n_demos=50,
                                             n_prompts_train=200, n_prompts_eval=10))
     tok = train_tokenizer(read_texts(d / "world" / "corpus.jsonl"), a.vocab)
     model = build_tiny_model(tiny_gpt_config(len(tok), tok.eos_token_id, tok.pad_token_id, n_layer=a.n_layer,
@@ -80,13 +82,20 @@ def parse_args(argv=None):
     ap.add_argument("--memory", action="store_true", help="checkpointing and accumulation variants instead")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp directory)")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)  # the child that builds
-    return ap.parse_args(argv)
+    ap.add_argument("--smoke", action="store_true", help="a tiny model, one iteration, variants full and lora (CI)")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.n_layer, a.n_embd, a.vocab, a.iterations, a.batch_size = 1, 32, 300, 1, 4
+    return a
 
 
 def main() -> None:
     a = parse_args()
     if a.build_only:
         return build(a.dir, a)
+    from instructrl.machine import child_cpu_info, cpu_line
+
+    print(cpu_line(child_cpu_info(1)), flush=True)  # what the children that are measured run on
     d = a.dir or Path(tempfile.mkdtemp(prefix="lora_memory_"))
     subprocess.run([sys.executable, __file__, *sys.argv[1:], "--dir", str(d), "--build-only"], check=True)
     model = d / "model"
@@ -94,7 +103,7 @@ def main() -> None:
     if not reward.is_dir():
         from instructrl.models import ScalarHeadModel
         ScalarHeadModel.from_backbone(model).save_pretrained(reward)
-    common = dict(policy=str(model), reward=str(reward), prompts=str(d / "world" / "prompts_train.jsonl"),
+    common = dict(policy=str(model), reward=[str(reward)], prompts=str(d / "world" / "prompts_train.jsonl"),
                   episodes=a.iterations * a.batch_size, batch_size=a.batch_size, minibatch_size=a.batch_size // 2,
                   max_new_tokens=16, progress=False, device="cpu")
     variants = {"full": {}, "lora+full-ref": {"lora_r": a.lora_r, "ref": str(model)}, "lora": {"lora_r": a.lora_r}}
@@ -103,6 +112,8 @@ def main() -> None:
         accum = {"micro_batch_size": a.batch_size // 4}
         ckpt = {"gradient_checkpointing": True}
         variants = {"plain": {}, "accum4": accum, "ckpt": ckpt, "ckpt+accum4": {**ckpt, **accum}}
+    if a.smoke:  # the same code path, fewer processes
+        variants = {k: v for k, v in variants.items() if k in ("full", "lora", "plain", "ckpt+accum4")}
     base = run({**common, "baseline": True})["peak_rss_mb"]
     print(f"baseline (imports + tokenizer): {base:.0f} MiB")
     print(f"{'variant':<15}{'peak RSS MiB':>14}{'over baseline':>15}{'seconds':>10}{'s/iteration':>13}")
@@ -110,6 +121,8 @@ def main() -> None:
         r = run({**common, **extra, "out": str(d / f"out-{name}")})
         print(f"{name:<15}{r['peak_rss_mb']:>14.0f}{r['peak_rss_mb'] - base:>15.0f}{r['seconds']:>10.1f}"
               f"{r['per_iteration']:>13.2f}")
+    if a.smoke and not a.dir:
+        shutil.rmtree(d)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ How it is timed. Each iteration runs OUR code, unchanged: `instructrl.rollout.ma
 log-prob pass (the policy's too in bf16), value pass -> reward score -> decode) and `instructrl.ppo.PPO.update`
 (KL in the reward, GAE, whitening, 4 x 4 clipped updates), exactly as the RL driver (`instructrl.rl.train_rl`, which
 `train_ppo` runs) calls them. The phases are timed by wrapping the module-level names make_rollout looks up at call
-time (`instructrl.rollout.sample`, `.response_logprobs`, `.response_values`) and the reward model's `score` method
-with timers; nothing is reimplemented.
+time (`instructrl.rollout.sample`, `.response_logprobs`, `.response_values`) and the reward sources' `score`
+(`RLSetup.reward`) with timers; nothing is reimplemented. The models load through the RL driver's
+`rl.load_rl_models`, as `instructrl ppo` loads them.
   generation = time inside `sample`
   scoring    = the rest of make_rollout: ref (+ policy in bf16) log-prob passes, value pass, reward pass, decode
   training   = `PPO.update` (since the rl.py driver it also shapes the per-token rewards, -beta k_t + score, which
@@ -58,6 +59,8 @@ Sub-commands (all take --dir, default $PPO_BENCH_DIR or /tmp/instructrl_ppo_benc
     .venv/bin/python benchmarks/ppo_bench.py run --response 32 --iters 6 --patch reuse_sample_logprobs
     .venv/bin/python benchmarks/ppo_bench.py generate
     .venv/bin/python benchmarks/ppo_bench.py profile
+    .venv/bin/python benchmarks/ppo_bench.py --smoke              # setup, run, profile, generate, adam-ab: tiny (CI)
+Every figure is printed with the CPU it was measured on (model, AVX-512 or not, torch's dispatch level, threads).
 """
 from __future__ import annotations
 
@@ -76,12 +79,27 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 if os.environ.get("PPO_BENCH_SRC"):             # measure a frozen copy of src/ (others edit the working tree)
     sys.path.insert(0, os.environ["PPO_BENCH_SRC"])
+
+
+def _machine():
+    """This tree's instructrl.machine (cpu_info, cpu_line), also when PPO_BENCH_SRC measures an older src/."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_instructrl_machine", HERE.parent / "src/instructrl/machine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cpu_info, cpu_line = _machine().cpu_info, _machine().cpu_line
+
 DEFAULT_DIR = Path(os.environ.get("PPO_BENCH_DIR", "/tmp/instructrl_ppo_bench"))
 
 PROTOCOLS = {"P": dict(response=32), "P-long": dict(response=96)}
 BASE = dict(batch=64, prompt=16, response=32, temperature=0.7, ppo_epochs=4, minibatch=16, lr=1e-5, beta=0.05,
             clip=0.2, value_clip=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, threads=2)
 MODEL = dict(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab=2000)
+TINY = dict(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab=300)   # --smoke: the same code on tiny shapes
 
 
 def loadavg() -> str:
@@ -97,25 +115,26 @@ def cmd_setup(a) -> None:
     from instructrl.world.generator import WorldConfig, generate_world
     from instructrl.data import read_texts
 
-    d = Path(a.dir)
+    d, model = Path(a.dir), TINY if getattr(a, "tiny", False) else MODEL
     if d.exists() and not a.force and (d / "done").is_file():
         print(f"{d} already set up (use --force to rebuild)")
         return
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    generate_world(d / "world", WorldConfig(seed=0, n_corpus=6000, n_corpus_val=200))
+    n_docs = 300 if model is TINY else 6000
+    generate_world(d / "world", WorldConfig(seed=0, n_corpus=n_docs, n_corpus_val=200))
     texts = read_texts(d / "world" / "corpus.jsonl")
     # The world's corpus is too repetitive to fill 2000 BPE merges; add seeded pseudo-words so the vocab is exact.
     import random
     rng = random.Random(0)
     words = ["".join(rng.choice("etaoinshrdlucmfwypvbgkjqxz"[: rng.randint(6, 26)]) for _ in range(rng.randint(2, 7)))
-             for _ in range(6000)]
-    extra = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(6000)]
-    tok = train_tokenizer(texts + extra, vocab_size=MODEL["vocab"])
-    assert len(tok) == MODEL["vocab"], len(tok)
+             for _ in range(n_docs)]
+    extra = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(n_docs)]
+    tok = train_tokenizer(texts + extra, vocab_size=model["vocab"])
+    assert len(tok) == model["vocab"], len(tok)
     assert tok.eos_token_id != tok.pad_token_id
-    cfg = tiny_gpt_config(len(tok), tok.eos_token_id, tok.pad_token_id, n_layer=MODEL["n_layer"],
-                          n_embd=MODEL["n_embd"], n_head=MODEL["n_head"], n_positions=MODEL["n_positions"])
+    cfg = tiny_gpt_config(len(tok), tok.eos_token_id, tok.pad_token_id, n_layer=model["n_layer"],
+                          n_embd=model["n_embd"], n_head=model["n_head"], n_positions=model["n_positions"])
     cfg.activation_function = "gelu_new"                  # GPT2Config's own default: the protocol's model as is
     policy = build_tiny_model(cfg, seed=0)
     policy.save_pretrained(str(d / "policy"), safe_serialization=True)
@@ -128,8 +147,8 @@ def cmd_setup(a) -> None:
     # TRL's reward/value models: AutoModelForSequenceClassification(num_labels=1) with the same weights.
     # GPT2ForSequenceClassification.score has no bias; ours is initialised to 0 (checked below).
     assert float(rm.head.bias.detach().abs().max()) == 0.0
-    cfg_cls = tiny_gpt_config(len(tok), tok.eos_token_id, tok.pad_token_id, n_layer=MODEL["n_layer"],
-                              n_embd=MODEL["n_embd"], n_head=MODEL["n_head"], n_positions=MODEL["n_positions"])
+    cfg_cls = tiny_gpt_config(len(tok), tok.eos_token_id, tok.pad_token_id, n_layer=model["n_layer"],
+                              n_embd=model["n_embd"], n_head=model["n_head"], n_positions=model["n_positions"])
     cfg_cls.num_labels = 1
     cfg_cls.activation_function = "gelu_new"
     cls = GPT2ForSequenceClassification(cfg_cls)
@@ -142,7 +161,7 @@ def cmd_setup(a) -> None:
         tok.save_pretrained(str(d / name))
     # prompts: exactly `prompt` real tokens each
     P = BASE["prompt"]
-    ids = [e[:P] for e in tok(texts[:4000], add_special_tokens=False)["input_ids"] if len(e) >= P]
+    ids = [e[:P] for e in tok(texts[:4000] + extra, add_special_tokens=False)["input_ids"] if len(e) >= P]
     (d / "prompts.json").write_text(json.dumps({"prompt_len": P, "ids": ids[:1024]}))
     (d / "done").write_text("ok\n")
     print(f"set up in {d}: vocab {len(tok)} eos {tok.eos_token_id} pad {tok.pad_token_id}, {len(ids[:1024])} prompts "
@@ -185,39 +204,82 @@ SEED = 0
 
 
 def build(a):
-    """Load the four models as setup_rl does (no LoRA, no FSDP: two frozen copies beside policy and value), and the
-    PPO config of the protocol. The setup's tokenizer is the NoStopTokenizer, so make_rollout never stops early."""
+    """Load the four models as the RL driver does (`rl.load_rl_models`: no LoRA, no FSDP, two frozen copies beside
+    policy and value), and the PPO config of the protocol. The setup's tokenizer is the NoStopTokenizer, so
+    make_rollout never stops early."""
     import torch
 
-    from instructrl.models import ScalarHeadModel, freeze, load_causal_lm, load_tokenizer
     from instructrl.ppo import PPOConfig
     from instructrl.utils import resolve_dtype, set_seed
     try:
-        from instructrl.rl import PromptStream, RLSetup
+        from instructrl.rl import PromptStream, RLSetup, load_rl_models
     except ImportError:                         # PPO_BENCH_SRC: a src/ from before the rl.py driver
-        from instructrl.rollout import PromptStream, RLSetup
+        return legacy_build(a)
 
     d = Path(a.dir)
     dtype = resolve_dtype(a.dtype)
-    cfg = PPOConfig(policy=str(d / "policy"), reward=str(d / "reward"), value=str(d / "value"), prompts="", out="",
-                    batch_size=a.batch, max_new_tokens=a.response, temperature=BASE["temperature"], lr=BASE["lr"],
-                    beta=BASE["beta"], kl_estimator="k1", ppo_epochs=BASE["ppo_epochs"],
-                    minibatch_size=BASE["minibatch"], clip=BASE["clip"], value_clip=BASE["value_clip"],
-                    vf_coef=BASE["vf_coef"], gamma=BASE["gamma"], lam=BASE["lam"], dtype=a.dtype, device="cpu",
-                    progress=False, seed=SEED)
+    cfg = ppo_config(PPOConfig, a, reward=[str(d / "reward")])
     set_seed(SEED)
     device = torch.device("cpu")
-    tok = load_tokenizer(cfg.policy)
+    tok = load_tokenizer_of(cfg.policy)
+    policy, ref, rewards, value_model = load_rl_models(cfg, device, dtype, True, tok)
+    texts, ids = bench_prompts(d, tok)
+    s = RLSetup(cfg, device, NoStopTokenizer(tok), policy, ref, rewards, value_model, PromptStream(texts, ids, SEED),
+                None, None, torch.Generator(device=device).manual_seed(SEED))
+    return s, cfg
+
+
+def ppo_config(PPOConfig, a, reward):
+    d = Path(a.dir)
+    return PPOConfig(policy=str(d / "policy"), reward=reward, value=str(d / "value"), prompts="", out="",
+                     batch_size=a.batch, max_new_tokens=a.response, temperature=BASE["temperature"], lr=BASE["lr"],
+                     beta=BASE["beta"], kl_estimator="k1", ppo_epochs=BASE["ppo_epochs"],
+                     minibatch_size=min(BASE["minibatch"], a.batch), clip=BASE["clip"], value_clip=BASE["value_clip"],
+                     vf_coef=BASE["vf_coef"], gamma=BASE["gamma"], lam=BASE["lam"], dtype=a.dtype, device="cpu",
+                     progress=False, seed=SEED)
+
+
+def load_tokenizer_of(path):
+    from instructrl.models import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def bench_prompts(d: Path, tok):
+    ids = json.loads((d / "prompts.json").read_text())["ids"]
+    return [tok.decode(x) for x in ids], ids
+
+
+def legacy_build(a):
+    """build() for a src/ from before the rl.py driver (PPO_BENCH_SRC): RLSetup held one reward model."""
+    import torch
+
+    from instructrl.models import ScalarHeadModel, freeze, load_causal_lm
+    from instructrl.ppo import PPOConfig
+    from instructrl.rollout import PromptStream, RLSetup
+    from instructrl.utils import resolve_dtype, set_seed
+
+    d = Path(a.dir)
+    dtype = resolve_dtype(a.dtype)
+    cfg = ppo_config(PPOConfig, a, reward=str(d / "reward"))
+    set_seed(SEED)
+    device = torch.device("cpu")
+    tok = load_tokenizer_of(cfg.policy)
     policy = load_causal_lm(cfg.policy, device, dtype)
     ref = freeze(load_causal_lm(cfg.policy, device, dtype))
     reward_model = freeze(ScalarHeadModel.from_pretrained(cfg.reward, device, dtype))
     value_model = ScalarHeadModel.from_pretrained(cfg.value, device, dtype)
-    pj = json.loads((d / "prompts.json").read_text())
-    ids = pj["ids"]
-    texts = [tok.decode(x) for x in ids]
+    texts, ids = bench_prompts(d, tok)
     s = RLSetup(cfg, device, NoStopTokenizer(tok), policy, ref, reward_model, value_model,
                 PromptStream(texts, ids, SEED), None, None, torch.Generator(device=device).manual_seed(SEED))
     return s, cfg
+
+
+def reward_models(s) -> list:
+    """The reward models a setup scores with (the rl.py driver: the model sources of `s.reward`)."""
+    if hasattr(s, "reward_model"):
+        return [s.reward_model]
+    return [src.model for src in s.reward.sources if hasattr(src, "model")]
 
 
 def install_timers(s, timer: Timer):
@@ -239,13 +301,14 @@ def install_timers(s, timer: Timer):
             return rv(*args, **kw)
 
     R.sample, R.response_logprobs, R.response_values = t_sample, t_rlp, t_rv
-    score = s.reward_model.score
+    scorer = s.reward_model if hasattr(s, "reward_model") else s.reward   # the rl.py driver: all reward sources
+    score = scorer.score
 
     def t_score(*args, **kw):
         with timer("score_reward"):
             return score(*args, **kw)
 
-    s.reward_model.score = t_score
+    scorer.score = t_score
 
 
 class PPOLoop:
@@ -339,7 +402,7 @@ def autocast_forwards(s) -> None:
 
     import torch
 
-    for m in (s.policy, s.ref, s.reward_model, s.value_model):
+    for m in (s.policy, s.ref, *reward_models(s), s.value_model):
         fwd = m.forward
 
         @functools.wraps(fwd)
@@ -402,7 +465,9 @@ def cmd_run(a) -> None:
            "threads": a.threads, "iters": a.iters,
            "warmup": a.warmup, "median": med, "min_total": min(r["total"] for r in meas),
            "all_total": [round(r["total"], 3) for r in meas], "all_cpu": [round(r["cpu_total"], 3) for r in meas], "peak_rss_mb": peak_rss_mb(),
-           "loadavg_start": la0, "loadavg_end": loadavg(), "wall": time.perf_counter() - t_setup}
+           "loadavg_start": la0, "loadavg_end": loadavg(), "wall": time.perf_counter() - t_setup,
+           "cpu": cpu_info()}
+    print(cpu_line(out["cpu"]))
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -484,7 +549,8 @@ def cmd_floor(a) -> None:
                 x @ y
             best = min(best, (time.perf_counter() - t0) / reps)
         small[name] = 2 * m * k * n / best
-    out = {"matmul_2048_flops": rates, "small_matmul_flops": small, "loadavg": loadavg(), "sizes": model_sizes()}
+    out = {"matmul_2048_flops": rates, "small_matmul_flops": small, "loadavg": loadavg(), "sizes": model_sizes(),
+           "cpu": cpu_info()}
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -523,6 +589,7 @@ def cmd_suite(a) -> None:
     common = ["--dir", a.dir, "--threads", str(a.threads)]
     floor = run_sub(["floor"] + common)
     rates = floor["matmul_2048_flops"]
+    print(cpu_line(floor["cpu"]))
     print(f"matmul 2048^3, {a.threads} threads, best of 8: float32 {rates['float32'] / 1e9:.1f} GFLOP/s, "
           f"bfloat16 {rates['bfloat16'] / 1e9:.1f} GFLOP/s (loadavg {floor['loadavg']})")
     for k, v in floor["small_matmul_flops"].items():
@@ -602,6 +669,7 @@ def cmd_generate(a) -> None:
             f()
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+    print(cpu_line())
     print(f"sampling B={len(ids)} P={x.shape[1]} R={R}, threads {a.threads}, median of {a.reps} (alternating), "
           f"loadavg {la0} -> {loadavg()}")
     base, cbase = statistics.median(times["ours (sample)"]), statistics.median(cpu["ours (sample)"])
@@ -644,6 +712,7 @@ def cmd_profile(a) -> None:
         one()
     kw = {"group_by_input_shape": True} if a.shapes else {}
     averages = prof.key_averages(**kw)
+    print(cpu_line())
     print(averages.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=50))
     # The matmul bound: matrix multiplies run near this machine's peak rate, so the time they take is what an
     # iteration would still take if every other op (attention kernels, GELU, norms, Adam, copies, Python) were free.
@@ -678,14 +747,37 @@ def cmd_adam_ab(a) -> None:
         loop.update(r, it + 1)
         if it >= a.warmup:
             times[name].append(time.perf_counter() - t0)
+    print(cpu_line())
     for name, ts in times.items():
         print(f"{name:6s} Adam: training phase median {statistics.median(ts):.3f} s over {len(ts)} iterations "
               f"{[round(x, 2) for x in ts]}")
 
 
+def cmd_smoke(a) -> None:
+    """Every sub-command's code path on tiny shapes, in seconds (CI: tests/test_benchmarks.py)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ns = argparse.Namespace(dir=tmp, force=True, tiny=True, threads=1)
+        cmd_setup(ns)
+        res = run_sub(["run", "--dir", tmp, "--batch", "4", "--response", "4", "--iters", "1", "--warmup", "1",
+                       "--threads", "1"], timeout=300)
+        assert res["loop"] == "rl" and res["median"]["total"] > 0 and res["cpu"]["cores"] >= 1, res
+        print(fmt_run("smoke run", res, None))
+        tiny = dict(dir=tmp, threads=1, batch=4, response=4, dtype="float32", autocast=True, patch="fused_adam",
+                    verbose=False, iters=1, warmup=0, rows=5, shapes=False, trace=None, reps=1)
+        cmd_profile(argparse.Namespace(**tiny))
+        cmd_generate(argparse.Namespace(**tiny))
+        cmd_adam_ab(argparse.Namespace(**{**tiny, "iters": 2}))
+        print(f"floor formula at P: {iteration_flops(64, 16, 32)['total'] / 1e9:.1f} GFLOP per iteration")
+    print("smoke ok")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap.add_argument("--smoke", action="store_true", help="setup, run, profile, generate and adam-ab on tiny shapes "
+                                                         "in a temporary directory (seconds; CI)")
+    sub = ap.add_subparsers(dest="cmd")
 
     def common(p):
         p.add_argument("--dir", default=str(DEFAULT_DIR))
@@ -694,6 +786,7 @@ def main() -> None:
 
     p = common(sub.add_parser("setup"))
     p.add_argument("--force", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny models and world (the smoke tests' setup)")
     for name in ("run", "profile", "adam-ab"):
         p = common(sub.add_parser(name))
         p.add_argument("--batch", type=int, default=BASE["batch"])
@@ -723,6 +816,10 @@ def main() -> None:
     p.add_argument("--response", type=int, default=32)
     p.add_argument("--reps", type=int, default=7)
     a = ap.parse_args()
+    if a.smoke:
+        return cmd_smoke(a)
+    if a.cmd is None:
+        ap.error("a sub-command is required (or --smoke)")
     {"setup": cmd_setup, "run": cmd_run, "suite": cmd_suite, "floor": cmd_floor, "generate": cmd_generate,
      "adam-ab": cmd_adam_ab,
      "profile": cmd_profile}[a.cmd](a)

@@ -42,7 +42,9 @@ def expand(names: list[str]) -> list[str]:
 
 
 def _models(s):
-    return [m for m in (s.policy, s.ref, s.reward_model, s.value_model) if m is not None]
+    from ppo_bench import reward_models
+
+    return [m for m in (s.policy, s.ref, *reward_models(s), s.value_model) if m is not None]
 
 
 class _GeluTanhSigmoid(torch.autograd.Function):

@@ -4,35 +4,62 @@ Trains both reward models on the same rankings for the same number of epochs and
 held-out pairwise accuracy (vs the labels and vs the gold judge), and Spearman(RM, gold) on fresh SFT samples.
 
     python benchmarks/rm_grouping.py --run runs/default [--epochs 1]
+    python benchmarks/rm_grouping.py --smoke        # on a pipeline of configs/smoke.yaml in a temp dir (CI)
 """
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from instructrl.evaluate import world_eval_config, evaluate
+from instructrl.machine import cpu_line
 from instructrl.reward import RewardConfig, train_reward_model
 from instructrl.utils import peak_rss_mb
 
-p = argparse.ArgumentParser()
-p.add_argument("--run", required=True, help="a pipeline run directory (world/, sft/, rankings/)")
-p.add_argument("--epochs", type=float, default=1.0)
-p.add_argument("--threads", type=int, default=2)
-a = p.parse_args()
-torch.set_num_threads(a.threads)
-run = Path(a.run)
-rows = []
-for grouped in (True, False):
-    out = run / f"rm_grouped_{grouped}_e{a.epochs:g}"
-    t0 = time.time()
-    s = train_reward_model(RewardConfig(model=str(run / "sft"), data=str(run / "rankings" / "rankings.jsonl"),
-                                        demos=str(run / "world" / "demos.jsonl"), out=str(out), grouped=grouped,
-                                        epochs=a.epochs, progress=False))
-    e = evaluate(world_eval_config(run / "world", str(run / "sft"), reward=str(out), samples_per_prompt=2))
-    rows.append({"grouped": grouped, "epochs": a.epochs, "steps": s["steps"], **s["held_out"],
-                 "spearman_fresh_sft_samples": e["rm_gold_spearman"], "demo_score_mean": s["demo_score_mean"],
-                 "train_seconds": round(time.time() - t0, 1)})
-print(json.dumps(rows, indent=2))
-print(f"peak RSS {peak_rss_mb():.0f} MiB")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(run: Path, epochs: float) -> list[dict]:
+    rows = []
+    for grouped in (True, False):
+        out = run / f"rm_grouped_{grouped}_e{epochs:g}"
+        t0 = time.time()
+        s = train_reward_model(RewardConfig(model=str(run / "sft"), data=str(run / "rankings" / "rankings.jsonl"),
+                                            demos=str(run / "world" / "demos.jsonl"), out=str(out), grouped=grouped,
+                                            epochs=epochs, progress=False))
+        e = evaluate(world_eval_config(run / "world", str(run / "sft"), reward=str(out), samples_per_prompt=2))
+        rows.append({"grouped": grouped, "epochs": epochs, "steps": s["steps"], **s["held_out"],
+                     "spearman_fresh_sft_samples": e["rm_gold_spearman"], "demo_score_mean": s["demo_score_mean"],
+                     "train_seconds": round(time.time() - t0, 1)})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--run", help="a pipeline run directory (world/, sft/, rankings/)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="on a configs/smoke.yaml pipeline in a temp dir (CI)")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.smoke:
+            a.run = f"{tmp}/run"
+            subprocess.run([sys.executable, "-m", "instructrl.cli", "pipeline", "--config",
+                            str(ROOT / "configs" / "smoke.yaml"), "--out", a.run, "--threads", str(a.threads)],
+                           check=True, capture_output=True)
+        elif not a.run:
+            p.error("--run is required (or --smoke)")
+        rows = measure(Path(a.run), a.epochs)
+    print(cpu_line())
+    print(json.dumps(rows, indent=2))
+    print(f"peak RSS {peak_rss_mb():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

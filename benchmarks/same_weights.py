@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,14 +22,24 @@ from pathlib import Path
 from safetensors.numpy import load_file
 
 
-def steps(w: Path) -> list[tuple[str, list[str], list[str]]]:
-    """(name, CLI arguments, weight files to compare) in pipeline order; paths under the version's work dir w."""
+THREADS = 2
+
+
+def steps(w: Path, smoke: bool = False) -> list[tuple[str, list[str], list[str]]]:
+    """(name, CLI arguments, weight files to compare) in pipeline order; paths under the version's work dir w.
+    `smoke`: the world and pretraining, tiny (three CLI calls)."""
     world, lm, sft, rm = w / "world", w / "pretrained", w / "sft", w / "rm"
+    if smoke:
+        return [("world", ["world", "--out", str(world), "--seed", "0", "--n-demos", "40", "--n-corpus", "300",
+                           "--n-corpus-val", "40", "--n-prompts-train", "20", "--n-prompts-eval", "8"], []),
+                ("pretrain", ["pretrain", "--corpus", str(world / "corpus.jsonl"), "--out", str(lm), "--steps", "5",
+                              "--vocab-size", "300", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+                              "--batch-size", "8"], ["pretrained/model.safetensors"])]
     rl = ["--policy", str(sft), "--reward", str(rm), "--prompts", str(world / "prompts_train.jsonl"),
           "--judge", str(world), "--episodes", "64", "--batch-size", "16", "--max-new-tokens", "16", "--seed", "3"]
     ptx = ["--ptx-coef", "0.1", "--ptx-data", str(world / "corpus.jsonl")]
     return [
-        ("world", ["world", "--out", str(world), "--seed", "0", "--demos", "120"], []),
+        ("world", ["world", "--out", str(world), "--seed", "0", "--n-demos", "120"], []),
         ("pretrain", ["pretrain", "--corpus", str(world / "corpus.jsonl"), "--out", str(lm), "--steps", "40",
                       "--vocab-size", "600", "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--batch-size",
                       "16"], ["pretrained/model.safetensors"]),
@@ -77,7 +88,8 @@ def digest(path: Path) -> dict[str, str]:
 
 
 def run(src: str, work: Path, name: str, args: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(src).resolve()), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(Path(src).resolve()), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(THREADS),
+           "MKL_NUM_THREADS": str(THREADS)}
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "instructrl.cli", *args], env=env, capture_output=True, text=True)
     if p.returncode:
@@ -87,11 +99,24 @@ def run(src: str, work: Path, name: str, args: list[str]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--old", required=True, help="source tree of the reference version (its src/)")
+    ap.add_argument("--old", help="source tree of the reference version (its src/)")
     ap.add_argument("--new", default="src", help="source tree of the version under test")
     ap.add_argument("--work", default="/tmp/same-weights", type=Path)
     ap.add_argument("--only", default="", help="comma-separated sides to (re)run: old,new (default both)")
+    ap.add_argument("--smoke", action="store_true", help="this tree against itself: world → pretrain, tiny "
+                                                         "(CI): must print `same` for every file")
     a = ap.parse_args()
+    if a.smoke:
+        import tempfile
+
+        here = str(Path(__file__).resolve().parents[1] / "src")
+        a.old, a.new, a.work = here, here, Path(tempfile.mkdtemp(prefix="same-weights-"))
+    elif not a.old:
+        ap.error("--old is required (or --smoke)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from instructrl.machine import child_cpu_info, cpu_line
+
+    print(cpu_line(child_cpu_info(THREADS)), flush=True)
     sides = {"old": a.old, "new": a.new}
     rerun = set(a.only.split(",")) if a.only else set(sides)
     for side, src in sides.items():
@@ -99,10 +124,13 @@ def main() -> int:
             w = a.work / side
             subprocess.run(["rm", "-rf", str(w)], check=True)
             w.mkdir(parents=True)
-            for name, args, _ in steps(w):
-                run(a.old if name == "world" else src, w, name, args)  # the world is input, not under test
+            for name, args, _ in steps(w, a.smoke):
+                if name == "world" and side == "new" and (a.work / "old" / "world").is_dir():
+                    shutil.copytree(a.work / "old" / "world", w / "world")  # input, not under test: made once
+                    continue
+                run(a.old if name == "world" else src, w, name, args)  # the world comes from the old version
     differ = 0
-    for name, _, files in steps(Path()):
+    for name, _, files in steps(Path(), a.smoke):
         for f in files:
             old, new = digest(a.work / "old" / f), digest(a.work / "new" / f)
             same = [k for k in old if new.get(k) == old[k]]
@@ -110,6 +138,8 @@ def main() -> int:
             differ += not ok
             print(f"{'same' if ok else 'DIFFERENT':9s} {f}: {len(same)}/{len(old)} tensors bitwise equal"
                   + ("" if old.keys() == new.keys() else f"; keys differ: {sorted(old.keys() ^ new.keys())[:4]}"))
+    if a.smoke:
+        subprocess.run(["rm", "-rf", str(a.work)], check=True)
     return 1 if differ else 0
 
 

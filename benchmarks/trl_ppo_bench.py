@@ -42,6 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from ppo_bench import cpu_line  # noqa: E402  (this tree's instructrl.machine, loaded by path: TRL's venv lacks it)
+
 
 def loadavg() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
@@ -61,7 +65,17 @@ def main() -> None:
                          "bf16` sets): PPOTrainer builds its own Accelerator(), which reads mixed precision from this "
                          "variable only, so bf16=True alone leaves it in float32")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="one tiny iteration on a tiny setup (seconds; CI); says so "
+                                                         "and exits 0 where TRL is not installed")
     a = ap.parse_args()
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print(f"trl_ppo_bench: TRL is not installed in {sys.executable} (it is not a dependency of instructrl; the "
+              f"docstring says how to make its venv): {'smoke skipped' if a.smoke else 'nothing measured'}")
+        sys.exit(0 if a.smoke else 2)
+    if a.smoke:
+        return smoke(a)
 
     if a.bf16_env:
         a.bf16 = True
@@ -160,7 +174,19 @@ def main() -> None:
            "min_total": min(r["total"] for r in meas), "all_total": [round(r["total"], 3) for r in meas],
            "all_cpu": [round(r["cpu_total"], 3) for r in meas],
            "peak_rss_mb": peak, "loadavg_start": la0, "loadavg_end": loadavg(), "wall": time.perf_counter() - t_setup}
+    print(cpu_line())
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def smoke(a) -> None:
+    """A tiny setup (ppo_bench.py setup --tiny, in instructrl's interpreter $INSTRUCTRL_PYTHON) and one iteration."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([os.environ.get("INSTRUCTRL_PYTHON", sys.executable), str(HERE / "ppo_bench.py"), "setup",
+                        "--tiny", "--dir", d], check=True)
+        subprocess.run([sys.executable, __file__, "--dir", d, "--batch", "4", "--response", "4", "--iters", "1",
+                        "--warmup", "0", "--threads", "1"], check=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The `instructrl` command line: a thin typer shell over the Python API (one command per pipeline step)."""
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -10,11 +11,49 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 
 if not sys.stderr.isatty():  # logs, not terminals: a progress line every few seconds is enough (read at tqdm import)
     os.environ.setdefault("TQDM_MININTERVAL", "5")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+RL_NOTE = " batch sizes are global: under torchrun each process takes 1/N."
+STEPS = {  # the commands generated from a step's config class, in the order `instructrl --help` lists them
+    "world": "Generate the embedded world: corpus, demonstrations, prompts, bias probes, gold judge settings.",
+    "pretrain": "Train a byte-level BPE tokenizer and a tiny GPT from scratch on a {\"text\"} corpus.",
+    "sft": "Step 1: supervised fine-tuning on demonstrations (loss on response tokens only).",
+    "rm": "Step 2: train a reward model on K-way rankings with the InstructGPT loss.",
+    "dpo": "Offline DPO / IPO / conservative DPO on the rankings (no reward model, no sampling).",
+    "ppo": "Step 3: PPO (PPO-ptx with --ptx-coef/--ptx-data) with a per-token KL penalty to the SFT model." + RL_NOTE,
+    "pg": "Step 3 baseline: vanilla policy gradient, one gradient step per batch of fresh samples." + RL_NOTE,
+    "grpo": "Step 3 with GRPO: group-normalised advantages, clipped updates, no value model, KL in the loss." + RL_NOTE,
+    "rloo": "Step 3 with RLOO: leave-one-out baseline over k samples per prompt, clipped updates over several "
+            "epochs." + RL_NOTE,
+    "eval": "Toxicity, gold and reward-model score, KL to a reference, pretraining loss and bias probes.",
+}
+
+
+class Commands(typer.core.TyperGroup):
+    """A step's options come from its config class, whose module imports torch (seconds): `instructrl --help`
+    lists the steps by their help alone, and a step's command is built when it is named."""
+
+    def list_commands(self, ctx):
+        return [*STEPS, *(name for name in super().list_commands(ctx) if name not in STEPS)]
+
+    def get_command(self, ctx, name):
+        if name in STEPS and name not in self.commands:  # listed, not run: its name and help are enough
+            return typer.core.TyperCommand(name, help=STEPS[name])
+        return super().get_command(ctx, name)
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] in STEPS and args[0] not in self.commands:
+            self.add_command(_step_commands().commands[args[0]])
+        return super().resolve_command(ctx, args)
+
+
+# rich_markup_mode=None: click's help layout, which puts a long option name on its own line and wraps the help;
+# rich's table cuts names to fit the width (`--missing-eos-p…` at 80 columns).
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=Commands,
+                  rich_markup_mode=None,
                   help="RLHF end to end: world → pretrain → sft → label → rm → ppo/pg → eval → report.")
 from .label.cli import label_app  # noqa: E402  (enqueue, serve, add-labeler, export, stats; simulate is below)
 
@@ -134,7 +173,7 @@ def _eval(cfg, out: Optional[str] = None) -> dict:
     return r
 
 
-def _register_steps() -> None:
+def _register_steps(steps: typer.Typer) -> None:
     """The commands derived from the steps' config classes: `--help` lists every field."""
     from .dpo import DPOConfig, dpo
     from .evaluate import EvalConfig
@@ -145,45 +184,47 @@ def _register_steps() -> None:
     from .world import WorldConfig, generate_world
 
     config_command("world", WorldConfig, lambda cfg: {"stage": "world", **generate_world(cfg.out, cfg)},
-                   ["corpus", "demos", "prompts_train", "prompts_eval", "bias_probes"],
-                   "Generate the embedded world: corpus, demonstrations, prompts, bias probes, gold judge settings.")
+                   ["corpus", "demos", "prompts_train", "prompts_eval", "bias_probes"], STEPS["world"], steps)
     config_command("pretrain", PretrainConfig, pretrain, ["val_loss", "val_perplexity", "parameters", "seconds"],
-                   "Train a byte-level BPE tokenizer and a tiny GPT from scratch on a {\"text\"} corpus.")
-    config_command("sft", SFTConfig, sft, ["val_loss_start", "val_loss_best", "steps", "seconds"],
-                   "Step 1: supervised fine-tuning on demonstrations (loss on response tokens only).")
-    config_command("rm", RewardConfig, train_reward_model, ["held_out", "demo_score_mean", "seconds"],
-                   "Step 2: train a reward model on K-way rankings with the InstructGPT loss.")
-    config_command("dpo", DPOConfig, dpo, ["final", "held_out", "seconds"],
-                   "Offline DPO / IPO / conservative DPO on the rankings (no reward model, no sampling).")
-    docs = {"ppo": "Step 3: PPO (PPO-ptx with --ptx-coef/--ptx-data) with a per-token KL penalty to the SFT model.",
-            "pg": "Step 3 baseline: vanilla policy gradient, one gradient step per batch of fresh samples."}
+                   STEPS["pretrain"], steps)
+    config_command("sft", SFTConfig, sft, ["val_loss_start", "val_loss_best", "steps", "seconds"], STEPS["sft"], steps)
+    config_command("rm", RewardConfig, train_reward_model, ["held_out", "demo_score_mean", "seconds"], STEPS["rm"],
+                   steps)
+    config_command("dpo", DPOConfig, dpo, ["final", "held_out", "seconds"], STEPS["dpo"], steps)
     for name, algo in algorithms().items():
         config_command(name, algo.config, lambda cfg, algo=algo: train_rl(cfg, algo), ["final", "episodes", "seconds"],
-                       docs.get(name, (algo.__doc__ or name).strip().splitlines()[0]) +
-                       " batch sizes are global: under torchrun each process takes 1/N.")
-    config_command("eval", EvalConfig, lambda cfg: _eval(cfg, cfg.out), [],
-                   "Toxicity, gold and reward-model score, KL to a reference, pretraining loss and bias probes.")
+                       STEPS[name], steps)
+    config_command("eval", EvalConfig, lambda cfg: _eval(cfg, cfg.out), [], STEPS["eval"], steps)
 
 
-_register_steps()
+@functools.cache
+def _step_commands():
+    """The step commands, built once (importing every step, and with them torch)."""
+    steps = typer.Typer(rich_markup_mode=None)
+    _register_steps(steps)
+    return typer.main.get_command(steps)
 
 
 @app.command("serve-rm")
 def serve_rm(reward: Path = typer.Option(..., help="reward-model directory (ours, or a Hugging Face sequence "
                                                   "classifier with one label)"),
-             port: int = typer.Option(8000, help="TCP port"),
-             host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
-             batch_size: int = typer.Option(64, help="texts per forward pass"), device: str = Dev):
+             port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free one, printed)"),
+             host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface; then "
+                                                         "set a --token)"),
+             batch_size: int = typer.Option(64, min=1, max=1024, help="texts per forward pass; a request is scored "
+                                                                     "chunk by chunk, taking turns with the others"),
+             max_body_bytes: int = typer.Option(8 << 20, min=1, help="larger request bodies are refused (413)"),
+             max_queries: int = typer.Option(1024, min=1, help="requests with more queries are refused (413)"),
+             max_concurrent: int = typer.Option(64, min=1, help="requests served at once; more get 503"),
+             token: Optional[str] = typer.Option(None, envvar="INSTRUCTRL_RM_TOKEN", show_default=False,
+                                                 help="require `Authorization: Bearer TOKEN` (401 otherwise); "
+                                                      "--reward clients send $INSTRUCTRL_RM_TOKEN"),
+             device: str = Dev):
     """Serve a reward model over HTTP with OpenRLHF's remote-RM contract: POST {"query": [texts]} to / or
     /get_reward, get {"rewards": [floats]}. Use it from another run as --reward http://HOST:PORT/get_reward."""
-    import uvicorn
+    from .rm_server import serve
 
-    from .models import ScalarHeadModel, load_tokenizer
-    from .rewards import rm_app
-    from .utils import resolve_device
-
-    model = ScalarHeadModel.from_pretrained(reward, resolve_device(device)).eval()
-    uvicorn.run(rm_app(model, load_tokenizer(reward), batch_size), host=host, port=port, log_level="warning")
+    serve(str(reward), host, port, device, batch_size, max_body_bytes, max_queries, max_concurrent, token or None)
 
 
 @app.command()
@@ -194,19 +235,48 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
              seeds: int = typer.Option(1, min=1, help="run the whole pipeline for this many seeds (the config's seed, "
                                                       "+1, …) in OUT/seed-<k>/ and report mean ± sd over them"),
              threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+             float_path: Optional[str] = typer.Option(None, help="run in a child process under this float path: "
+                                                      "native | default | avx2 | avx512 (torch's kernel dispatch "
+                                                      "level), optionally :tN for N threads, e.g. default:t1 "
+                                                      "(rounds floats as another CPU does; README Float paths)"),
+             float_paths: Optional[str] = typer.Option(None, help="comma-separated float paths: run --seeds × these, "
+                                                       "one at a time, in OUT/<float path>/seed-<k>/ and summarise "
+                                                       "every claim and check in OUT/robust.json"),
              rerun_changed: bool = typer.Option(False, help="recompute finished stages whose options or inputs "
                                                             "changed (default: stop, naming what changed)")):
     """The main job: world → pretrain → SFT → rankings → reward model → PPO-ptx → eval → report."""
+    from .machine import cpu_info, float_path_threads, parse_float_path
+
+    for name in (float_paths or "").split(",") + [float_path or ""]:
+        if name:
+            parse_float_path(name)  # a bad name is refused before torch loads
+    from . import robust
+
+    if float_path and not float_paths and seeds == 1 and not robust.in_float_path(float_path):
+        t = float_path_threads(float_path, threads)  # re-executed: the dispatch is fixed when torch loads
+        sys.exit(robust.run_float_path(robust.float_path_command(out, config, float_path, t, compare, rerun_changed),
+                                       float_path, t))
     from .config import load_pipeline_config
     from .pipeline import run_pipeline, run_seeds
+    from .utils import write_json
 
     _setup(threads)
     cfg = load_pipeline_config(config)
     cfg.compare = cfg.compare or compare
-    if seeds > 1:
+    if float_paths or float_path and seeds > 1:
+        try:
+            robust.run_grid(cfg, out, seeds, (float_paths or float_path).split(","), threads, rerun_changed)
+        except robust.RunFailed as e:
+            from .utils import console
+
+            console.print(f"[bold red]stopped:[/] {e}")
+            sys.exit(e.code)
+    elif seeds > 1:
         run_seeds(cfg, out, seeds, rerun_changed)
     else:
         run_pipeline(cfg, out, rerun_changed)
+        if float_path:  # the dispatch level and threads this run really had, for robust.json
+            write_json(Path(out) / "machine.json", cpu_info())
 
 
 def main() -> None:
@@ -215,16 +285,20 @@ def main() -> None:
     from rich.markup import escape
 
     from .data import DataError
-    from .optim import NonFiniteError
     from .utils import console
 
-    _setup()
+    # transformers' progress bars off, as _setup() does, without importing it for `--help` or `label`
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except (DataError, ValueError, FileNotFoundError) as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(2)
-    except NonFiniteError as e:
+    except RuntimeError as e:  # optim (torch) is imported here, once a run has raised something
+        from .optim import NonFiniteError
+
+        if not isinstance(e, NonFiniteError):
+            raise
         console.print(f"[bold red]stopped:[/] {escape(str(e))}")
         sys.exit(3)
     except SystemExit as e:

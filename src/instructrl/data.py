@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Union
 
-import torch
-
 from . import hub
 
 MAX_LINE_BYTES = 8 * 1024 * 1024  # a longer line is almost certainly not one record
@@ -445,6 +443,8 @@ def encode_example(tokenizer, prompt: str, response: str, max_len: int, truncate
 def collate_right(examples: list[tuple[list[int], int | list[int]]], pad_id: int):
     """Right-padded input ids, attention mask and the loss mask over targets. Each example's second item is its
     number of prompt tokens (the rest is the response) or a 0/1 mask per token (1: in the loss)."""
+    import torch  # here, not at the top: the label commands read data files without torch
+
     width = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -56,7 +56,7 @@ class DPOConfig:
 
 
 def check_dpo(cfg: DPOConfig) -> None:
-    if dist.world_size() > 1:
+    if dist.launched():  # before Run joins the process group (world_size() is 1 until then)
         raise ValueError("dpo runs in a single process (torchrun is not supported yet)")
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {cfg.loss!r}")

@@ -16,7 +16,7 @@ from .judges import (ToxicityClassifier, generation_bias, multiple_choice, read_
 from .losses import gold_pair_agreement
 from .models import ScalarHeadModel, context_length, load_causal_lm, load_tokenizer, token_logprobs
 from .options import DataOptions, config, group, option, to_flat
-from .rewards import RewardOptions, load_rewards
+from .rewards import RewardOptions, check_sources, load_rewards
 from .sampling import PromptTooLong, decode_responses, encode_prompts, response_logprobs, sample
 from .utils import resolve_device, set_seed
 
@@ -156,6 +156,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     from .world.judge import GoldJudge
 
     cfg.validate()
+    if cfg.reward:
+        check_sources(cfg.reward, cfg.rewards)  # before any model loads
     t0 = time.time()
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)

@@ -18,10 +18,11 @@ MISSING = dataclasses.MISSING
 
 
 def option(default: Any = MISSING, help: str = "", *, wired: bool = False, required: bool = False,
-           factory=None, ge=None, gt=None, le=None, lt=None):
+           factory=None, ge=None, gt=None, le=None, lt=None, learns: bool = True):
     """A config field with its help text (shown by --help and in configs/default.yaml) and the bounds `validate`
-    checks (ge: ≥, gt: >, le: ≤, lt: <)."""
-    meta = {"help": help, "wired": wired, "required": required,
+    checks (ge: ≥, gt: >, le: ≤, lt: <). `learns=False` marks an option that changes how a run is carried out but
+    not what it learns (e.g. a server's timeout): `--resume` and the pipeline's reuse ignore it."""
+    meta = {"help": help, "wired": wired, "required": required, "learns": learns,
             "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -181,6 +182,10 @@ class FlatField:
         return self.field.metadata.get("wired", False)
 
     @property
+    def learns(self) -> bool:
+        return self.field.metadata.get("learns", True)
+
+    @property
     def required(self) -> bool:
         return self.field.metadata.get("required", False)
 
@@ -210,6 +215,7 @@ def flat_fields(cls, prefix: str = "", path: tuple[str, ...] = ()) -> Iterator[F
             yield FlatField(prefix + f.name, path + (f.name,), f, hints[f.name])
 
 
-def to_flat(cfg) -> dict:
-    """The config as {flat name: value} (summaries, YAML dumps)."""
-    return {f.name: f.get(cfg) for f in flat_fields(type(cfg))}
+def to_flat(cfg, learned_only: bool = False) -> dict:
+    """The config as {flat name: value} (summaries, YAML dumps); `learned_only`: without the options marked
+    `learns=False` (what a checkpoint's fingerprint compares)."""
+    return {f.name: f.get(cfg) for f in flat_fields(type(cfg)) if f.learns or not learned_only}

@@ -39,7 +39,7 @@ def stage_fingerprint(cfg, extra_inputs: dict | None = None, contents: bool = Tr
             if f.name != "out" and value:
                 for i, v in enumerate(value if isinstance(value, list) else [value]):  # e.g. several --reward
                     inputs[f"{f.name}[{i}]" if isinstance(value, list) else f.name] = re.sub(r"@[0-9.eE+-]+$", "", v)
-        elif f.name not in NOT_LEARNED:
+        elif f.name not in NOT_LEARNED and f.learns:
             options[f.name] = value
     return {"options": options, "inputs": {k: content_id(v) if contents else None for k, v in inputs.items()}}
 

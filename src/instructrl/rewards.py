@@ -15,13 +15,17 @@ batch (all ranks): batch statistics need no state in checkpoints and put sources
 """
 from __future__ import annotations
 
+import contextlib
+import http.client
 import importlib
 import json
 import math
+import os
 import re
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -34,6 +38,8 @@ from .options import option
 
 CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 BACKOFF_S = 0.5  # the first wait before a retry; it doubles with each one
+MAX_ANSWER_BYTES = 64 << 20  # a reward server's answer larger than this is refused (B numbers are far less)
+TOKEN_ENV = "INSTRUCTRL_RM_TOKEN"  # a bearer token sent to reward servers (and serve-rm's default --token)
 
 
 class RewardError(ValueError):
@@ -47,8 +53,10 @@ class RewardOptions:
 
     weights: list[float] = option(factory=list, help="one weight per --reward (instead of SPEC@WEIGHT; default 1)")
     normalize: bool = option(False, "whiten each reward over the batch before the weighted sum")
-    timeout: float = option(60.0, "seconds a reward server may take to answer")
-    retries: int = option(3, f"retries of a failed reward-server call (waits {BACKOFF_S} s, doubling)")
+    timeout: float = option(60.0, "seconds a reward server may take for a whole answer (a wall-clock deadline per "
+                                  "attempt)", gt=0, learns=False)
+    retries: int = option(3, f"retries of a failed reward-server call (waits {BACKOFF_S} s, doubling)", ge=0, le=10,
+                          learns=False)
 
 
 class RewardSource(Protocol):
@@ -90,11 +98,16 @@ class ModelReward:
 class FunctionReward:
     name: str
     fn: Callable
+    spec: str = ""  # module:function, as given
 
     def score(self, prompts, responses, batch) -> torch.Tensor:
         shaped = [r if isinstance(p, str) else [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-        return rewards_tensor(self.fn(list(prompts), shaped), len(prompts), f"reward function {self.name}",
-                              batch.input_ids.device)
+        what = f"reward function {self.spec or self.name}"
+        try:
+            values = self.fn(list(prompts), shaped)
+        except Exception as e:  # the user's code: its error in one line, not a traceback through ours
+            raise RewardError(f"{what} raised {type(e).__name__}: {one_line(str(e))}"[:500]) from None
+        return rewards_tensor(values, len(prompts), what, batch.input_ids.device)
 
 
 @dataclass
@@ -109,26 +122,91 @@ class GoldReward:
                             device=batch.input_ids.device)
 
 
-def post_json(url: str, body: dict, timeout: float, retries: int) -> dict:
-    """POST `body` as JSON and parse the JSON answer, retrying failures with exponential backoff."""
+def _post_once(url: str, data: bytes, headers: dict, timeout: float) -> tuple[int, bytes]:
+    """One POST; (status, body). A timer shuts the socket down `timeout` s after the start, whatever the server is
+    doing: socket timeouts bound each read only, so a server dripping a byte at a time would hold the call for ever."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = connection(parts.hostname, parts.port, timeout=timeout)
+    expired = threading.Event()
+
+    def expire():
+        expired.set()
+        if conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read at once
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        conn.connect()
+        if expired.is_set():  # the deadline passed while connecting (before there was a socket to shut)
+            raise TimeoutError
+        conn.request("POST", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")), data, headers)
+        answer = conn.getresponse()
+        if (answer.length or 0) > MAX_ANSWER_BYTES:
+            raise ValueError(f"an answer of {answer.length} bytes (more than {MAX_ANSWER_BYTES})")
+        # with a Content-Length, read() raises IncompleteRead on a cut answer; chunked ones are read up to the cap
+        body = answer.read() if answer.length is not None else answer.read(MAX_ANSWER_BYTES + 1)
+        if len(body) > MAX_ANSWER_BYTES:
+            raise ValueError(f"an answer over {MAX_ANSWER_BYTES} bytes")
+        if expired.is_set():
+            raise TimeoutError
+        return answer.status, body
+    except (OSError, http.client.HTTPException):
+        if expired.is_set():
+            raise TimeoutError from None
+        raise
+    finally:
+        timer.cancel()
+        conn.close()
+
+
+def post_json(url: str, body: dict, timeout: float, retries: int, read: Callable = lambda out: out):
+    """POST `body` as JSON and return `read(answer)`, retrying with exponential backoff what may pass: no
+    connection, no whole answer within `timeout` s (a wall-clock deadline per attempt), a truncated or invalid
+    answer (`read` raising ValueError), HTTP 5xx, 408 or 429. Another 4xx (the request itself is refused) and the
+    last failure raise a one-line RewardError naming the server. $INSTRUCTRL_RM_TOKEN, if set, is sent as a
+    bearer token (`serve-rm --token`)."""
     data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(TOKEN_ENV):
+        headers["Authorization"] = f"Bearer {os.environ[TOKEN_ENV]}"
     error = ""
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(BACKOFF_S * 2 ** (attempt - 1))
-        request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as answer:
-                out = json.loads(answer.read())
-            if isinstance(out, dict):
-                return out
-            error = f"expected a JSON object, got {type(out).__name__}"
-        except (urllib.error.URLError, OSError) as e:  # refused, HTTP errors, timeouts
-            error = str(getattr(e, "reason", e)) or type(e).__name__
-        except ValueError as e:
-            error = f"malformed JSON ({e})"
+            status, raw = _post_once(url, data, headers, timeout)
+        except TimeoutError:  # ours (the deadline) or the connect's
+            error = f"no whole answer within --reward-timeout {timeout:g} s"
+            continue
+        except http.client.IncompleteRead as e:
+            error = f"the answer was cut off after {len(e.partial)} bytes"
+            continue
+        except (OSError, http.client.HTTPException, ValueError) as e:  # refused, reset, closed, not HTTP
+            error = one_line(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            continue
+        if status // 100 != 2:
+            error = f"HTTP {status}" + (f" ({one_line(raw[:200].decode(errors='replace'))})" if raw else "")
+            if status // 100 == 4 and status not in (408, 429):
+                raise RewardError(f"reward server {url}: {error}; the server refuses the request itself, so it "
+                                  f"is not retried")
+            continue
+        try:
+            out = json.loads(raw)
+            if not isinstance(out, dict):
+                raise ValueError(f"expected a JSON object, got {type(out).__name__}")
+            return read(out)
+        except ValueError as e:  # JSONDecodeError and RewardError are ValueErrors
+            error = one_line(str(e)) if not isinstance(e, json.JSONDecodeError) else f"malformed JSON ({e})"
     raise RewardError(f"reward server {url}: {error} (after {retries + 1} attempts); expected JSON "
-                      "{\"rewards\": [...]}")
+                      "{\"rewards\": [one number per query]}")
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 @dataclass
@@ -144,12 +222,14 @@ class HTTPReward:
             return [self.tokenizer.decode([t for t, m in zip(row, keep) if m], skip_special_tokens=False)
                     for row, keep in zip(ids.tolist(), mask.tolist())]
 
+        def read(out: dict) -> torch.Tensor:  # an answer without B numbers is invalid: retried like a cut one
+            if "rewards" not in out:
+                raise RewardError(f"the answer has no 'rewards' (keys: {sorted(out)[:5]})")
+            return rewards_tensor(out["rewards"], len(prompts), "the answer", batch.input_ids.device)
+
         body = {"query": texts(batch.input_ids, batch.attention_mask),
                 "prompts": texts(batch.prompt_ids, batch.prompt_mask), "labels": None}
-        out = post_json(self.url, body, self.timeout, self.retries)
-        if "rewards" not in out:
-            raise RewardError(f"reward server {self.url}: the answer has no 'rewards' (keys: {sorted(out)[:5]})")
-        return rewards_tensor(out["rewards"], len(prompts), f"reward server {self.url}", batch.input_ids.device)
+        return post_json(self.url, body, self.timeout, self.retries, read)
 
 
 @dataclass
@@ -248,6 +328,30 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and getattr(a, "chat_template", None) == getattr(b, "chat_template", None)
 
 
+def _check_gold(spec: str) -> str:
+    world = spec[len("gold:"):]
+    if not (Path(world) / "judge.json").is_file():
+        raise ValueError(f"--reward {spec}: {world} has no judge.json; expected an embedded-world directory")
+    return world
+
+
+def check_sources(specs, opts: RewardOptions) -> None:
+    """Every --reward usable, checked before any model loads: the specs and weights, functions importable, gold
+    worlds and model directories present. (A server is first asked with the first batch.)"""
+    from .models import model_dir
+
+    for k, spec, _ in parse(specs, opts.weights):
+        if k == "function":
+            load_function(spec)
+        elif k == "gold":
+            _check_gold(spec)
+        elif k == "model":
+            try:
+                model_dir(spec)
+            except ValueError as e:
+                raise ValueError(f"--reward {e}") from None
+
+
 def load_source(k: str, spec: str, name: str, opts: RewardOptions, policy_tokenizer, device, dtype):
     from . import hub
     from .models import ScalarHeadModel, freeze, load_tokenizer
@@ -258,14 +362,11 @@ def load_source(k: str, spec: str, name: str, opts: RewardOptions, policy_tokeni
         tok = load_tokenizer(spec) if has_tok else None
         return ModelReward(name, model, None if tok is None or same_tokenizer(tok, policy_tokenizer) else tok)
     if k == "function":
-        return FunctionReward(name, load_function(spec))
+        return FunctionReward(name, load_function(spec), spec)
     if k == "gold":
         from .world.judge import GoldJudge
 
-        world = spec[len("gold:"):]
-        if not (Path(world) / "judge.json").is_file():
-            raise ValueError(f"--reward {spec}: {world} has no judge.json; expected an embedded-world directory")
-        return GoldReward(name, GoldJudge.from_world(world))
+        return GoldReward(name, GoldJudge.from_world(_check_gold(spec)))
     return HTTPReward(name, spec, policy_tokenizer, opts.timeout, opts.retries)
 
 
@@ -277,38 +378,3 @@ def load_rewards(specs, opts: RewardOptions, policy_tokenizer, device, dtype=tor
         names.append(n if n not in names else f"{n}_{len(names) + 1}")
     sources = [load_source(k, spec, n, opts, policy_tokenizer, device, dtype) for (k, spec, _), n in zip(parsed, names)]
     return Rewards(sources, [w for *_, w in parsed], opts.normalize)
-
-
-# --- serve-rm ----------------------------------------------------------------------------------------------------
-def rm_app(model, tokenizer, batch_size: int = 64):
-    """A FastAPI app serving a reward model with the contract above: the queries are whole texts (special tokens
-    included, as `HTTPReward` and OpenRLHF send them), tokenised as they are and read at their last token."""
-    import threading
-
-    from fastapi import Body, FastAPI, HTTPException
-
-    from .models import context_length
-    from .sampling import left_pad
-
-    app, lock = FastAPI(), threading.Lock()
-    device, width = next(model.parameters()).device, context_length(model.backbone)
-
-    @torch.no_grad()
-    def score(queries: list[str]) -> list[float]:
-        out = []
-        for i in range(0, len(queries), batch_size):
-            enc = [e[-width:] for e in tokenizer(queries[i:i + batch_size], add_special_tokens=False)["input_ids"]]
-            ids, mask = left_pad(enc, tokenizer.pad_token_id, device)  # left padding: every text ends at the end
-            out += model.score(ids, mask, torch.full((len(enc),), ids.shape[1] - 1, device=device)).tolist()
-        return out
-
-    def get_reward(body: dict = Body(...)) -> dict:
-        queries = body.get("query")
-        if not isinstance(queries, list) or not all(isinstance(q, str) and q for q in queries):
-            raise HTTPException(400, "expected JSON {\"query\": [non-empty strings], ...}")
-        with lock:  # one forward at a time
-            return {"rewards": score(queries)}
-
-    app.post("/get_reward")(get_reward)
-    app.post("/")(get_reward)
-    return app

@@ -10,7 +10,8 @@ then metrics, periodic checkpoints and the final save, by the run shell.
 
 Adding an algorithm: one file with a config (a subclass of RLConfig) and a class with `name`, `config`,
 `needs_value`, `check(cfg)`, `__init__(cfg, setup, nonfinite)` (its optimizer, `models`, `generators`,
-`samples_per_prompt`) and `update`, decorated with `@register`; then add the module's name to `BUILTIN`.
+`samples_per_prompt`) and `update`, decorated with `@register`; then add the module's name to `BUILTIN` and its
+one-line help to `cli.STEPS`.
 The CLI command and the pipeline's YAML section follow from the config.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, c
                      context_length, freeze, load_causal_lm, load_tokenizer, save_causal_lm, token_logprobs)
 from .chat import use_chat_template
 from .options import DataOptions, LoraOptions, MemoryOptions, RunOptions, config, group, option
-from .rewards import RewardOptions, Rewards, load_rewards, model_dirs
+from .rewards import RewardOptions, Rewards, check_sources, load_rewards, model_dirs
 from .rollout import KL_ESTIMATORS, KL_PLACES, make_rollout, rollout_metrics
 from .run import Run
 from .sampling import PromptTooLong, encode_prompts
@@ -216,6 +217,7 @@ def check_rl(cfg: RLConfig) -> None:
         raise ValueError(f"kl_estimator {cfg.kl_estimator} with kl_in {cfg.kl_in}: {why[cfg.kl_in]}")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text in the {\"text\": ...} format)")
+    check_sources(cfg.reward, cfg.rewards)
 
 
 def setup_rl(cfg: RLConfig, device: torch.device, dtype: torch.dtype, with_value: bool) -> RLSetup:

@@ -57,7 +57,7 @@ class Run:
         check_output(out, stage, self.inputs, opts.overwrite)
         if dist.is_main():
             OutputLock(out).check_free()
-        self.fingerprint = fingerprint(to_flat(cfg), self.inputs)
+        self.fingerprint = fingerprint(to_flat(cfg, learned_only=True), self.inputs)
         self._check_checkpoints()
         Run.current = self
 

@@ -12,8 +12,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
 from rich.console import Console
 
 console = Console(stderr=True, soft_wrap=True)  # messages stay one greppable line
@@ -99,6 +97,9 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = True):
 
 
 def set_seed(seed: int) -> None:
+    import numpy as np  # torch and numpy are imported where used: the label commands write files without them
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -111,6 +112,8 @@ def peak_rss_mb() -> float:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -118,13 +121,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
+    import torch
+
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return getattr(torch, name)
 
 
 def checkpoint_dir(out: str | os.PathLike) -> Path:

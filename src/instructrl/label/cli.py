@@ -22,6 +22,7 @@ from ..data import DataError
 from . import store
 
 label_app = typer.Typer(help="Human feedback: rank sampled responses in a web app backed by a database.",
+                        rich_markup_mode=None,  # click's help: long option names whole (instructrl.cli says why)
                         no_args_is_help=True, add_completion=False)
 err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable, never wrapped
 out = Console()
