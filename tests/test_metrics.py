@@ -1,5 +1,6 @@
 """Metric sinks: TensorBoard receives exactly what metrics.jsonl holds — same scalars, same steps — also after a
-crash and --resume (no step twice); trackio gets the same records, and nothing replayed."""
+crash and --resume (no step twice); trackio gets the same records, and nothing replayed; W&B's offline run files
+and MLflow's file store hold what metrics.jsonl holds, also across a resume."""
 import json
 import sys
 import types
@@ -84,5 +85,103 @@ def test_trackio_sink_gets_every_new_record_once(tmp_path, monkeypatch):
 
 def test_sinks_only_on_rank_zero_and_unknown_sinks_refused(tmp_path):
     assert MetricSinks(None, sinks="tensorboard").tb is None  # ranks other than 0 have no output directory
-    with pytest.raises(ValueError, match="unknown sink 'wandb'"):
-        parse_sinks("tensorboard,wandb")
+    with pytest.raises(ValueError, match="unknown sink 'neptune'"):
+        parse_sinks("tensorboard,neptune")
+
+
+# --- W&B (offline run files) and MLflow (local file store) ------------------------------------------------------
+def wandb_history(wandb_dir) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of every offline run under WANDB_DIR, read from its run-*.wandb transaction log: W&B's framing
+    (a 7-byte ':W&B' header, then LevelDB log records in 32 KiB blocks: crc32, length, type; FULL=1 … LAST=4)
+    around protobuf `Record`s."""
+    import struct
+
+    import wandb
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    wandb.teardown()  # the W&B service writes the last records of a finished run when it shuts down
+    out: dict[str, list] = {}
+    for path in sorted(wandb_dir.rglob("run-*.wandb")):
+        data, pos, buf = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0:
+                break
+            buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+            if kind in (1, 4):
+                record = pb.Record()
+                record.ParseFromString(buf)
+                buf = b""
+                if record.WhichOneof("record_type") == "history":
+                    for item in record.history.item:
+                        key = item.key or "/".join(item.nested_key)
+                        if not key.startswith("_"):
+                            out.setdefault(key, []).append((record.history.step.num,
+                                                            float(json.loads(item.value_json))))
+    return out
+
+
+def mlflow_history(uri) -> dict[str, list[tuple[int, float]]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("instructrl").experiment_id])
+    # a file store holds `objective/score` as `objective.score` (no instructrl metric name has a '.')
+    return {k.replace(".", "/"): sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+            for k in run.data.metrics}
+
+
+@pytest.mark.parametrize("sink", ["wandb", "mlflow"])
+def test_wandb_and_mlflow_hold_what_metrics_jsonl_holds_and_change_no_weight(sink, tiny_sft_dir, tiny_rm_dir,
+                                                                             world_dir, tmp_path, monkeypatch):
+    """A tiny PPO run logs every metrics.jsonl scalar, at its step, to the offline store; the weights are those of a
+    run without the sink."""
+    pytest.importorskip(sink)
+    from instructrl.ppo import PPOConfig, train_ppo
+    from test_resume import same_weights
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
+    (tmp_path / "wandb").mkdir()
+    kw = dict(policy=str(tiny_sft_dir), reward=str(tiny_rm_dir), prompts=str(world_dir / "prompts_train.jsonl"),
+              episodes=32, batch_size=16, minibatch_size=8, max_new_tokens=8, progress=False, device="cpu")
+    train_ppo(PPOConfig(out=str(tmp_path / "with"), log_with=sink, **kw))
+    train_ppo(PPOConfig(out=str(tmp_path / "without"), **kw))
+    assert same_weights(tmp_path / "with", tmp_path / "without")
+    jsonl = jsonl_scalars(tmp_path / "with" / "metrics.jsonl")
+    jsonl = {k: [(s, v) for s, v in pts if v == v] for k, pts in jsonl.items()}  # NaN is not sent
+    held = wandb_history(tmp_path / "wandb") if sink == "wandb" else mlflow_history(f"file:{tmp_path / 'mlruns'}")
+    assert [s for s, _ in jsonl["objective/score"]] == [1, 2]
+    assert_same({k: v for k, v in jsonl.items() if v}, held)
+
+
+@pytest.mark.parametrize("sink", ["wandb", "mlflow"])
+def test_a_resumed_run_continues_the_same_wandb_or_mlflow_run_without_repeating_a_step(sink, tmp_path, monkeypatch):
+    pytest.importorskip(sink)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    (tmp_path / "wandb").mkdir()
+    logs = tmp_path / "out-logs"
+    first = MetricSinks(tmp_path / "a.jsonl", sinks=sink, log_dir=logs, run_name="r")
+    for step in (1, 2, 3):  # the crashed run logged step 3 after its checkpoint at step 2
+        first.log({"step": step, "train/loss": 1.0 / step})
+    first.close()
+    rid = json.loads((logs / f"{sink}_run.json").read_text())
+    previous = [json.dumps({"step": s, "train/loss": 1.0 / s}) for s in (1, 2)]
+    second = MetricSinks(tmp_path / "b.jsonl", previous, sinks=sink, log_dir=logs, run_name="r", start=2)
+    for step in (3, 4):
+        second.log({"step": step, "train/loss": 1.0 / step})
+    second.close()
+    assert json.loads((logs / f"{sink}_run.json").read_text()) == {"id": rid["id"], "step": 4}
+    held = wandb_history(tmp_path / "wandb") if sink == "wandb" else mlflow_history(f"file:{tmp_path / 'mlruns'}")
+    assert held == {"train/loss": [(s, pytest.approx(1.0 / s)) for s in (1, 2, 3, 4)]}

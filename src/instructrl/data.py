@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Union
 
+from . import hub
+
 MAX_LINE_BYTES = 8 * 1024 * 1024  # a longer line is almost certainly not one record
 
 
@@ -373,7 +375,7 @@ def iter_records(path: str | os.PathLike, split: str | None = None,
                  needs: list[tuple[str, ...]] = ()) -> Iterator[tuple[int, dict]]:
     """(where, record) for each record. A .json, .parquet or .arrow file or a directory is loaded with `datasets`
     (where: a Row, absent values dropped); any other file is JSONL (where: the line), read as before."""
-    p = Path(path)
+    p = Path(hub.local(path, "dataset"))  # a Hub id: its snapshot in the Hugging Face cache
     if not (p.is_dir() or p.is_file() and p.suffix in TABLE_BUILDERS):
         if split not in (None, "train"):
             raise DataError(path, None, f"no split '{split}' (a JSONL file is the one split 'train')", "split")

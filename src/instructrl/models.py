@@ -23,6 +23,9 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast)
 
+from . import hub
+from .cards import write_model_card
+
 transformers.logging.set_verbosity_error()
 
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
@@ -46,7 +49,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2000) -> PreTrainedToken
 def load_tokenizer(path: str | os.PathLike):
     """AutoTokenizer from a directory. A tokenizer without PAD gets EOS as pad id: every mask here is explicit,
     so pads are never found by comparing ids, and PAD == EOS cannot hide a real EOS."""
-    p = Path(path)
+    p = Path(hub.local(path))
     if not p.is_dir():  # checked before transformers sees the path: never a Hub download
         raise ValueError(f"{path}: {'not a directory' if p.exists() else 'no such directory'}; expected a local "
                          "model directory (nothing is downloaded)")
@@ -214,7 +217,7 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 # --- scalar-head model: reward model and value model ----------------------------------------------------
-HEAD_FILE, HEAD_CONFIG, CARD_FILE = "scalar_head.safetensors", "scalar_head.json", "README.md"
+HEAD_FILE, HEAD_CONFIG = "scalar_head.safetensors", "scalar_head.json"
 KEPT = "backbone."  # HEAD_FILE keys under this prefix: exact backbone tensors that the directory's HF export shifts
 REWARD_DIR = (f"a reward model: an instructrl reward directory ({HEAD_FILE} beside the backbone) or a Hugging Face "
               "sequence classifier with num_labels=1 (as TRL, OpenRLHF and NeMo-RL save)")
@@ -363,7 +366,7 @@ class ScalarHeadModel(nn.Module):
 def model_dir(path: str | os.PathLike) -> Path:
     """PATH as a local model directory with safetensors weights, else a ValueError saying what is there. Checked
     here, before transformers sees the path: a missing directory must never turn into a Hub download."""
-    p = Path(path)
+    p = Path(hub.local(path))  # a Hub id: its snapshot in the Hugging Face cache
     if not p.is_dir():
         raise ValueError(f"{path}: {'not a directory' if p.exists() else 'no such directory'}; expected a local "
                          "model directory (nothing is downloaded)")
@@ -521,28 +524,6 @@ def rebuilt(config, state: dict) -> nn.Module | None:
         model = AutoModel.from_config(config)
     model.load_state_dict(state, strict=False, assign=True)
     return None if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())) else model
-
-
-def write_model_card(path: str | os.PathLike, step: str, details: dict) -> None:
-    """PATH/README.md, a short model card: one section per step that wrote into the directory (its name and
-    headline numbers); writing a step again replaces its section."""
-    card = Path(path) / CARD_FILE
-    text = card.read_text() if card.is_file() else CARD_HEADER
-    head, *sections = text.split("\n## ")
-    sections = [s for s in sections if s.split("\n", 1)[0] != step]
-    body = "\n".join(f"- **{k}**: {v}" for k, v in details.items())
-    card.write_text("\n## ".join([head.rstrip("\n") + "\n", *[s.rstrip("\n") + "\n" for s in sections],
-                                  f"{step}\n\n{body}\n"]))
-
-
-CARD_HEADER = """---
-library_name: transformers
-tags: [instructrl, rlhf]
----
-# instructrl model
-
-Written by instructrl, an RLHF toolkit (SFT → reward model → PPO).
-"""
 
 
 def checkpoint_activations(model: nn.Module) -> nn.Module:

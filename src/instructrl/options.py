@@ -144,8 +144,8 @@ class RunOptions:
     keep_checkpoints: int = option(2, "checkpoints kept in OUT-checkpoints/", ge=1)
     max_nonfinite: int = option(3, "non-finite rewards/losses/gradient norms without an update in between before "
                                    "the run stops", ge=1)
-    log_with: str = option("", "extra metric sinks besides metrics.jsonl, comma-separated: tensorboard, trackio "
-                               "(events in OUT-logs/)")
+    log_with: str = option("", "extra metric sinks besides metrics.jsonl, comma-separated: tensorboard, trackio, "
+                               "wandb, mlflow (events and run ids in OUT-logs/)")
     progress: bool = option(True, "show a progress bar", wired=True)
 
 

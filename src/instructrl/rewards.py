@@ -353,11 +353,12 @@ def check_sources(specs, opts: RewardOptions) -> None:
 
 
 def load_source(k: str, spec: str, name: str, opts: RewardOptions, policy_tokenizer, device, dtype):
+    from . import hub
     from .models import ScalarHeadModel, freeze, load_tokenizer
 
     if k == "model":
         model = freeze(ScalarHeadModel.from_pretrained(spec, device, dtype))
-        has_tok = any((Path(spec) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        has_tok = any((Path(hub.local(spec)) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
         tok = load_tokenizer(spec) if has_tok else None
         return ModelReward(name, model, None if tok is None or same_tokenizer(tok, policy_tokenizer) else tok)
     if k == "function":

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from .cards import training_card
 from .checkpoint import Checkpointer
 from .metrics import MetricSinks, check_sinks
 from .optim import NonFinite, NonFiniteError
@@ -177,9 +178,10 @@ class Run:
             self.metrics.flush()
 
     def finish(self, summary: dict) -> dict:
-        """summary.json, written last: a stage directory with a summary is complete."""
+        """The model card, then summary.json, written last: a stage directory with a summary is complete."""
         summary = {"stage": self.stage, **summary, "world_size": dist.world_size(), "seconds": time.time() - self.t0,
                    "peak_rss_mb": peak_rss_mb(), "config": to_flat(self.cfg)}
         if self.dir is not None:
+            training_card(self.dir, summary)  # README.md: base model, data, options, final metrics, references
             write_json(self.dir / "summary.json", summary)
         return summary
