@@ -56,6 +56,8 @@ def proj(tmp_path, world_dir, tiny_sft_dir):
                                               "ranking": [0, 1]}) + "\n" +
                                   json.dumps({"prompt": "User: yo\nAssistant:", "responses": [" a", " b", " c"],
                                               "ranking": [[0, 1, 2]]}) + "\n")
+    (p / "ranked.jsonl").write_text(json.dumps({"prompt": "User: hi\nAssistant:", "responses": [" a", " b"],
+                                                "ranking": [0, 1]}) + "\n")
     (p / "long_prompts.jsonl").write_text(json.dumps({"prompt": "User: hi\nAssistant:"}) + "\n"
                                           + json.dumps({"prompt": LONG_PROMPT}) + "\n")
     (p / "bad_demos.jsonl").write_text('{"prompt": "x"}\n')
@@ -210,7 +212,8 @@ CASES = {
     "dpo_out_is_an_existing_file": (DPO + ["--out", "{proj}/notes.txt"], "is an existing file"),
     "dpo_out_inside_the_policy": (DPO + ["--out", "{sft}/dpo"], "is inside the input"),
     "dpo_data_missing": (DPO[:4] + ["{proj}/nope.jsonl"] + DPO[5:] + ["--out", "{proj}/o"], "nope.jsonl"),
-    "dpo_policy_is_a_reward_model": (["dpo", "--policy", "{rm}"] + DPO[3:] + ["--out", "{proj}/o"], "a reward model"),
+    "dpo_policy_is_a_reward_model": (["dpo", "--policy", "{rm}", "--data", "{proj}/ranked.jsonl", "--device", "cpu",
+                                      "--out", "{proj}/o"], "a reward model"),
     "dpo_out_contains_its_data": (DPO + ["--out", "{proj}"], "contains the input"),
     "serve_rm_reward_missing": (["serve-rm", "--reward", "{proj}/no_rm", "--device", "cpu"], "no such directory"),
     "serve_rm_reward_is_a_language_model": (["serve-rm", "--reward", "{sft}", "--device", "cpu"],
@@ -529,7 +532,7 @@ def test_nan_loss_reaches_the_limit_and_exits_3(name, fill, tmp_path, monkeypatc
         orig = dpo.batch_loss
         monkeypatch.setattr(dpo, "batch_loss", lambda *a, **k: (orig(*a, **k)[0] * float("nan"), orig(*a, **k)[1]))
     else:
-        for module in ("ppo", "pg", "grpo", "rloo"):
+        for module in ("update", "ppo", "pg", "grpo", "rloo"):  # the shared update takes the log-probs
             mod = importlib.import_module(f"instructrl.{module}")
             if hasattr(mod, "response_logprobs"):
                 monkeypatch.setattr(mod, "response_logprobs", _nan_logprobs(mod.response_logprobs))

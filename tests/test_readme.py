@@ -36,7 +36,7 @@ SUBSTITUTE = {
         "--batch-size 4 --minibatch-size 2 --max-new-tokens 8 --episodes 4",   # 3,072 episodes → one iteration
 }
 # the data files a block reads, copied into its own directory: the first lines of the fixtures' files
-DATA = ("prompts.jsonl", "demos.jsonl", "rankings.jsonl")
+DATA = ("prompts.jsonl", "demos.jsonl", "rankings.jsonl", "responses.parquet", "guide.md")
 
 # a command's beginning → why CI does not run it
 NOT_RUN = {
@@ -52,6 +52,10 @@ NOT_RUN = {
     ".venv/bin/python benchmarks/": "a benchmark: 30 s to minutes of a quiet machine",
     "python benchmarks/": "a benchmark: 30 s to minutes of a quiet machine",
     "pip install": "installs from PyPI (network)",
+    "instructrl pipeline --float-path default:t1": "the whole default pipeline (8 min) in a child process; "
+                                                   "tests/test_benchmarks.py runs float paths on configs/smoke.yaml",
+    "instructrl pipeline --seeds 5 --float-paths": "ten default pipelines (80 min); tests/test_benchmarks.py runs 2 "
+                                                   "seeds × 2 float paths on configs/smoke.yaml",
     "tensorboard --logdir": "TensorBoard's own viewer; tests/test_metrics.py reads the events with EventAccumulator",
 }
 # other programs' commands that CI runs (seconds each): test_scripts checks that their output is the README's
@@ -62,6 +66,9 @@ NOT_COMMANDS = {
     "instructrl label enqueue/serve/add-labeler/export/stats": "a list of the label commands",
     "--lr 0.001 → 0.002": "a quoted error message",
     "--flood-mb": "an option of benchmarks/label_load.py",
+    "--no-heavy": "an option of benchmarks/serve_rm_load.py",
+    "--smoke": "every benchmark's CI mode (tests/test_benchmarks.py runs each)",
+    "eval --out": "a command's option named in prose (the output policy)",
     "--tiny --device cpu": "options of benchmarks/gpu_check.py",
 }
 PLACEHOLDERS = {"N": "2", "K": "4", "k": "4", "E": "1", "T": "6", "M": "2", "R": "8", "W": "1", "γ": "0.1", "ε": "0.1"}
@@ -225,6 +232,13 @@ def fixtures(tiny_lm_dir, tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path_factory
                                 ("demos.jsonl", world_dir / "demos.jsonl", 24),
                                 ("rankings.jsonl", tiny_rm_dir.parent / "rankings.jsonl", 16)):
         (data / name).write_text("".join(source.read_text().splitlines(True)[:lines]))  # a few lines: seconds
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([  # `label import`'s per-task layout: two models' responses to a prompt
+        {"prompt": f"User: what is {i} plus 1?\nAssistant:", "responses": [f" {i + 1}.", " I don't know."],
+         "models": ["model-a", "model-b"]} for i in range(3)]), data / "responses.parquet")
+    (data / "guide.md").write_text("# Guidelines\n\nRank **correct** answers first.\n")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -260,7 +274,7 @@ def test_fenced_commands(where, commands, fixtures, tmp_path, monkeypatch):
         if not_run(command):
             continue
         for name in DATA:
-            if re.search(rf"(--data|--prompts|--demos) {re.escape(name)}\b", command):
+            if re.search(rf"(--data|--prompts|--demos|--guidelines|label import) {re.escape(name)}\b", command):
                 (tmp_path / name).write_bytes((fixtures["data"] / name).read_bytes())
         for text, replacement in SUBSTITUTE.items():
             command = command.replace(text, replacement.format(**fixtures))
