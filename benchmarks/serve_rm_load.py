@@ -194,11 +194,11 @@ def main() -> None:
     a = ap.parse_args()
     kw = dict(clients=a.clients, duration=a.duration, requests=a.requests, queries=a.queries, chars=a.chars,
               reward=a.reward, device=a.device, heavy=not a.no_heavy, batch_size=a.batch_size)
-    from instructrl.machine import child_cpu_info, cpu_line
-
-    print(cpu_line(child_cpu_info(1)), flush=True)  # the server's CPU (it runs in a child process)
     report = run(**(kw | dict(duration=3, requests=20, smoke=True) if a.smoke else kw))
     print(json.dumps(report, indent=2))
+    from instructrl.machine import child_cpu_info, cpu_line
+
+    print(cpu_line(child_cpu_info(1)))  # the server's CPU (a child process), after the JSON that tests read first
     print(f"{report['clients']} clients: p50 {report['p50_ms']} ms, p99 {report['p99_ms']} ms over "
           f"{report['requests']} requests {report['statuses']}; heavy client {report['heavy']}; server RSS "
           f"{report['rss_idle_mb']} → {report['rss_peak_mb']} MB: " + ("OK" if report["ok"] else "FAILED"))
