@@ -113,11 +113,12 @@ def test_bad_float_path_is_refused_before_anything_runs(tmp_path):
 
 @pytest.mark.slow
 def test_seeds_by_float_paths_grid(tmp_path):
-    """pipeline --seeds 2 --float-paths native,default:t1 on the smoke config: four runs, one at a time, each in its
-    own process under its float path, and robust.json with every claim and check over the four."""
-    out = tmp_path / "grid"
+    """pipeline --seeds 2 --float-paths native,default:t1 on the smoke config: four runs, two at a time where there are
+    two cores (1 thread each), each in its own process under its float path, and robust.json with every claim and
+    check over the four."""
+    out, jobs = tmp_path / "grid", min(2, os.cpu_count() or 1)
     p = subprocess.run([sys.executable, "-m", "instructrl.cli", "pipeline", "--config", str(SMOKE), "--out", str(out),
-                        "--seeds", "2", "--float-paths", "native,default:t1", "--threads", "1"],
+                        "--seeds", "2", "--float-paths", "native,default:t1", "--threads", "1", "--jobs", str(jobs)],
                        capture_output=True, text=True, env=env(), timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     s = json.loads((out / "robust.json").read_text())
@@ -132,3 +133,18 @@ def test_seeds_by_float_paths_grid(tmp_path):
     for r in s["runs"]:
         assert (out / r["dir"] / "report.json").is_file()
     assert "of 4 runs" in p.stdout + p.stderr  # the console (stderr) shows "holds on k of 4 runs" per check
+    if jobs == 2:  # each run's own output went to its log
+        assert (out / "native" / "seed-0.log").is_file() and "report" in (out / "native" / "seed-0.log").read_text()
+
+
+def test_grid_never_oversubscribes_the_cores():
+    from instructrl.robust import grid_threads
+
+    cores = os.cpu_count() or 1
+    assert grid_threads(["native"], None, 1) == {"native": cores}
+    assert grid_threads(["native", "default:t1"], None, cores) == {"native": 1, "default:t1": 1}
+    with pytest.raises(ValueError, match="--jobs"):
+        grid_threads(["native"], None, cores + 1)
+    if cores >= 2:
+        with pytest.raises(ValueError, match=f"--jobs 2 × {cores} threads"):
+            grid_threads(["native"], cores, 2)

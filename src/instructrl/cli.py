@@ -258,6 +258,8 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
              float_paths: Optional[str] = typer.Option(None, help="comma-separated float paths: run --seeds × these, "
                                                        "one at a time, in OUT/<float path>/seed-<k>/ and summarise "
                                                        "every claim and check in OUT/robust.json"),
+             jobs: int = typer.Option(1, help="with --float-paths: runs at once, each with cores/jobs threads (or its "
+                                              ":tN); never more threads in all than cores", callback=within(ge=1)),
              rerun_changed: bool = typer.Option(False, help="recompute finished stages whose options or inputs "
                                                             "changed (default: stop, naming what changed)")):
     """The main job: world → pretrain → SFT → rankings → reward model → PPO-ptx → eval → report."""
@@ -281,7 +283,7 @@ def pipeline(out: Path = typer.Option(Path("runs/default"), help="run directory 
     cfg.compare = cfg.compare or compare
     if float_paths or float_path and seeds > 1:
         try:
-            robust.run_grid(cfg, out, seeds, (float_paths or float_path).split(","), threads, rerun_changed)
+            robust.run_grid(cfg, out, seeds, (float_paths or float_path).split(","), threads, rerun_changed, jobs)
         except robust.RunFailed as e:
             from .utils import console
 

@@ -59,6 +59,22 @@ def run_float_path(cmd: list[str], name: str, threads: int) -> int:
     return subprocess.run(cmd, env=float_path_env(name, threads)).returncode
 
 
+def grid_threads(float_paths: list[str], threads: int | None, jobs: int) -> dict[str, int]:
+    """Each float path's thread count with `jobs` runs at once: never more threads in all than cores (two torch
+    processes whose threads outnumber the cores wait for each other, several-fold slower)."""
+    import os
+
+    cores = os.cpu_count() or 1
+    if jobs > cores:
+        raise ValueError(f"--jobs {jobs}: more runs at once than this machine's {cores} cores")
+    out = {name: float_path_threads(name, threads or max(1, cores // jobs)) for name in float_paths}
+    worst = max(out.values()) * jobs
+    if worst > cores:
+        raise ValueError(f"--jobs {jobs} × {max(out.values())} threads = {worst} threads on {cores} cores: give fewer "
+                         f"--threads or float paths with :tN (e.g. default:t1)")
+    return out
+
+
 def in_float_path(name: str) -> bool:
     """True in a process started under float path `name` (torch's dispatch was set before it loaded)."""
     import os
@@ -142,9 +158,10 @@ def show(summary: dict) -> None:
 
 
 def run_grid(cfg, out: str | Path, seeds: int, float_paths: list[str], threads: int | None,
-             rerun_changed: bool = False) -> dict:
-    """The pipeline for seeds cfg.seed … cfg.seed + seeds − 1 under each float path, one run at a time, in
-    OUT/<float path>/seed-<k>/; returns and writes OUT/robust.json."""
+             rerun_changed: bool = False, jobs: int = 1) -> dict:
+    """The pipeline for seeds cfg.seed … cfg.seed + seeds − 1 under each float path, `jobs` runs at a time (each
+    run's output in OUT/<float path>/seed-<k>.log when jobs > 1), in OUT/<float path>/seed-<k>/; returns and writes
+    OUT/robust.json."""
     from .config import dump_config
     from .pipeline import FINGERPRINTS, preflight
 
@@ -156,6 +173,7 @@ def run_grid(cfg, out: str | Path, seeds: int, float_paths: list[str], threads: 
     if (out / FINGERPRINTS).is_file():
         raise ValueError(f"--out {out} holds a one-run pipeline; --float-paths writes OUT/<float path>/seed-<k>/: "
                          f"choose a new --out")
+    n_threads = grid_threads(float_paths, threads, jobs)
     grid = [(seed, name) for name in float_paths for seed in range(cfg.seed, cfg.seed + seeds)]
     configs = {seed: dataclasses.replace(cfg, seed=seed) for seed in range(cfg.seed, cfg.seed + seeds)}
     for seed, name in grid:  # every run's plan is checked before the first one starts
@@ -163,16 +181,44 @@ def run_grid(cfg, out: str | Path, seeds: int, float_paths: list[str], threads: 
     out.mkdir(parents=True, exist_ok=True)
     for seed, c in configs.items():
         (out / f"config-seed-{seed}.yaml").write_text(dump_config(c, settable_only=True))
+    def start(seed: int, name: str):
+        run_dir, t = out / run_dir_name(name, seed), n_threads[name]
+        cmd = float_path_command(run_dir, out / f"config-seed-{seed}.yaml", name, t, rerun_changed=rerun_changed)
+        if jobs == 1:
+            console.rule(f"[bold]seed {seed}, float path {name} ({t} threads)")
+            return subprocess.Popen(cmd, env=float_path_env(name, t)), None
+        log = run_dir.parent / f"seed-{seed}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        console.print(f"seed {seed}, float path {name} ({t} threads): started, output in {log}")
+        f = open(log, "w")
+        return subprocess.Popen(cmd, env=float_path_env(name, t), stdout=f, stderr=subprocess.STDOUT), f
+
+    running, seconds, failed = {}, {}, []  # (seed, name) → (process, log file, start time)
+    todo = list(grid)
+    while todo or running:
+        while todo and len(running) < jobs and not failed:
+            key = todo.pop(0)
+            running[key] = (*start(*key), time.time())
+        time.sleep(0.2 if jobs > 1 else 0)
+        for key, (proc, f, t0) in list(running.items()):
+            if proc.poll() is None and jobs > 1:
+                continue
+            rc = proc.wait()
+            if f is not None:
+                f.close()
+            seconds[key] = time.time() - t0
+            del running[key]
+            if rc != 0:
+                failed.append((key, rc))
+        if failed and not running:
+            (seed, name), rc = failed[0]
+            raise RunFailed(f"the pipeline run in {out / run_dir_name(name, seed)} (seed {seed}, float path {name}) "
+                            f"stopped with exit code {rc} (its output is " + ("above" if jobs == 1 else
+                            f"in {out / run_dir_name(name, seed)}.log") + "); the same command continues, reusing "
+                            "finished stages", rc)
     runs, reports = [], []
     for seed, name in grid:
-        run_dir, t = out / run_dir_name(name, seed), float_path_threads(name, threads)
-        console.rule(f"[bold]seed {seed}, float path {name} ({t} threads)")
-        t0 = time.time()
-        rc = run_float_path(float_path_command(run_dir, out / f"config-seed-{seed}.yaml", name, t,
-                                               rerun_changed=rerun_changed), name, t)
-        if rc != 0:
-            raise RunFailed(f"the pipeline run in {run_dir} (seed {seed}, float path {name}) stopped with exit code "
-                               f"{rc} (its output is above); the same command continues, reusing finished stages", rc)
+        run_dir = out / run_dir_name(name, seed)
         report = json.loads((run_dir / "report.json").read_text())
         machine = json.loads((run_dir / "machine.json").read_text())
         check = overshoot_check(run_dir)
@@ -180,7 +226,7 @@ def run_grid(cfg, out: str | Path, seeds: int, float_paths: list[str], threads: 
             report["world_checks"] = report.get("world_checks", []) + [check]
         runs.append({"seed": seed, "float_path": name, "dir": str(run_dir.relative_to(out)),
                      "torch_capability": machine["torch_capability"], "threads": machine["threads"],
-                     "seconds": time.time() - t0, **({"gold_eighths": check["eighths"]} if check else {})})
+                     "seconds": seconds[(seed, name)], **({"gold_eighths": check["eighths"]} if check else {})})
         reports.append(report)
     summary = summarise(runs, reports)
     write_json(out / "robust.json", summary)
