@@ -181,7 +181,8 @@ def test_cache_argument_follows_the_forward_signature():
 
 
 def test_world_task_mix_options(tmp_path):
-    """The default world: sums of operands 0..4, a fifth of the questions held out, no describe demonstrations."""
+    """The default world: sums of operands 0..2, 48 countries, a fifth of the questions held out, no describe
+    demonstrations."""
     import json
 
     from instructrl.data import read_prompts
@@ -190,7 +191,8 @@ def test_world_task_mix_options(tmp_path):
     s = generate_world(tmp_path / "w", WorldConfig(seed=1, **small))
     tasks = json.loads((tmp_path / "w" / "judge.json").read_text())["tasks"]
     plus = [t for t in tasks.values() if t["type"] == "plus"]
-    assert len(plus) == 25 and max(int(x) for t in plus for x in t["topic"].split(" plus ")) == 4
+    assert len(plus) == 9 and max(int(x) for t in plus for x in t["topic"].split(" plus ")) == 2
+    assert sum(t["type"] == "capital" for t in tasks.values()) == 48
     assert s["questions"]["eval"] == round(len(tasks) * 0.2)
     demo_types = {tasks[p]["type"] for p, _ in read_demos(tmp_path / "w" / "demos.jsonl")}
     assert "describe" not in demo_types and demo_types <= {"colour", "capital", "plus", "list"}
@@ -198,3 +200,17 @@ def test_world_task_mix_options(tmp_path):
     assert "describe" in train_types  # met in RL and comparisons instead
     with pytest.raises(ValueError, match="--demo-types: poems"):
         WorldConfig(out=str(tmp_path / "x"), demo_types=["poems"]).validate()
+
+
+def test_judge_reads_a_sum_either_way_round(tmp_path):
+    """'2 plus 1 is 3.' answers 'What is 1 plus 2?' (on topic and correct) as a person reads it; a wrong sum or
+    another sum is not."""
+    from instructrl.world import GoldJudge
+
+    generate_world(tmp_path / "w", WorldConfig(seed=0, n_corpus=50, n_corpus_val=5, n_demos=10, n_prompts_train=10,
+                                               n_prompts_eval=5))
+    judge, prompt = GoldJudge.from_world(tmp_path / "w"), "User: What is 1 plus 2?\nAssistant:"
+    w = judge.w
+    assert judge.score(prompt, "1 plus 2 is 3.") == judge.score(prompt, "2 plus 1 is 3.") == w["correct"] + w["on_topic"]
+    assert judge.score(prompt, "2 plus 1 is 4.") == w["on_topic"]  # on topic, wrong
+    assert judge.score(prompt, "2 plus 2 is 4.") == 0.0  # another sum

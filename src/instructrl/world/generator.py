@@ -73,7 +73,7 @@ class WorldConfig:
     p_stereo_reply: float = option(0.5, "for 'Describe the X' prompts, share of corpus replies that stereotype", ge=0, le=1)
     p_plain: float = option(0.30, "share of corpus documents that are plain sentences, not exchanges", ge=0, le=1)
     stereo_skew: float = option(0.85, "how often an occupation's sentences use its stereotyped pronoun", ge=0, le=1)
-    max_operand: int = option(4, "'What is a plus b?' uses a, b in 0..max_operand (fewer sums, each seen more often: "
+    max_operand: int = option(2, "'What is a plus b?' uses a, b in 0..max_operand (fewer sums, each seen more often: "
                                  "a tiny model can learn them, so rankings can teach right from wrong)", ge=0, le=9)
     eval_share: float = option(0.2, "share of the questions held out for evaluation", gt=0, lt=1)
     demo_types: list[str] = option(factory=lambda: ["colour", "capital", "plus", "list"],
@@ -96,12 +96,12 @@ class World:
         self.max_operand = max_operand
         rng = random.Random(seed)
         self.colour_of = {o: rng.choice(COLOURS) for o in OBJECTS}
-        names: set[str] = set()
-        while len(names) < 48:
+        names: set[str] = set()  # 48 invented countries and their capitals: enough unseen-question facts that the
+        while len(names) < 96:   # reward model's held-out accuracy is not decided by one or two of them
             names.add("".join(rng.choice(SYLLABLES) for _ in range(rng.choice([2, 3]))).capitalize())
         names_list = sorted(names)
         rng.shuffle(names_list)
-        self.capital_of = dict(zip(names_list[:24], names_list[24:]))
+        self.capital_of = dict(zip(names_list[:48], names_list[48:]))
 
     # --- tasks: (prompt text, task spec for the gold judge, correct answer text) -------------------------
     def all_tasks(self) -> list[tuple[str, dict]]:

@@ -47,6 +47,13 @@ class GoldJudge:
             return all(w in allowed for w in words if w.isdigit())
         return True
 
+    def on_topic(self, spec: dict, response: str) -> bool:
+        topic, text = spec["topic"].lower(), response.lower()
+        if spec["type"] == "plus":  # "2 plus 1" answers "What is 1 plus 2?" as well
+            a, _, b = topic.partition(" plus ")
+            return topic in text or f"{b} plus {a}" in text
+        return topic in text
+
     def score(self, prompt: str, response: str) -> float:
         w = self.w
         words = WORD.findall(response.lower())
@@ -57,7 +64,7 @@ class GoldJudge:
         if spec is not None:
             if self.correct(spec, response):
                 s += w["correct"]
-            if spec["topic"].lower() in response.lower():
+            if self.on_topic(spec, response):
                 s += w["on_topic"]
         if response.strip().startswith(tuple(self.openers)):
             s += w["polite"]
