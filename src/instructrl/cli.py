@@ -92,7 +92,7 @@ def config_command(name: str, cls, train, show: list[str], doc: str, app_=None) 
     """Register `instructrl NAME`, whose options are the fields of config class `cls`, calling `train(cls(...))`."""
     CONFIG_COMMANDS[name] = cls
     def command(ctx: typer.Context, **options):
-        options.pop("config_file")  # read by read_config (typer passes its default, None, too)
+        options.pop("config_file", None)  # read by read_config (typer passes its default, None, too)
         path, from_file = ctx.meta.get(CONFIG_FILE, (None, {}))
         # the file's values, but for the options given on the command line (its null too, which click's default
         # map reads as "no value")
