@@ -114,8 +114,9 @@ def config_command(name: str, cls, train, show: list[str], doc: str, app_=None) 
         if path is not None:
             from .config import load_step_options
 
-            ctx.meta[CONFIG_FILE] = (path, load_step_options(path, cls))
-            ctx.default_map = {**(ctx.default_map or {}), **ctx.meta[CONFIG_FILE][1]}
+            from_file = load_step_options(path, cls)
+            ctx.meta[CONFIG_FILE] = (path, from_file)
+            ctx.default_map = {**(ctx.default_map or {}), **from_file}
 
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
               inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
