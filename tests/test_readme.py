@@ -183,7 +183,8 @@ def test_every_readme_command_is_run_parsed_or_listed(capsys):
 
 
 @pytest.mark.parametrize("span", parsed_spans())
-def test_inline_commands(span):
+def test_inline_commands(span, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the files a span names are the repository's (`--config configs/ppo.yaml` is read)
     assert check_inline(span) is None, f"README `{span}`: {check_inline(span)}"
 
 

@@ -84,19 +84,47 @@ def options_of(cls) -> list[inspect.Parameter]:
             for f in flat_fields(cls)]
 
 
+CONFIG_FILE = "instructrl.config"  # ctx.meta key: (path, {option: value}) of a step's --config file
 CONFIG_COMMANDS: dict[str, type] = {}  # command name → its config class (tests/test_bounds.py walks them)
 
 
 def config_command(name: str, cls, train, show: list[str], doc: str, app_=None) -> None:
     """Register `instructrl NAME`, whose options are the fields of config class `cls`, calling `train(cls(...))`."""
     CONFIG_COMMANDS[name] = cls
-    def command(**options):
+    def command(ctx: typer.Context, **options):
+        options.pop("config_file", None)  # read by read_config (typer passes its default, None, too)
+        path, from_file = ctx.meta.get(CONFIG_FILE, (None, {}))
+        # the file's values, but for the options given on the command line (its null too, which click's default
+        # map reads as "no value")
+        from_file = {k: v for k, v in from_file.items() if ctx.get_parameter_source(k).name != "COMMANDLINE"}
+        options.update(from_file)
         cfg = cls(**options)
-        cfg.validate()  # where the options are parsed: a bad value stops here, before torch and any model load
+        try:
+            cfg.validate()  # where the options are parsed: a bad value stops here, before torch and any model load
+        except ValueError as e:
+            from .config import blame_file
+
+            raise (blame_file(e, path, from_file) if path else e) from None
         _setup()
         _done(train(cfg), show)
 
-    params = options_of(cls)
+    def read_config(ctx: typer.Context, param, path: Optional[Path]):
+        """--config FILE, read first (eager): its values are the defaults the command line overrides, and satisfy
+        the required options."""
+        if path is not None:
+            from .config import load_step_options
+
+            from_file = load_step_options(path, cls)
+            ctx.meta[CONFIG_FILE] = (path, from_file)
+            ctx.default_map = {**(ctx.default_map or {}), **from_file}
+
+    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+              inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                default=typer.Option(None, "--config", metavar="FILE", is_eager=True,
+                                                     expose_value=False, callback=read_config,
+                                                     help="YAML of this step's options (keys as in a pipeline "
+                                                          "section, plus paths); flags given override it")),
+              *options_of(cls)]
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = doc

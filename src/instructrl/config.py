@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -130,11 +131,7 @@ def _mapping(value, where: str, path: Path) -> dict:
     return value
 
 
-def load_pipeline_config(path: str | Path | None) -> PipelineConfig:
-    cfg = PipelineConfig()
-    if path is None:
-        return cfg
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError) as e:
@@ -142,9 +139,17 @@ def load_pipeline_config(path: str | Path | None) -> PipelineConfig:
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         raise DataError(path, line + 1 if line is not None else None, f"invalid YAML: {e}") from None
+    return _mapping(raw, "<root>", path)
+
+
+def load_pipeline_config(path: str | Path | None) -> PipelineConfig:
+    cfg = PipelineConfig()
+    if path is None:
+        return cfg
+    path = Path(path)
     top = {f.name: f for f in dataclasses.fields(PipelineConfig)}
     hints = typing.get_type_hints(PipelineConfig)
-    for key, value in _mapping(raw, "<root>", path).items():
+    for key, value in _read_yaml(path).items():
         if key not in top:
             raise _unknown(key, top, key, path)
         section = getattr(cfg, key)
@@ -157,6 +162,30 @@ def load_pipeline_config(path: str | Path | None) -> PipelineConfig:
                 raise _unknown(name, fields, f"{key}.{name}", path)
             fields[name].set(section, _check_type(v, fields[name].type, f"{key}.{name}", path))
     return cfg
+
+
+def load_step_options(path: str | Path, cls) -> dict:
+    """A step command's `--config FILE`: {option: value} with the keys and types of a pipeline section (a section's
+    content is a valid file), the wired ones (paths, seed, device) allowed too, as the command line has them."""
+    path = Path(path)
+    fields = {f.name: f for f in flat_fields(cls)}
+    for name in (raw := _read_yaml(path)):
+        if name in SECTIONS and name not in fields:  # a whole pipeline file, or its section with the header
+            raise DataError(path, None, "a pipeline section: a step's file holds a section's keys at its top", name)
+        if name not in fields:
+            raise _unknown(name, fields, name, path)
+    return {name: _check_type(v, fields[name].type, name, path) for name, v in raw.items()}
+
+
+def blame_file(error: ValueError, path: str | Path, keys) -> ValueError:
+    """A step's option error said with the --config file's keys where the options came from it:
+    `--batch-size must be >= 1` → `run.yaml: batch_size must be >= 1`."""
+    def key(m):
+        name = m[1].replace("-", "_")
+        return name if name in keys else m[0]
+
+    text = re.sub(r"--([a-z0-9-]+)", key, str(error))
+    return ValueError(f"{path}: {text}") if text != str(error) else error
 
 
 def dump_config(cfg: PipelineConfig, settable_only: bool = False, comments: bool = False) -> str:

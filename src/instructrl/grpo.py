@@ -13,10 +13,10 @@ Under torchrun each rank holds whole groups (the driver splits prompts, not samp
 """
 from __future__ import annotations
 
-from .losses import group_advantages
+from .losses import KL_ESTIMATORS, KL_PLACES, group_advantages
 from .options import config, option
 from .rl import RLConfig, register
-from .rollout import KL_ESTIMATORS, KL_PLACES, Rollout
+from .rollout import Rollout
 from .update import PolicyUpdate
 
 AGGREGATIONS = ("token", "sequence", "dr_grpo")

@@ -82,6 +82,11 @@ def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
+# Allowed estimators per placement (README "KL: estimator and placement") [KLG]: in the reward the estimate is a
+# return, so it must be unbiased (k1; k3 is kept: unbiased value, biased gradient); in the loss its gradient is what
+# counts (k2; k3 with the ratio), and k1's is zero in expectation.
+KL_PLACES = {"reward": ("k1", "k3"), "loss": ("k2", "k3")}
+
 
 def kl_loss_terms(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
                   estimator: str) -> torch.Tensor:

@@ -27,13 +27,13 @@ import torch
 
 from . import distributed as dist
 from .data import DataError, read_prompts, read_texts
-from .losses import adaptive_kl_beta
+from .losses import KL_ESTIMATORS, KL_PLACES, adaptive_kl_beta
 from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, checkpoint_activations,
                      context_length, freeze, load_causal_lm, load_tokenizer, save_causal_lm)
 from .chat import use_chat_template
 from .options import DataOptions, LoraOptions, MemoryOptions, RunOptions, config, group, option
 from .rewards import RewardOptions, Rewards, check_sources, load_rewards, model_dirs
-from .rollout import KL_ESTIMATORS, KL_PLACES, make_rollout, rollout_metrics
+from .rollout import make_rollout, rollout_metrics
 from .run import Run
 from .sampling import PromptTooLong, encode_prompts
 

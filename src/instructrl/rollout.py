@@ -12,14 +12,8 @@ import torch
 
 from . import distributed as dist
 from .chat import stop_token_id
-from .losses import KL_ESTIMATORS  # noqa: F401  (where the option checks look them up)
 from .models import base_model, evaluating
 from .sampling import SampleBatch, decode_responses, response_logprobs, response_values, sample
-
-# Allowed estimators per placement (README "KL: estimator and placement") [KLG]: in the reward the estimate is a
-# return, so it must be unbiased (k1; k3 is kept: unbiased value, biased gradient); in the loss its gradient is what
-# counts (k2; k3 with the ratio), and k1's is zero in expectation.
-KL_PLACES = {"reward": ("k1", "k3"), "loss": ("k2", "k3")}
 
 
 @dataclass
