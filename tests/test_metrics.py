@@ -90,17 +90,16 @@ def test_sinks_only_on_rank_zero_and_unknown_sinks_refused(tmp_path):
 
 
 # --- W&B (offline run files) and MLflow (local file store) ------------------------------------------------------
-def wandb_history(wandb_dir) -> dict[str, list[tuple[int, float]]]:
-    """The scalars of every offline run under WANDB_DIR, read from its run-*.wandb transaction log: W&B's framing
-    (a 7-byte ':W&B' header, then LevelDB log records in 32 KiB blocks: crc32, length, type; FULL=1 … LAST=4)
-    around protobuf `Record`s."""
+def wandb_records(wandb_dir):
+    """(step, key, value) of every history item of every offline run under WANDB_DIR, read from its run-*.wandb
+    transaction log: W&B's framing (a 7-byte ':W&B' header, then LevelDB log records in 32 KiB blocks: crc32,
+    length, type; FULL=1 … LAST=4) around protobuf `Record`s."""
     import struct
 
     import wandb
     from wandb.proto import wandb_internal_pb2 as pb
 
     wandb.teardown()  # the W&B service writes the last records of a finished run when it shuts down
-    out: dict[str, list] = {}
     for path in sorted(wandb_dir.rglob("run-*.wandb")):
         data, pos, buf = path.read_bytes(), 7, b""
         assert data[:4] == b":W&B"
@@ -120,8 +119,14 @@ def wandb_history(wandb_dir) -> dict[str, list[tuple[int, float]]]:
                     for item in record.history.item:
                         key = item.key or "/".join(item.nested_key)
                         if not key.startswith("_"):
-                            out.setdefault(key, []).append((record.history.step.num,
-                                                            float(json.loads(item.value_json))))
+                            yield record.history.step.num, key, json.loads(item.value_json)
+
+
+def wandb_history(wandb_dir) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of every offline run under WANDB_DIR (`wandb_records`)."""
+    out: dict[str, list] = {}
+    for step, key, value in wandb_records(wandb_dir):
+        out.setdefault(key, []).append((step, float(value)))
     return out
 
 
