@@ -10,7 +10,8 @@ import types
 import pytest
 
 from instructrl.metrics import MetricSinks
-from test_metrics import assert_same, jsonl_scalars, mlflow_history, tensorboard_scalars, wandb_records
+from test_metrics import (assert_same, jsonl_scalars, mlflow_history, offline_trackers, tensorboard_scalars,
+                          wandb_records)
 from test_resume import same_weights
 
 def _installed(name: str) -> bool:
@@ -40,12 +41,7 @@ def runs(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("evalrl")
     mp = pytest.MonkeyPatch()
-    mp.setenv("WANDB_MODE", "offline")
-    mp.setenv("WANDB_DIR", str(tmp / "wandb"))
-    mp.setenv("WANDB_SILENT", "true")
-    mp.setenv("MLFLOW_TRACKING_URI", f"file:{tmp / 'mlruns'}")
-    mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
-    (tmp / "wandb").mkdir()
+    offline_trackers(mp, tmp)
     kw = dict(policy=str(tiny_sft_dir), reward=[str(tiny_rm_dir)], prompts=str(world_dir / "prompts_train.jsonl"),
               judge=str(world_dir), episodes=64, batch_size=16, minibatch_size=8, max_new_tokens=8, progress=False,
               device="cpu", ptx_coef=0.5, ptx_data=str(world_dir / "corpus.jsonl"), kl_target=1.0)

@@ -130,6 +130,16 @@ def wandb_history(wandb_dir) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def offline_trackers(monkeypatch, tmp) -> None:
+    """W&B offline into TMP/wandb, MLflow's file store in TMP/mlruns."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
+    (tmp / "wandb").mkdir()
+
+
 def mlflow_history(uri) -> dict[str, list[tuple[int, float]]]:
     from mlflow.tracking import MlflowClient
 
@@ -149,12 +159,7 @@ def test_wandb_and_mlflow_hold_what_metrics_jsonl_holds_and_change_no_weight(sin
     from instructrl.ppo import PPOConfig, train_ppo
     from test_resume import same_weights
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
-    (tmp_path / "wandb").mkdir()
+    offline_trackers(monkeypatch, tmp_path)
     kw = dict(policy=str(tiny_sft_dir), reward=str(tiny_rm_dir), prompts=str(world_dir / "prompts_train.jsonl"),
               episodes=32, batch_size=16, minibatch_size=8, max_new_tokens=8, progress=False, device="cpu")
     train_ppo(PPOConfig(out=str(tmp_path / "with"), log_with=sink, **kw))
@@ -170,12 +175,7 @@ def test_wandb_and_mlflow_hold_what_metrics_jsonl_holds_and_change_no_weight(sin
 @pytest.mark.parametrize("sink", ["wandb", "mlflow"])
 def test_a_resumed_run_continues_the_same_wandb_or_mlflow_run_without_repeating_a_step(sink, tmp_path, monkeypatch):
     pytest.importorskip(sink)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    (tmp_path / "wandb").mkdir()
+    offline_trackers(monkeypatch, tmp_path)
     logs = tmp_path / "out-logs"
     first = MetricSinks(tmp_path / "a.jsonl", sinks=sink, log_dir=logs, run_name="r")
     for step in (1, 2, 3):  # the crashed run logged step 3 after its checkpoint at step 2

@@ -6,6 +6,7 @@ Per iteration [IG, LHP, N+]:
   2.–3. the algorithm's `update(rollout, beta, step)`: rewards (with the KL where it puts it), advantages, and its
      optimizer steps — skipped, by one policy for every algorithm, when a reward is not finite on any rank
   4. KL control: fixed β, or the adaptive controller [LHP]
+  5. with --eval-every: the policy on the held-out --eval-prompts (`HeldOut`; also before the first iteration)
 then metrics, periodic checkpoints and the final save, by the run shell.
 
 Adding an algorithm: one file with a config (a subclass of RLConfig, its rules in its `check()`) and a subclass of
