@@ -206,6 +206,23 @@ def test_ppo_two_ranks_single_writer_and_exact_resume(tiny_sft_dir, tiny_rm_dir,
     assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
 
 
+
+def test_ppo_two_ranks_held_out_evaluation_changes_no_weight(tiny_sft_dir, tiny_rm_dir, world_dir, tmp_path):
+    """--eval-every over 2 ranks: 7 held-out prompts (shares of 4 and 3, the short one padded so both score as many
+    chunks: a whitened reward is a collective), every iteration; the weights are those of the run without it."""
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join((world_dir / "prompts_eval.jsonl").read_text().splitlines(True)[:7]))
+    args = ["ppo", "--policy", tiny_sft_dir, "--reward", tiny_rm_dir, "--prompts", world_dir / "prompts_train.jsonl",
+            "--judge", world_dir, "--episodes", 32, "--batch-size", 8, "--minibatch-size", 4, "--max-new-tokens", 8,
+            "--reward-normalize", "--device", "cpu"]
+    torchrun("-m", "instructrl.cli", *args, "--out", tmp_path / "a", "--eval-every", 1, "--eval-prompts", evals)
+    torchrun("-m", "instructrl.cli", *args, "--out", tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    recs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "eval/score" in r] == [0, 1, 2, 3, 4]
+    assert abs(recs[0]["eval/kl"]) < 1e-4 and len(recs[0]["eval/samples"]) == 4
+
 # --- FSDP + LoRA + checkpoints: SIGKILL after a checkpoint, --resume, the same final weights -----------------------
 def torchrun_cmd(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -90,17 +90,16 @@ def test_sinks_only_on_rank_zero_and_unknown_sinks_refused(tmp_path):
 
 
 # --- W&B (offline run files) and MLflow (local file store) ------------------------------------------------------
-def wandb_history(wandb_dir) -> dict[str, list[tuple[int, float]]]:
-    """The scalars of every offline run under WANDB_DIR, read from its run-*.wandb transaction log: W&B's framing
-    (a 7-byte ':W&B' header, then LevelDB log records in 32 KiB blocks: crc32, length, type; FULL=1 … LAST=4)
-    around protobuf `Record`s."""
+def wandb_records(wandb_dir):
+    """(step, key, value) of every history item of every offline run under WANDB_DIR, read from its run-*.wandb
+    transaction log: W&B's framing (a 7-byte ':W&B' header, then LevelDB log records in 32 KiB blocks: crc32,
+    length, type; FULL=1 … LAST=4) around protobuf `Record`s."""
     import struct
 
     import wandb
     from wandb.proto import wandb_internal_pb2 as pb
 
     wandb.teardown()  # the W&B service writes the last records of a finished run when it shuts down
-    out: dict[str, list] = {}
     for path in sorted(wandb_dir.rglob("run-*.wandb")):
         data, pos, buf = path.read_bytes(), 7, b""
         assert data[:4] == b":W&B"
@@ -120,9 +119,25 @@ def wandb_history(wandb_dir) -> dict[str, list[tuple[int, float]]]:
                     for item in record.history.item:
                         key = item.key or "/".join(item.nested_key)
                         if not key.startswith("_"):
-                            out.setdefault(key, []).append((record.history.step.num,
-                                                            float(json.loads(item.value_json))))
+                            yield record.history.step.num, key, json.loads(item.value_json)
+
+
+def wandb_history(wandb_dir) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of every offline run under WANDB_DIR (`wandb_records`)."""
+    out: dict[str, list] = {}
+    for step, key, value in wandb_records(wandb_dir):
+        out.setdefault(key, []).append((step, float(value)))
     return out
+
+
+def offline_trackers(monkeypatch, tmp) -> None:
+    """W&B offline into TMP/wandb, MLflow's file store in TMP/mlruns."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
+    (tmp / "wandb").mkdir()
 
 
 def mlflow_history(uri) -> dict[str, list[tuple[int, float]]]:
@@ -144,12 +159,7 @@ def test_wandb_and_mlflow_hold_what_metrics_jsonl_holds_and_change_no_weight(sin
     from instructrl.ppo import PPOConfig, train_ppo
     from test_resume import same_weights
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
-    (tmp_path / "wandb").mkdir()
+    offline_trackers(monkeypatch, tmp_path)
     kw = dict(policy=str(tiny_sft_dir), reward=str(tiny_rm_dir), prompts=str(world_dir / "prompts_train.jsonl"),
               episodes=32, batch_size=16, minibatch_size=8, max_new_tokens=8, progress=False, device="cpu")
     train_ppo(PPOConfig(out=str(tmp_path / "with"), log_with=sink, **kw))
@@ -165,12 +175,7 @@ def test_wandb_and_mlflow_hold_what_metrics_jsonl_holds_and_change_no_weight(sin
 @pytest.mark.parametrize("sink", ["wandb", "mlflow"])
 def test_a_resumed_run_continues_the_same_wandb_or_mlflow_run_without_repeating_a_step(sink, tmp_path, monkeypatch):
     pytest.importorskip(sink)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    (tmp_path / "wandb").mkdir()
+    offline_trackers(monkeypatch, tmp_path)
     logs = tmp_path / "out-logs"
     first = MetricSinks(tmp_path / "a.jsonl", sinks=sink, log_dir=logs, run_name="r")
     for step in (1, 2, 3):  # the crashed run logged step 3 after its checkpoint at step 2

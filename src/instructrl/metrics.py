@@ -12,6 +12,11 @@ for the steps the interrupted run had already sent, so skipping them loses nothi
 W&B honours its own environment (WANDB_MODE=offline, WANDB_PROJECT, WANDB_DIR; files go to OUT-logs/ otherwise);
 MLflow its tracking URI (MLFLOW_TRACKING_URI) and MLFLOW_EXPERIMENT_NAME (default instructrl); in a file store
 (`file:DIR`) metric names have '.' for '/'.
+
+A record may carry tables (name → rows, e.g. RL's `eval/samples`: held-out prompts and their completions): they
+go into the record's line of metrics.jsonl (so checkpoints and resume treat them as the scalars), to TensorBoard as
+a markdown text, to trackio and W&B as a Table and to MLflow as a table artifact (`NAME.json`, one row per
+completion with its step), each sent with the record's scalars or not at all.
 """
 from __future__ import annotations
 
@@ -41,6 +46,15 @@ def check_sinks(spec: str) -> None:
         except ImportError:
             raise ValueError(f"--log-with {name} needs the {name} package: pip install 'instructrl[{name}]'") \
                 from None
+
+
+def check_tables(spec: str) -> None:
+    """Fail before training when a sink that is to receive tables cannot: trackio's and MLflow's need pandas."""
+    for name in {"trackio", "mlflow"} & set(parse_sinks(spec)):
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            raise ValueError(f"tables in --log-with {name} need the pandas package: pip install pandas") from None
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -82,17 +96,27 @@ class MetricSinks:
             self.f.write(line + "\n")
             self.f.flush()
 
-    def log(self, record: dict) -> None:
-        self._write(json.dumps(record))
+    def log(self, record: dict, tables: dict[str, list[dict]] | None = None) -> None:
+        """One record; `tables`: name → rows (dicts with the same keys), logged at the record's step."""
+        tables = tables or {}
+        self._write(json.dumps({**record, **tables}))
         values = {k: v for k, v in scalars(record).items() if math.isfinite(v)}
+        step = record[STEP]
         if self.tb is not None:
             for k, v in values.items():
-                self.tb.add_scalar(k, v, record[STEP])
+                self.tb.add_scalar(k, v, step)
+            for k, rows in tables.items():
+                self.tb.add_text(k, markdown_table(rows), step)
         if self.trackio is not None:
-            self.trackio.log(values, step=record[STEP])
+            self.trackio.log({**values, **{k: self._trackio_table(rows) for k, rows in tables.items()}}, step=step)
         for sink in (self.wandb, self.mlflow):
             if sink is not None:
-                sink.log(values, record[STEP])
+                sink.log(values, step, tables)
+
+    def _trackio_table(self, rows: list[dict]):
+        import pandas
+
+        return self.trackio.Table(dataframe=pandas.DataFrame(rows))
 
     def flush(self) -> None:
         """With a checkpoint: the external sinks hold at least what the checkpoint's lines hold."""
@@ -109,6 +133,19 @@ class MetricSinks:
         for sink in (self.wandb, self.mlflow):
             if sink is not None:
                 sink.close()
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows as a markdown table (TensorBoard's text tab renders it); '|' and line breaks in a cell escaped."""
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+
+    def cell(v) -> str:
+        text = f"{v:.4g}" if isinstance(v, float) else str(v)
+        return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows])
 
 
 class ExternalRun:
@@ -131,9 +168,11 @@ class ExternalRun:
         tmp.write_text(json.dumps({"id": self.id, "step": self.last}))
         os.replace(tmp, self.path)
 
-    def log(self, values: dict, step: int) -> None:
+    def log(self, values: dict, step: int, tables: dict[str, list[dict]] | None = None) -> None:
         if step > self.last:
             self.send(values, step)
+            for name, rows in (tables or {}).items():
+                self.table(name, rows, step)
             self.last = step
             self._save()
 
@@ -151,6 +190,12 @@ class WandbSink(ExternalRun):
 
     def send(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)
+
+    def table(self, name: str, rows: list[dict], step: int) -> None:
+        import wandb
+
+        cols = list(rows[0]) if rows else []
+        self.run.log({name: wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])}, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -189,6 +234,13 @@ class MlflowSink(ExternalRun):
         now = int(time.time() * 1000)
         self.client.log_batch(self.id, metrics=[Metric(k.replace("/", ".") if self.file_store else k, v, now, step)
                                                 for k, v in values.items()])
+
+    def table(self, name: str, rows: list[dict], step: int) -> None:
+        """One table artifact per name, NAME.json, each call's rows appended with their step (MLflow's log_table
+        appends; it needs pandas, which mlflow-skinny does not install)."""
+        cols = ["step", *(rows[0] if rows else [])]
+        self.client.log_table(self.id, data={c: [step if c == "step" else r.get(c) for r in rows] for c in cols},
+                              artifact_file=f"{name}.json")
 
     def close(self) -> None:
         self.client.set_terminated(self.id)

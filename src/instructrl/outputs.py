@@ -25,11 +25,13 @@ from pathlib import Path
 RUN_CONTROL = {"resume", "save_every", "keep_checkpoints", "progress", "log_with", "overwrite", "max_nonfinite", "out"}
 
 
-def inputs_of(cfg) -> list[str]:
-    """The paths a step's config reads (its wired options but --out; each one of a repeatable option)."""
+def inputs_of(cfg, learned_only: bool = False) -> list[str]:
+    """The paths a step's config reads (its wired options but --out; each one of a repeatable option);
+    `learned_only`: only those that shape what it learns (not e.g. RL's --eval-prompts)."""
     from .options import flat_fields
 
-    values = [f.get(cfg) for f in flat_fields(type(cfg)) if f.wired and f.path[0] != "run" and f.name != "out"]
+    values = [f.get(cfg) for f in flat_fields(type(cfg))
+              if f.wired and f.path[0] != "run" and f.name != "out" and (f.learns or not learned_only)]
     values = [x for v in values for x in (v if isinstance(v, list) else [v])]
     return [v for v in values if isinstance(v, str) and v]
 

@@ -37,7 +37,7 @@ def stage_fingerprint(cfg, extra_inputs: dict | None = None, contents: bool = Tr
     options, inputs = {}, dict(extra_inputs or {})
     for f in flat_fields(type(cfg)):
         value = f.get(cfg)
-        if f.wired and f.name not in ("seed", "dtype", "device", "progress", "overwrite"):
+        if f.wired and f.learns and f.name not in ("seed", "dtype", "device", "progress", "overwrite"):
             if f.name != "out" and value:
                 for i, v in enumerate(value if isinstance(value, list) else [value]):  # e.g. several --reward
                     inputs[f"{f.name}[{i}]" if isinstance(value, list) else f.name] = re.sub(r"@[0-9.eE+-]+$", "", v)
@@ -187,6 +187,9 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
             p[name] = dataclasses.replace(getattr(cfg, name), out=str(out / name), episodes=cfg.ppo.episodes,
                                           **{**rl, "ptx_coef": 0.0})
         p["dpo"] = dataclasses.replace(cfg.dpo, policy=sdir, data=rankings, out=str(out / "dpo"), **common)
+    for name in RL_STAGES:  # a section's eval_every: held-out scores and completions during training
+        if name in p and p[name].eval_every:
+            p[name].eval_prompts = data["prompts_eval"]
     evaluated = ["pretrained", "sft"] + [n for n in RL_STAGES + ("dpo",) if n in p]
     p["eval"] = {name: dataclasses.replace(cfg.eval, model=pretrained if name == "pretrained" else str(out / name),
                                            prompts=data["prompts_eval"], reference=sdir, reward=[rdir], world=judge_dir,

@@ -6,6 +6,7 @@ Per iteration [IG, LHP, N+]:
   2.–3. the algorithm's `update(rollout, beta, step)`: rewards (with the KL where it puts it), advantages, and its
      optimizer steps — skipped, by one policy for every algorithm, when a reward is not finite on any rank
   4. KL control: fixed β, or the adaptive controller [LHP]
+  5. with --eval-every: the policy on the held-out --eval-prompts (`HeldOut`; also before the first iteration)
 then metrics, periodic checkpoints and the final save, by the run shell.
 
 Adding an algorithm: one file with a config (a subclass of RLConfig, its rules in its `check()`) and a subclass of
@@ -16,6 +17,7 @@ The CLI command and the pipeline's YAML section follow from the config.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import random
@@ -23,17 +25,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import distributed as dist
 from .data import DataError, read_prompts, read_texts
 from .losses import KL_ESTIMATORS, KL_PLACES, adaptive_kl_beta
+from .metrics import check_tables
 from .models import (AdapterDisabled, ScalarHeadModel, apply_lora, bos_prefix, checkpoint_activations,
-                     context_length, freeze, load_causal_lm, load_tokenizer, save_causal_lm)
+                     context_length, evaluating, freeze, load_causal_lm, load_tokenizer, save_causal_lm)
 from .chat import use_chat_template
 from .options import DataOptions, LoraOptions, MemoryOptions, RunOptions, config, group, option
 from .rewards import RewardOptions, Rewards, check_sources, load_rewards, model_dirs
-from .rollout import make_rollout, rollout_metrics
+from .rollout import make_rollout, rollout_metrics, sequence_metrics, sequence_stats
 from .run import Run
 from .sampling import PromptTooLong, encode_prompts
 
@@ -55,6 +59,11 @@ class RLConfig:
     value: str | None = option(None, "value-model init (default: the first reward-model directory [IG, N+ D22])",
                                wired=True)
     judge: str | None = option(None, "embedded-world directory: log gold reward beside proxy reward", wired=True)
+    eval_prompts: str | None = option(None, "held-out prompts {prompt}, read as --prompts is, to evaluate the "
+                                            "policy on with --eval-every", wired=True, learns=False)
+    eval_every: int = option(0, "evaluate on --eval-prompts before training, every N iterations and at the end: "
+                                "score per reward source, KL, gold, length and a table of completions (0: off)",
+                             ge=0, learns=False)
     episodes: int = option(3072, "total sampled responses", ge=1)
     batch_size: int = option(64, "rollouts per iteration (global: under torchrun each process samples 1/N)", ge=1)
     max_new_tokens: int = option(32, "response length limit", ge=1)
@@ -92,6 +101,9 @@ class RLConfig:
             raise ValueError(f"--kl-estimator {self.kl_estimator} with --kl-in {self.kl_in}: {why[self.kl_in]}")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text in the {\"text\": ...} format)")
+        if bool(self.eval_every) != bool(self.eval_prompts):
+            raise ValueError("--eval-every N and --eval-prompts FILE go together: held-out prompts, and how many "
+                             "iterations between their evaluations")
 
 
 # --- streams ------------------------------------------------------------------------------------------------------
@@ -149,6 +161,7 @@ class RLSetup:
     ptx: TextStream | None
     judge: object | None
     generator: torch.Generator = field(default=None)
+    held_out: "HeldOut | None" = None            # --eval-prompts
     train_policy: torch.nn.Module | None = None  # what training forwards go through: DDP wrappers, or the models
     train_value: torch.nn.Module | None = None
     lockstep: bool = False                       # FSDP: every rank decodes the same number of steps
@@ -210,8 +223,10 @@ def per_rank(n: int, what: str) -> int:
 def setup_rl(cfg: RLConfig, device: torch.device, dtype: torch.dtype, with_value: bool) -> RLSetup:
     from .world.judge import GoldJudge
 
-    lines: list[int] = []
+    lines, eval_lines = [], []
     prompts = read_prompts(cfg.prompts, lines, split=cfg.fmt.split, columns=cfg.fmt.columns())
+    eval_prompts = read_prompts(cfg.eval_prompts, eval_lines, split=cfg.fmt.split, columns=cfg.fmt.columns()) \
+        if cfg.eval_every else None
     ptx_texts = read_texts(cfg.ptx_data) if cfg.ptx_coef > 0 else None
     per_rank(cfg.batch_size, "batch_size")
     tokenizer = use_chat_template(load_tokenizer(cfg.policy), cfg.fmt.chat_template)
@@ -223,6 +238,7 @@ def setup_rl(cfg: RLConfig, device: torch.device, dtype: torch.dtype, with_value
         ids = encode_prompts(tokenizer, prompts, max_prompt, cfg.truncate_prompts)
     except PromptTooLong as e:
         raise DataError(cfg.prompts, lines[e.index], str(e), "prompt") from None
+    held_out = HeldOut(cfg, eval_prompts, eval_lines, tokenizer, max_prompt, policy) if cfg.eval_every else None
     seed = dist.rank_seed(cfg.run.seed)  # each rank its own samples, prompt order and ptx text (rank 0: the seed)
     ptx = TextStream(ptx_texts, tokenizer, context_length(policy), seed + 7) if ptx_texts else None
     judge = GoldJudge.from_world(cfg.judge) if cfg.judge and (Path(cfg.judge) / "judge.json").is_file() else None
@@ -230,7 +246,74 @@ def setup_rl(cfg: RLConfig, device: torch.device, dtype: torch.dtype, with_value
     return RLSetup(cfg, device, tokenizer, policy, ref, rewards, value_model, PromptStream(prompts, ids, seed),
                    ptx, judge, gen, train_policy=dist.wrap(policy, cfg.run.fsdp),
                    train_value=dist.wrap(value_model, cfg.run.fsdp) if value_model is not None else None,
-                   lockstep=cfg.run.fsdp and dist.active())
+                   lockstep=cfg.run.fsdp and dist.active(), held_out=held_out)
+
+
+# --- held-out evaluation during training ----------------------------------------------------------------------
+EVAL_TABLE_ROWS = 4  # held-out prompts whose completions each evaluation logs as a table
+
+
+class HeldOut:
+    """--eval-prompts, evaluated as the training batches are measured (`rollout.make_rollout`, `sequence_metrics`):
+    `eval/score` (the reward, missing-EOS penalty included), `eval/score/NAME` per source, `eval/kl`, `eval/gold`
+    with --judge, `eval/length`, `eval/eos_rate`, and the `eval/samples` table of the first few prompts. Sampled at
+    the training temperature on its own generator, reseeded with --seed at each evaluation (every evaluation draws
+    the same noise), with torch's, Python's and NumPy's global random states put back after it: training's random
+    streams are untouched, so the weights are the same with or without it."""
+
+    def __init__(self, cfg: RLConfig, prompts: list, lines: list[int], tokenizer, max_prompt: int, policy):
+        if len(prompts) < dist.world_size():
+            raise DataError(cfg.eval_prompts, None, f"{len(prompts)} prompt(s) for {dist.world_size()} processes")
+        try:
+            ids = encode_prompts(tokenizer, prompts, max_prompt, cfg.truncate_prompts)
+        except PromptTooLong as e:
+            raise DataError(cfg.eval_prompts, lines[e.index], str(e), "prompt") from None
+        # this rank's share (every prompt on every rank when FSDP-sharded: each forward is a collective), padded with
+        # its first prompt to the largest share: every rank scores as many chunks (a whitened reward is a collective)
+        mine, self.gather = dist.eval_share(list(range(len(prompts))), policy)
+        self.keep = len(mine)  # the rows after it are padding
+        mine += mine[:1] * ((-(-len(prompts) // dist.world_size()) if self.gather else len(mine)) - len(mine))
+        self.prompts, self.ids = [prompts[i] for i in mine], [ids[i] for i in mine]
+        self.every, self.seed = cfg.eval_every, cfg.run.seed
+        self.chunk = cfg.batch_size // dist.world_size()  # a training rollout's size
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.every == 0 or last
+
+    def __call__(self, s: RLSetup) -> tuple[dict, dict[str, list[dict]]]:
+        """The metrics and the `eval/samples` table of the policy now (every rank calls it)."""
+        t0 = time.time()
+        g = torch.Generator(device=s.device).manual_seed(self.seed)
+        stats: list[tuple] = []
+        with own_random_state(s.device), evaluating(s.policy):
+            for i in range(0, len(self.ids), self.chunk):
+                r = make_rollout(s, self.prompts[i:i + self.chunk], self.ids[i:i + self.chunk], with_values=False,
+                                 generator=g)
+                stats.append(sequence_stats(r))
+                if i == 0:
+                    rows = [{"prompt": p if isinstance(p, str) else json.dumps(p, ensure_ascii=False),
+                             "completion": r.texts[j], "score": float(r.scores[j]), "kl": float(stats[0][1][j]),
+                             **({"gold": r.gold[j]} if r.gold is not None else {})}
+                            for j, p in enumerate(r.prompts[:min(EVAL_TABLE_ROWS, self.keep)])]
+        keep = self.keep
+        scores, kl, lengths, ended = (torch.cat([st[k] for st in stats])[:keep] for k in range(4))
+        by_source = {name: torch.cat([st[4][name] for st in stats])[:keep] for name in stats[0][4]}
+        gold = None if stats[0][5] is None else [x for st in stats for x in st[5]][:keep]
+        m = sequence_metrics(scores, kl, lengths, ended, by_source, gold, gather=self.gather)
+        out = {"eval/" + k.split("/", 1)[1].replace("response_length", "length"): v for k, v in m.items()}
+        return {**out, "time/eval": time.time() - t0}, {"eval/samples": rows}
+
+
+@contextlib.contextmanager
+def own_random_state(device: torch.device):
+    """torch's (CPU and `device`'s), Python's and NumPy's global random states as they were before the block."""
+    py, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
 
 
 # --- the algorithms -----------------------------------------------------------------------------------------------
@@ -254,6 +337,8 @@ def algorithms() -> dict[str, type]:
 def train_rl(cfg: RLConfig, algorithm: type) -> dict:
     cfg.validate()
     check_sources(cfg.reward, cfg.rewards)  # every --reward usable (functions, worlds, model dirs) before anything loads
+    if cfg.eval_every:
+        check_tables(cfg.run.log_with)  # the held-out evaluation logs a table
     run = Run(algorithm.name, cfg, cfg.run, cfg.out)
     s = setup_rl(cfg, run.device, run.dtype, with_value=algorithm.needs_value)
     algo = algorithm(cfg, s, run.nonfinite)
@@ -263,8 +348,12 @@ def train_rl(cfg: RLConfig, algorithm: type) -> dict:
     st = run.resume(algo.models, algo.optimizer, None, {**s.generators(), **algo.generators}) or {}
     beta, episodes = st.get("beta", cfg.beta), st.get("episodes", 0)
     s.prompts.order = st.get("prompt_order", s.prompts.order)
+    held_out = s.held_out
     with run.output() as tmp:
         rec: dict = json.loads(run.previous[-1]) if run.previous else {}
+        if held_out is not None and run.start == 0:  # before training (a resumed run has it in its metrics)
+            ev, tables = held_out(s)
+            run.log({"step": 0, **ev}, tables)
         for step in run.progress(iterations):
             t_it = time.time()
             # 1. rollout: this rank's share of the batch, k samples per prompt
@@ -280,7 +369,11 @@ def train_rl(cfg: RLConfig, algorithm: type) -> dict:
             # 4. KL control
             if cfg.kl_target is not None:
                 beta = adaptive_kl_beta(beta, rec["objective/kl"], cfg.kl_target, cfg.batch_size, cfg.kl_horizon)
-            run.log(rec)
+            tables = None
+            if held_out is not None and held_out.due(step, step == iterations):  # the policy after this update
+                ev, tables = held_out(s)
+                rec.update(ev)
+            run.log(rec, tables)
             run.maybe_save(step, step == iterations,
                            {"beta": beta, "episodes": episodes, "prompt_order": s.prompts.order})
             run.show(score=rec["objective/score"], kl=rec["objective/kl"],
@@ -293,6 +386,7 @@ def train_rl(cfg: RLConfig, algorithm: type) -> dict:
             for name, m in algo.models.items():
                 if name != "policy":  # e.g. PPO's value model, in OUT/value_model
                     m.save_pretrained(tmp / f"{name}_model", full[name])
-        final = ("objective/score", "objective/kl", "objective/gold", "rollout/response_length")
+        final = ("objective/score", "objective/kl", "objective/gold", "rollout/response_length", "eval/score",
+                 "eval/kl", "eval/gold", "eval/length")
         return run.finish({"algorithm": algorithm.name, "iterations": iterations, "episodes": episodes,
                            "final": {key: rec[key] for key in final if key in rec}, "beta": beta})

@@ -33,15 +33,17 @@ class Rollout:
         return self.batch.response_mask.float()
 
 
-def make_rollout(s, prompts: list[str], prompt_ids: list[list[int]], with_values: bool) -> Rollout:
-    """Sample responses from `s.policy` (an `rl.RLSetup`), then one batched forward pass per model, no gradients."""
+def make_rollout(s, prompts: list[str], prompt_ids: list[list[int]], with_values: bool,
+                 generator: torch.Generator | None = None) -> Rollout:
+    """Sample responses from `s.policy` (an `rl.RLSetup`), then one batched forward pass per model, no gradients.
+    `generator`: the sampling noise (default: the run's, `s.generator`)."""
     with dist.inference(s.lockstep):
         cfg = s.cfg
         with evaluating(s.policy):  # a checkpointed model in training mode would sample without its KV cache
             batch = sample(s.policy, prompt_ids, eos_id=stop_token_id(s.tokenizer),
                            pad_id=s.tokenizer.pad_token_id,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           generator=s.generator, lockstep=s.lockstep)
+                           generator=s.generator if generator is None else generator, lockstep=s.lockstep)
         mask = batch.response_mask.float()
         # log π_old: in float32 the sampler's own log-probs of the tokens it drew (same weights, dropout off, same
         # temperature) equal a full forward pass to ~1e-6 (tests/test_rl.py), so that pass is skipped. In bf16/fp16
@@ -62,15 +64,28 @@ def make_rollout(s, prompts: list[str], prompt_ids: list[list[int]], with_values
 def rollout_metrics(r: Rollout) -> dict:
     """Per-iteration statistics of a batch of experience, over every rank's rollouts. `objective/kl` is the
     sequence KL Σ_t (log π − log π_ref), whatever estimator shapes the reward."""
+    return sequence_metrics(*sequence_stats(r))
+
+
+def sequence_stats(r: Rollout) -> tuple:
+    """Per response: score, sequence KL Σ_t (log π − log π_ref), length, ended; each source's score; gold."""
     mask = r.mask
-    scores, seq_kl, lengths, ended = dist.gather_rows(r.scores, ((r.logprobs - r.ref_logprobs) * mask).sum(1),
-                                                      mask.sum(1), r.batch.ended)
+    return (r.scores, ((r.logprobs - r.ref_logprobs) * mask).sum(1), mask.sum(1), r.batch.ended, r.parts or {},
+            r.gold)
+
+
+def sequence_metrics(scores, seq_kl, lengths, ended, parts: dict, gold: list[float] | None,
+                     gather: bool = True) -> dict:
+    """`rollout_metrics` of per-response values (`sequence_stats`), over every rank's rows (`gather`) or these."""
+    rows = dist.gather_rows if gather else (lambda *t: t)
+    objects = dist.gather_objects if gather else (lambda x: [x])
+    scores, seq_kl, lengths, ended = rows(scores, seq_kl, lengths, ended)
     out = {"objective/score": float(scores.mean()), "objective/score_std": float(scores.std()),
            "objective/kl": float(seq_kl.mean()), "rollout/response_length": float(lengths.mean()),
            "rollout/eos_rate": float(ended.float().mean())}
-    for name, part in (r.parts or {}).items():  # each source's own score, before weights and the missing-EOS penalty
-        out[f"objective/score/{name}"] = float(dist.gather_rows(part)[0].mean())
-    if r.gold is not None:
-        gold = [g for part in dist.gather_objects(r.gold) for g in part]
+    for name, part in parts.items():  # each source's own score, before weights and the missing-EOS penalty
+        out[f"objective/score/{name}"] = float(rows(part)[0].mean())
+    if gold is not None:
+        gold = [g for part in objects(gold) for g in part]
         out["objective/gold"] = sum(gold) / len(gold)
     return out

@@ -57,7 +57,7 @@ class Run:
         check_output(out, stage, self.inputs, opts.overwrite)
         if dist.is_main():
             OutputLock(out).check_free()
-        self.fingerprint = fingerprint(to_flat(cfg, learned_only=True), self.inputs)
+        self.fingerprint = fingerprint(to_flat(cfg, learned_only=True), inputs_of(cfg, learned_only=True))
         self._check_checkpoints()
         Run.current = self
 
@@ -164,8 +164,8 @@ class Run:
         """Numbers beside the progress bar (refreshed with the bar, not forced)."""
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
 
-    def log(self, record: dict) -> None:
-        self.metrics.log(record)
+    def log(self, record: dict, tables: dict[str, list[dict]] | None = None) -> None:
+        self.metrics.log(record, tables)
 
     def maybe_save(self, step: int, last: bool, state: dict, models: dict | None = None) -> None:
         """A checkpoint every --save-every steps (not after the last step: OUT itself is then written)."""
