@@ -121,7 +121,7 @@ def test_tensorboard_shows_the_scores_and_the_table(runs):
     rec = records(runs.tmp / "with" / "metrics.jsonl")[0]
     header, rule, *rows = texts[0][1].splitlines()
     assert header == "| prompt | completion | score | kl | gold |" and len(rows) == 4
-    assert rows[0].startswith(f"| {rec['eval/samples'][0]['prompt']} | ")
+    assert rows[0].startswith(f"| {rec['eval/samples'][0]['prompt']} | ".replace("\n", "<br>"))
 
 
 @pytest.mark.skipif("wandb" not in SINKS, reason="wandb not installed")
