@@ -4,7 +4,6 @@ switched on in a tiny PPO run doing what it should, and every knob at a value eq
 default run's weights bit for bit (benchmarks/same_weights.py compares the default run with the code before)."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -241,31 +240,22 @@ def test_entropy_bonus_raises_the_policys_entropy(kw, base, tiny_sft_dir, tmp_pa
     assert h["bonus"] > h["base"] + 0.01 and h["bonus"] > h["sft"] + 0.01
 
 
-REWARDS = '''
 def big(prompts, responses):
+    """A reward function (`--reward test_ppo_knobs:big`) with scores of ±1…±20."""
     return [3.0 * len(r.split()) - 4.0 for r in responses]
+
 
 def big_clipped(prompts, responses):
     return [min(max(x, -0.5), 0.5) for x in big(prompts, responses)]
-'''
 
 
-@pytest.fixture
-def rewards_module(tmp_path, monkeypatch):
-    (tmp_path / "knob_rewards.py").write_text(REWARDS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("knob_rewards", None)
-    yield "knob_rewards"
-    sys.modules.pop("knob_rewards", None)
-
-
-def test_reward_clip_trains_as_a_clipped_reward_would(kw, tiny_rm_dir, rewards_module, tmp_path):
+def test_reward_clip_trains_as_a_clipped_reward_would(kw, tiny_rm_dir, tmp_path):
     """--reward-clip 0.5 on scores of ±1…±20 learns exactly what the reward clipped at its source learns (the
     missing-EOS penalty set inside the range), and not what the unclipped one learns."""
     fn = {**kw, "value": str(tiny_rm_dir), "missing_eos_penalty": -0.5}
-    clipped = ppo(tmp_path / "clip", **{**fn, "reward": [f"{rewards_module}:big"]}, reward_clip=0.5)
-    at_source = ppo(tmp_path / "source", **{**fn, "reward": [f"{rewards_module}:big_clipped"]})
-    raw = ppo(tmp_path / "raw", **{**fn, "reward": [f"{rewards_module}:big"]})
+    clipped = ppo(tmp_path / "clip", **{**fn, "reward": [f"{__name__}:big"]}, reward_clip=0.5)
+    at_source = ppo(tmp_path / "source", **{**fn, "reward": [f"{__name__}:big_clipped"]})
+    raw = ppo(tmp_path / "raw", **{**fn, "reward": [f"{__name__}:big"]})
     for model in ("policy", "value"):
         assert same(weights(clipped, model), weights(at_source, model)), model
     assert not same(weights(clipped), weights(raw))
