@@ -22,6 +22,7 @@ PIPELINE_MISTAKES = {
     "ppo_reward_weight_nan": ("ppo: {reward_weights: [.nan]}", "ppo.reward_weights must be a finite number, not nan"),
     "ppo_negative_micro_batch": ("ppo: {micro_batch_size: -1}", "ppo.micro_batch_size must be >= 0, not -1"),
     "ppo_negative_eval_every": ("ppo: {eval_every: -2}", "ppo.eval_every must be >= 0, not -2"),
+    "ppo_clip_high_below_clip": ("ppo: {clip_high: 0.1}", "ppo.clip_high (0.1) must be at least ppo.clip (0.2)"),
     # pg
     "pg_baseline_misspelled": ("pg: {baseline: median}", "pg.baseline must be one of mean, loo, not 'median'"),
     "pg_loo_k_not_dividing": ("pg: {baseline: loo, samples_per_prompt: 3}",

@@ -124,6 +124,17 @@ def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
     return rewards.scatter_add(1, last[:, None], score[:, None].to(rewards.dtype))
 
 
+def clip_reward(scores: torch.Tensor, limit: float) -> torch.Tensor:
+    """The sequence score clipped to [−limit, limit] before it enters the return [ORLHF reward_clip_range]."""
+    return scores.clamp(-limit, limit)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment [DAPO Eq. 13], scaled by `penalty`: 0 up to max_len − buffer tokens, then
+    linear to −penalty at max_len (`lengths`: response tokens, EOS included). [B]"""
+    return -penalty * ((lengths - (max_len - buffer)) / buffer).clamp(0, 1)
+
+
 # --- Advantages -------------------------------------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, n: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the masked entries; `n` (dim None only): the count to divide by instead of the mask's own — a
@@ -207,14 +218,27 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: i
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                      clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per token [PPO]: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = exp(log π_θ − log π_old).
+                      clip: float = 0.2, clip_high: float | None = None, dual_clip: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token [PPO]: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε_high)), ρ = exp(log π_θ − log π_old); ε_high = ε unless
+    `clip_high` is given ("clip-higher" [DAPO]). `dual_clip` c > 1: where A < 0 the loss is also capped at −c·A,
+    so a huge ratio cannot give an unbounded step [DualClip, ORLHF].
     Returns (loss per token, clipped, unclipped, log ρ) — the last three for statistics."""
     log_ratio = (logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    return torch.max(unclipped, clipped), clipped, unclipped, log_ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + (clip if clip_high is None else clip_high))
+    loss = torch.max(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.min(loss, -dual_clip * advantages), loss)
+    return loss, clipped, unclipped, log_ratio
+
+
+def entropy_from_logits(logits: torch.Tensor, logz: torch.Tensor | None = None) -> torch.Tensor:
+    """H(π) = log Z − Σ_v π_v · logit_v per position, from (temperature-scaled) logits [PPO Eq. 9]; `logz`: their
+    logsumexp where the caller has it."""
+    logz = torch.logsumexp(logits, dim=-1) if logz is None else logz
+    return logz - (torch.exp(logits - logz[..., None]) * logits).sum(-1)
 
 
 def surrogate_stats(clipped, unclipped, log_ratio, mask, n: torch.Tensor | None = None) -> dict:

@@ -25,6 +25,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
 
 from . import hub
 from .cards import write_model_card
+from .losses import entropy_from_logits
 
 transformers.logging.set_verbosity_error()
 
@@ -185,13 +186,14 @@ def cache_argument(model) -> str:
 
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float = 1.0, with_entropy: bool = False, last: int | None = None):
+                   temperature: float = 1.0, with_entropy: bool = False, last: int | None = None,
+                   entropy_grad: bool = False):
     """log π(x_t | x_<t) for t = 1..L-1 (or only the `last` t), in float32 whatever the weights' dtype [pitfall 5].
 
     Logits are divided by the sampling temperature in every log-prob computation [LHP].
     `last`: only the final `last` tokens are scored; the model then skips its final token (whose logits predict
     nothing) and, where it can, runs the unembedding on those positions only (`logits_to_keep`).
-    Returns logprobs [B, L-1 or last] (and the entropy, a statistic without gradient, if asked).
+    Returns logprobs [B, L-1 or last] (and the entropy if asked: without gradient unless `entropy_grad`).
     """
     kwargs = {}
     if last is not None:
@@ -210,10 +212,10 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     lp = torch.gather(logits, -1, targets[..., None]).squeeze(-1) - logz
     if not with_entropy:
         return lp
-    with torch.no_grad():  # H = log Z − Σ p·logit; logged, never differentiated
-        logits, logz = logits.detach(), logz.detach()
-        entropy = logz - (torch.exp(logits - logz[..., None]) * logits).sum(-1)
-    return lp, entropy
+    if entropy_grad:  # the entropy bonus [PPO Eq. 9] differentiates it
+        return lp, entropy_from_logits(logits, logz)
+    with torch.no_grad():  # otherwise logged only
+        return lp, entropy_from_logits(logits.detach(), logz.detach())
 
 
 # --- scalar-head model: reward model and value model ----------------------------------------------------

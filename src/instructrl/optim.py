@@ -78,3 +78,15 @@ def adamw_cosine(params, lr: float, steps: int, warmup_ratio: float, weight_deca
 
     optimizer = adam(params, decoupled_weight_decay=True, lr=lr, weight_decay=weight_decay)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * steps), steps)
+
+
+def rl_schedule(optimizer, kind: str, warmup: int, iterations: int):
+    """The learning rate of an RL run, stepped once per iteration [TRL PPOConfig]: `warmup` iterations of linear
+    warm-up from 0, then constant | linear | cosine (decay to 0 at the last iteration), transformers' schedules.
+    None for a constant lr without warm-up: no scheduler at all, as before the option existed."""
+    if kind == "constant" and not warmup:
+        return None
+    from transformers import get_scheduler
+
+    return get_scheduler("constant_with_warmup" if kind == "constant" else kind, optimizer,
+                         num_warmup_steps=warmup, num_training_steps=iterations)

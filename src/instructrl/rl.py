@@ -89,6 +89,11 @@ class RLConfig:
     mem: MemoryOptions = group(MemoryOptions)
     fmt: DataOptions = group(DataOptions)  # of --prompts
 
+    @property
+    def iterations(self) -> int:
+        """Iterations of the run: one batch of rollouts each."""
+        return max(1, self.episodes // self.batch_size)
+
     def check(self) -> None:
         """The rules between options every algorithm shares (`validate` checks each option's declaration first; an
         algorithm's config adds its own rules after these)."""
@@ -344,8 +349,8 @@ def train_rl(cfg: RLConfig, algorithm: type) -> dict:
     algo = algorithm(cfg, s, run.nonfinite)
     k = algo.samples_per_prompt
     prompts_per_rank = per_rank(cfg.batch_size // k, "batch_size / samples_per_prompt")
-    iterations = max(1, cfg.episodes // cfg.batch_size)
-    st = run.resume(algo.models, algo.optimizer, None, {**s.generators(), **algo.generators}) or {}
+    iterations = cfg.iterations
+    st = run.resume(algo.models, algo.optimizer, algo.scheduler, {**s.generators(), **algo.generators}) or {}
     beta, episodes = st.get("beta", cfg.beta), st.get("episodes", 0)
     s.prompts.order = st.get("prompt_order", s.prompts.order)
     held_out = s.held_out

@@ -175,7 +175,8 @@ def generate(model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int = 3
     return texts
 
 
-def response_logprobs(model, batch: SampleBatch, temperature: float, with_entropy: bool = False):
+def response_logprobs(model, batch: SampleBatch, temperature: float, with_entropy: bool = False,
+                      entropy_grad: bool = False):
     """Log-probs of the response tokens only: [B, R] (and entropy); the unembedding runs on those R positions."""
     return token_logprobs(model, batch.input_ids, batch.attention_mask, temperature, with_entropy,
-                          last=batch.response_ids.shape[1])
+                          last=batch.response_ids.shape[1], entropy_grad=entropy_grad)

@@ -3,11 +3,15 @@ batch of rollouts, one optimizer step per minibatch, each minibatch in micro-bat
 
 An algorithm (ppo.py, pg.py, grpo.py, rloo.py) subclasses `PolicyUpdate` and gives `advantages(r, beta)`; it may
 change `schedule` (epochs, global minibatch size), `shuffle`, `aggregation`, `policy_loss` (default: the clipped
-surrogate [PPO]) and `critic_loss` (PPO's value loss). One minibatch (`step`):
+surrogate [PPO]), `critic_loss` (PPO's value loss) and `param_groups` (PPO: the critic's own lr). The knobs PPO's
+config declares (`knob`: entropy bonus, clip-higher, dual-clip, reward clip, overlong penalty, lr schedule, critic
+warm-up) act here, so any algorithm whose config declares one gets it; all are off by default.
+One minibatch (`step`):
 
   1. this rank's rows, in micro-batches of --micro-batch-size; n = the minibatch's response tokens (and rows) over
      all ranks, so that each micro-batch's loss is its share of the global mean
-  2. per micro-batch: loss = policy loss (+ value loss) (+ β·KL in the loss) (+ γ·ptx loss); backward of loss × N
+  2. per micro-batch: loss = policy loss (+ value loss) (+ β·KL in the loss) (+ γ·ptx loss) (− c·entropy; in the
+     critic warm-up: the value loss alone); backward of loss × N
      (DDP averages gradients over the N ranks); DDP/FSDP reduce on the last micro-batch only
   3. the non-finite policy on the loss, clip the gradient norm, the non-finite policy on it, optimizer step
 
@@ -21,9 +25,10 @@ import torch
 from torch.nn.utils import clip_grad_norm_
 
 from . import distributed as dist
-from .losses import aggregate, clipped_surrogate, kl_in_loss, kl_in_reward, masked_mean, ptx_loss, surrogate_stats
+from .losses import (aggregate, clip_reward, clipped_surrogate, kl_in_loss, kl_in_reward, masked_mean,
+                     overlong_penalty, ptx_loss, surrogate_stats)
 from .models import token_logprobs, trainable_parameters
-from .optim import adam
+from .optim import adam, rl_schedule
 from .rl import per_rank
 from .rollout import Rollout
 from .sampling import response_logprobs, trim
@@ -62,10 +67,21 @@ class PolicyUpdate:
         for m in self.models.values():
             m.train()
         self.params = [p for m in self.models.values() for p in trainable_parameters(m)]
-        self.optimizer = adam(self.params, lr=cfg.lr, eps=cfg.adam_eps)
+        self.optimizer = adam(self.param_groups(), lr=cfg.lr, eps=cfg.adam_eps)
+        # None by default (constant lr): stepped once per update, in checkpoints
+        self.scheduler = rl_schedule(self.optimizer, self.knob("lr_schedule", "constant"),
+                                     self.knob("warmup_iterations", 0), cfg.iterations)
         self.generators = {"shuffle": torch.Generator().manual_seed(cfg.run.seed + 1)} if self.shuffle else {}
 
+    def knob(self, name: str, off=None):
+        """A training knob that PPO's config declares (ppo.py); `off` where the algorithm's config has none."""
+        return getattr(self.cfg, name, off)
+
     # --- what an algorithm says ---------------------------------------------------------------------------------
+    def param_groups(self) -> list:
+        """What the optimizer trains: by default every trainable parameter at --lr."""
+        return self.params
+
     def schedule(self, cfg) -> tuple[int, int]:
         """(epochs, global minibatch size)."""
         return cfg.epochs, cfg.minibatch_size
@@ -82,7 +98,8 @@ class PolicyUpdate:
     def policy_loss(self, logp, old_logp, advantages, mask, n, n_rows) -> tuple[torch.Tensor, dict]:
         """The clipped surrogate [PPO] aggregated by `aggregation` (n, n_rows: the minibatch's token and row counts,
         all ranks), and its statistics."""
-        per_token, clipped, unclipped, log_ratio = clipped_surrogate(logp, old_logp, advantages, mask, self.cfg.clip)
+        per_token, clipped, unclipped, log_ratio = clipped_surrogate(logp, old_logp, advantages, mask, self.cfg.clip,
+                                                                     self.knob("clip_high"), self.knob("dual_clip"))
         return (aggregate(per_token, mask, self.aggregation, self.cfg.max_new_tokens, n, n_rows),
                 surrogate_stats(clipped, unclipped, log_ratio, mask, n))
 
@@ -90,10 +107,21 @@ class PolicyUpdate:
         """A critic's weighted loss term and statistics (PPO) on a micro-batch; None without one."""
         return None
 
+    def scores(self, r: Rollout) -> torch.Tensor:
+        """The sequence score training sees: clipped to ±--reward-clip [ORLHF], plus the soft overlong penalty
+        [DAPO Eq. 13]; without either, the rollout's own tensor. [B]"""
+        scores, limit, penalty = r.scores, self.knob("reward_clip"), self.knob("overlong_penalty", 0.0)
+        if limit is not None:
+            scores = clip_reward(scores, limit)
+        if penalty:
+            scores = scores + overlong_penalty(r.mask.sum(1), self.cfg.max_new_tokens, self.cfg.overlong_buffer,
+                                               penalty)
+        return scores
+
     def rewards(self, r: Rollout, beta: float) -> torch.Tensor:
         """Per-token rewards: the score on the last token, −β·k_t on each token when the KL is in the reward. [B, R]"""
         cfg = self.cfg
-        return kl_in_reward(r.scores, r.logprobs, r.ref_logprobs, r.mask, beta if cfg.kl_in == "reward" else 0.0,
+        return kl_in_reward(self.scores(r), r.logprobs, r.ref_logprobs, r.mask, beta if cfg.kl_in == "reward" else 0.0,
                             cfg.kl_estimator)
 
     # --- the update ---------------------------------------------------------------------------------------------
@@ -107,6 +135,13 @@ class PolicyUpdate:
                 for key, x in self.step(r, rows, targets, beta, step).items():
                     stats.setdefault(key, []).append(x)
         out = {k: sum(v) / len(v) for k, v in stats.items()}
+        trained_on = self.scores(r)
+        if trained_on is not r.scores:  # reward clip or overlong penalty: the score trained on
+            out["objective/train_score"] = float(trained_on.mean())
+        if self.scheduler is not None or len(self.optimizer.param_groups) > 1:
+            out.update({f"{name}/lr": g["lr"] for name, g in zip(self.models, self.optimizer.param_groups)})
+        if self.scheduler is not None:
+            self.scheduler.step()
         if "policy/ratio_mean" in stats:  # the sanity check of [N+]: on the first minibatch the ratio is 1, the KL 0
             out["policy/first_ratio"] = stats["policy/ratio_mean"][0]
             out["policy/first_approx_kl"] = stats["policy/approx_kl"][0]
@@ -118,12 +153,15 @@ class PolicyUpdate:
         micro = rows.split(size) if size else (rows,)
         n = dist.all_reduce_sum(r.mask[rows].sum())  # response tokens of the minibatch, all ranks
         n_rows = len(rows) * dist.world_size()       # its rollouts, all ranks (each holds as many)
-        ptx = ptx_batches(self.s, len(micro))
+        # critic warm-up [ORLHF freezing_actor_steps]: the first iterations train the value model alone
+        train_policy = step > self.knob("critic_warmup_iterations", 0)
+        ptx = ptx_batches(self.s, len(micro)) if train_policy else []
         self.optimizer.zero_grad(set_to_none=True)
         parts: dict[str, list[float]] = {}
         for i, sub in enumerate(micro):  # gradient accumulation: DDP reduces on the last micro-batch only
             with dist.accumulating(*self.train_models, sync=i == len(micro) - 1):
-                part = self.backward(r, sub, targets, n, n_rows, ptx[i] if i < len(ptx) else None, beta)
+                part = self.backward(r, sub, targets, n, n_rows, ptx[i] if i < len(ptx) else None, beta,
+                                     train_policy)
             for key, x in part.items():
                 parts.setdefault(key, []).append(x)
         rec = {key: sum(v) for key, v in parts.items()}  # the minibatch's means
@@ -135,12 +173,20 @@ class PolicyUpdate:
         self.optimizer.step()
         return {**rec, "policy/grad_norm": float(grad_norm)}
 
-    def backward(self, r: Rollout, rows, targets: dict, n, n_rows: int, ptx, beta: float) -> dict:
-        """Forward and backward of one micro-batch; its statistics as its share of the minibatch's × N ranks."""
+    def backward(self, r: Rollout, rows, targets: dict, n, n_rows: int, ptx, beta: float,
+                 train_policy: bool = True) -> dict:
+        """Forward and backward of one micro-batch; its statistics as its share of the minibatch's × N ranks.
+        `train_policy` False (critic warm-up): the value loss alone, the policy not run (no gradient: Adam skips it)."""
         cfg, world = self.cfg, dist.world_size()
         mb, cols = trim(r.batch, rows)  # the micro-batch without its all-padding columns
         m, old = r.mask[rows, cols], r.logprobs[rows, cols]
-        logp, entropy = response_logprobs(self.s.train_policy, mb, cfg.temperature, with_entropy=True)
+        if not train_policy:
+            loss, rec = self.critic_loss(r, mb, rows, cols, m, n, targets)
+            (loss * world).backward()
+            return {key: x.item() * world for key, x in {**rec, "loss/total": loss}.items()}
+        entropy_coef = self.knob("entropy_coef", 0.0)
+        logp, entropy = response_logprobs(self.s.train_policy, mb, cfg.temperature, with_entropy=True,
+                                          entropy_grad=entropy_coef > 0)
         loss, stats = self.policy_loss(logp, old, targets["advantages"][rows, cols], m, n, n_rows)
         rec = {"policy/loss": loss, **{f"policy/{k}": x for k, x in stats.items()}}
         critic = self.critic_loss(r, mb, rows, cols, m, n, targets)
@@ -157,6 +203,8 @@ class PolicyUpdate:
             ptx_part = ptx_term(self.s, *ptx)
             loss = loss + ptx_part
             rec["ptx/loss"] = ptx_part / cfg.ptx_coef
+        if entropy_coef:  # the entropy bonus [PPO Eq. 9]: −c·H, aggregated like the policy loss
+            loss = loss - entropy_coef * aggregate(entropy, m, self.aggregation, cfg.max_new_tokens, n, n_rows)
         (loss * world).backward()
         rec.update({"loss/total": loss, "policy/entropy": masked_mean(entropy.detach(), m, n=n)})
         return {key: x.item() * world for key, x in rec.items()}
