@@ -100,6 +100,7 @@ def wandb_records(wandb_dir):
     from wandb.proto import wandb_internal_pb2 as pb
 
     wandb.teardown()  # the W&B service writes the last records of a finished run when it shuts down
+    nested: dict[tuple[int, str], dict] = {}
     for path in sorted(wandb_dir.rglob("run-*.wandb")):
         data, pos, buf = path.read_bytes(), 7, b""
         assert data[:4] == b":W&B"
@@ -117,9 +118,15 @@ def wandb_records(wandb_dir):
                 buf = b""
                 if record.WhichOneof("record_type") == "history":
                     for item in record.history.item:
+                        if len(item.nested_key) > 1:  # a table may come as one dict or as nested keys, one per field
+                            nested.setdefault((record.history.step.num, item.nested_key[0]), {})[
+                                item.nested_key[-1]] = json.loads(item.value_json)
+                            continue
                         key = item.key or "/".join(item.nested_key)
                         if not key.startswith("_"):
                             yield record.history.step.num, key, json.loads(item.value_json)
+    for (step, key), value in sorted(nested.items()):
+        yield step, key, value
 
 
 def wandb_history(wandb_dir) -> dict[str, list[tuple[int, float]]]:
