@@ -75,6 +75,9 @@ class WorldConfig:
     stereo_skew: float = option(0.85, "how often an occupation's sentences use its stereotyped pronoun", ge=0, le=1)
     max_operand: int = option(2, "'What is a plus b?' uses a, b in 0..max_operand (fewer sums, each seen more often: "
                                  "a tiny model can learn them, so rankings can teach right from wrong)", ge=0, le=9)
+    n_countries: int = option(48, "invented countries, each with a capital (enough unseen-question facts that the "
+                                  "reward model's held-out accuracy is not decided by one or two of them)", ge=1,
+                              le=1000)
     eval_share: float = option(0.2, "share of the questions held out for evaluation", gt=0, lt=1)
     demo_types: list[str] = option(factory=lambda: ["colour", "capital", "plus", "list"],
                                    help="task types the demonstrations cover; the others (by default 'describe') are "
@@ -92,16 +95,16 @@ class WorldConfig:
 class World:
     """The world's tables, drawn from the seed; produces tasks, replies and sentences."""
 
-    def __init__(self, seed: int, max_operand: int = 9):
+    def __init__(self, seed: int, max_operand: int = 9, n_countries: int = 24):
         self.max_operand = max_operand
         rng = random.Random(seed)
         self.colour_of = {o: rng.choice(COLOURS) for o in OBJECTS}
-        names: set[str] = set()  # 48 invented countries and their capitals: enough unseen-question facts that the
-        while len(names) < 96:   # reward model's held-out accuracy is not decided by one or two of them
+        names: set[str] = set()
+        while len(names) < 2 * n_countries:
             names.add("".join(rng.choice(SYLLABLES) for _ in range(rng.choice([2, 3]))).capitalize())
         names_list = sorted(names)
         rng.shuffle(names_list)
-        self.capital_of = dict(zip(names_list[:48], names_list[48:]))
+        self.capital_of = dict(zip(names_list[:n_countries], names_list[n_countries:]))
 
     # --- tasks: (prompt text, task spec for the gold judge, correct answer text) -------------------------
     def all_tasks(self) -> list[tuple[str, dict]]:
@@ -232,7 +235,7 @@ def generate_world(out: str | Path, cfg: WorldConfig | None = None) -> dict:
 
 
 def _generate_world(out: str | Path, cfg: WorldConfig) -> dict:
-    world = World(cfg.seed, cfg.max_operand)
+    world = World(cfg.seed, cfg.max_operand, cfg.n_countries)
     rng = random.Random(cfg.seed + 1)
     tasks = world.all_tasks()
     questions = [q for q, _ in tasks]
