@@ -382,8 +382,8 @@ def test_two_runs_on_one_out_exactly_one_proceeds_then_ctrl_c(tmp_path, tiny_lm_
 
     out, ckpt, lock = tmp_path / "o", tmp_path / "o-checkpoints", tmp_path / ".o.lock"
     args = [sys.executable, "-m", "instructrl.cli", "sft", "--model", str(tiny_lm_dir), "--data",
-            str(world_dir / "demos.jsonl"), "--epochs", "1000", "--batch-size", "8", "--device", "cpu",
-            "--save-every", "5", "--out", str(out)]
+            str(world_dir / "demos.jsonl"), "--epochs", "1000", "--patience", "100000", "--batch-size", "8", "--device",
+            "cpu", "--save-every", "5", "--out", str(out)]  # a patience that never stops it early: Ctrl-C does
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 180
