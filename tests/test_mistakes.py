@@ -385,7 +385,10 @@ def test_two_runs_on_one_out_exactly_one_proceeds_then_ctrl_c(tmp_path, tiny_lm_
             str(world_dir / "demos.jsonl"), "--epochs", "1000", "--patience", "100000", "--batch-size", "8", "--device",
             "cpu", "--save-every", "5", "--out", str(out)]  # a patience that never stops it early: Ctrl-C does
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    # Ctrl-C as in a terminal: a test run started as a background job of a non-interactive shell inherits SIGINT
+    # ignored, and Python then keeps ignoring it
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while not (lock.exists() and ckpt.is_dir() and any(x.name.startswith("step-") for x in ckpt.iterdir())):
         assert first.poll() is None, first.stderr.read()
