@@ -20,6 +20,8 @@ completion with its step), each sent with the record's scalars or not at all.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import math
 import os
@@ -51,10 +53,8 @@ def check_sinks(spec: str) -> None:
 def check_tables(spec: str) -> None:
     """Fail before training when a sink that is to receive tables cannot: trackio's and MLflow's need pandas."""
     for name in {"trackio", "mlflow"} & set(parse_sinks(spec)):
-        try:
-            import pandas  # noqa: F401
-        except ImportError:
-            raise ValueError(f"tables in --log-with {name} need the pandas package: pip install pandas") from None
+        if importlib.util.find_spec("pandas") is None:
+            raise ValueError(f"tables in --log-with {name} need the pandas package: pip install pandas")
 
 
 def scalars(record: dict) -> dict[str, float]:
