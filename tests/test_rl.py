@@ -202,3 +202,30 @@ def test_pretrain_refuses_torchrun(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="single process"):
         pretrain(PretrainConfig(corpus=str(tmp_path / "c.jsonl"), out=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
+
+
+def test_pg_reuses_its_batch_only_when_asked(tiny_sft_dir, tiny_rm_dir, world_dir):
+    """Vanilla PG takes one gradient step per batch, in rollout order; --epochs E --minibatch-size M (claim 3's
+    ablation, benchmarks/claim3.py) takes E × batch/M steps on the same samples, shuffled as PPO's, with the same
+    −A·log π loss (no ratio, no clip)."""
+    from instructrl.optim import NonFinite
+    from instructrl.pg import PGConfig, PolicyGradient
+    from instructrl.rl import setup_rl
+
+    def steps(**kw) -> tuple[int, bool]:
+        cfg = PGConfig(policy=str(tiny_sft_dir), reward=str(tiny_rm_dir), out="", batch_size=8, max_new_tokens=8,
+                       prompts=str(world_dir / "prompts_train.jsonl"), progress=False, device="cpu", **kw)
+        cfg.validate()
+        s = setup_rl(cfg, torch.device("cpu"), torch.float32, with_value=False)
+        pg = PolicyGradient(cfg, s, NonFinite("pg"))
+        prompts, ids = s.prompts.next(cfg.batch_size)
+        pg.update(make_rollout(s, prompts, ids, with_values=False), cfg.beta, 1)
+        state = pg.optimizer.state[pg.params[0]]
+        return int(state["step"]), pg.shuffle
+
+    assert steps() == (1, False)
+    assert steps(epochs=1, minibatch_size=8) == (1, False)      # the whole batch: the same as the default
+    assert steps(epochs=4, minibatch_size=4) == (8, True)
+    assert steps(epochs=3) == (3, True)
+    with pytest.raises(ValueError, match="--minibatch-size 3"):
+        PGConfig(policy="p", reward="r", prompts="x", out="o", batch_size=8, minibatch_size=3).validate()

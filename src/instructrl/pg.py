@@ -1,7 +1,7 @@
 """Step 3 with vanilla policy gradient: the baseline the theory starts from ([RLHF-intro], its Figure 4).
 
 Per iteration the driver (`rl.py`) samples k responses per prompt; this file takes ONE gradient step (`update.py`:
-one epoch, one minibatch) on −mean_t((G_t − b) · log π_θ(y_t|s_t)) with the KL in the reward, and the samples are
+one epoch, one minibatch; `--epochs`/`--minibatch-size` reuse the batch, for the experiment of claim 3) on −mean_t((G_t − b) · log π_θ(y_t|s_t)) with the KL in the reward, and the samples are
 discarded. b is the batch mean of the sequence return, or the leave-one-out mean over the k samples of the same
 prompt [RLOO]. Under torchrun each rank samples batch_size / N of the rollouts; the batch-mean baseline spans all
 ranks, and the loss is normalised by the batch's token count over all ranks.
@@ -24,9 +24,17 @@ class PGConfig(RLConfig):
                            choices=("mean", "loo"))
     samples_per_prompt: int = option(4, "k samples per prompt, used by the leave-one-out baseline", ge=1)
     gamma: float = option(1.0, "discount of the reward-to-go", ge=0, le=1)
+    epochs: int = option(1, "gradient passes over each batch of samples. Vanilla PG takes 1; more reuse the batch "
+                            "without PPO's ratio or clip, which the theory warns makes destructively large updates "
+                            "(benchmarks/claim3.py measures it)", ge=1)
+    minibatch_size: int = option(0, "samples per gradient step (global; divides batch_size); 0: the whole batch",
+                                 ge=0)
 
     def check(self) -> None:
         super().check()
+        if self.minibatch_size and self.batch_size % self.minibatch_size:
+            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --minibatch-size "
+                             f"{self.minibatch_size}")
         if self.baseline == "loo" and (self.samples_per_prompt < 2 or self.batch_size % self.samples_per_prompt):
             raise ValueError(f"--baseline loo needs --samples-per-prompt >= 2 dividing --batch-size "
                              f"({self.batch_size}), not {self.samples_per_prompt}")
@@ -45,14 +53,18 @@ def pg_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, loo_k
 @register
 class PolicyGradient(PolicyUpdate):
     name, config, needs_value = "pg", PGConfig, False
-    shuffle = False  # one epoch, one minibatch: the whole batch, in rollout order
+
+    @property
+    def shuffle(self) -> bool:
+        """One epoch of one minibatch (vanilla PG) takes the whole batch in rollout order; more, shuffled as PPO's."""
+        return self.cfg.epochs > 1 or self.cfg.minibatch_size not in (0, self.cfg.batch_size)
 
     @property
     def samples_per_prompt(self) -> int:
         return self.cfg.samples_per_prompt if self.cfg.baseline == "loo" else 1
 
     def schedule(self, cfg: PGConfig) -> tuple[int, int]:
-        return 1, cfg.batch_size
+        return cfg.epochs, cfg.minibatch_size or cfg.batch_size
 
     def advantages(self, r: Rollout, beta: float) -> dict:
         loo_k = self.samples_per_prompt if self.cfg.baseline == "loo" else None
