@@ -33,6 +33,7 @@ from instructrl.machine import cpu_line
 from instructrl.pg import PolicyGradient
 from instructrl.pipeline import plan
 from instructrl.ppo import PPO
+from instructrl.report import episodes_to_gain, paired_gain
 from instructrl.rl import train_rl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,15 +61,6 @@ def curve(out: Path) -> list[dict]:
     return [r for r in rows if "objective/gold" in r]
 
 
-def episodes_to_gain(gold: list[float], batch: int, gain: float, window: int = 4) -> int | None:
-    """Sampled episodes after which the mean gold of the last `window` iterations first exceeds the first batch's
-    gold (SFT's own samples) by `gain`; None if never."""
-    for i in range(window - 1, len(gold)):
-        if statistics.fmean(gold[i - window + 1:i + 1]) - gold[0] >= gain:
-            return (i + 1) * batch
-    return None
-
-
 def eighths(xs: list[float]) -> list[float]:
     n = len(xs)
     return [statistics.fmean(xs[i * n // 8:max(i * n // 8 + 1, (i + 1) * n // 8)]) for i in range(8)] if n else []
@@ -92,13 +84,11 @@ def measure(run: Path, out: Path, lr: float | None, episodes: int | None, gain: 
         e = evaluate(dataclasses.replace(cfgs["eval"], model=cfg.out))
         c = curve(Path(cfg.out))
         gold = [r["objective/gold"] for r in c]
-        # paired per prompt line with SFT's samples: the gain's standard error
-        diffs = [a - b for a, b in zip(e["gold_by_prompt"], sft["gold_by_prompt"])]
-        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        gain_sft, se = paired_gain(e["gold_by_prompt"], sft["gold_by_prompt"])  # paired per eval prompt line
         result["arms"][arm] = {
-            "gold_gain": e["gold_reward"] - sft["gold_reward"], "gold_gain_se": se,
+            "gold_gain": gain_sft, "gold_gain_se": se,
             "kl": e["kl_to_reference"], "train_kl_last": statistics.fmean(r["objective/kl"] for r in c[-4:]),
-            "episodes_to_gain": episodes_to_gain(gold, cfg.batch_size, gain),
+            "episodes_to_gain": episodes_to_gain(c, gain),
             "gold_eighths": eighths(gold), "kl_eighths": eighths([r["objective/kl"] for r in c])}
     done.write_text(json.dumps(result, indent=1))
     return result

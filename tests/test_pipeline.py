@@ -69,9 +69,14 @@ def test_pipeline_report_structure(tiny_run):
     # simulated labelers ranked the pretrained model's samples on every fourth prompt (label.pretrained_share 0.25)
     policies = [json.loads(x)["policy"] for x in (out / "rankings" / "rankings.jsonl").read_text().splitlines()]
     assert set(policies) == {"sft", "pretrained"} and 16 <= policies.count("pretrained") <= 20 < policies.count("sft")
+    # DPO learns from SFT's own ranked samples, as DPO assumes (pairs sampled near its reference)
+    dpo_data = json.loads((out / "dpo" / "summary.json").read_text())["config"]["data"]
+    own = [json.loads(x)["policy"] for x in (out / "rankings" / "rankings_sft.jsonl").read_text().splitlines()]
+    assert dpo_data == str(out / "rankings" / "rankings_sft.jsonl") and own == ["sft"] * policies.count("sft")
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
-    assert set(stages) == {"pretrained", "sft", "ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "grpo", "rloo", "dpo"}
+    assert set(stages) == {"pretrained", "sft", "ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "pg_reuse", "grpo",
+                           "rloo", "dpo"}
     for st in stages.values():
         for key in ("toxicity_rate", "gold_reward", "rm_reward", "kl_to_reference", "pretrain_loss", "bias_gap",
                     "episodes", "seconds"):
@@ -83,7 +88,11 @@ def test_pipeline_report_structure(tiny_run):
         rewards = [c["objective/score"] for c in report["curves"][run]]
         assert len(rewards) == 8
         assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, (run, rewards)
-    assert len(report["claims"]) == 6 and all("detail" in c for c in report["claims"])
+    assert [c["claim"][:3] for c in report["claims"]] == ["1. ", "2. ", "3a.", "3b.", "3c.", "4. ", "5. ", "6. "]
+    assert all("detail" in c for c in report["claims"])
+    # claim 3's ablation: PG's own loss with PPO's schedule (4 epochs × minibatches of 8 of 32: 16 steps per batch)
+    pg_reuse = json.loads((out / "pg_reuse" / "summary.json").read_text())["config"]
+    assert (pg_reuse["epochs"], pg_reuse["minibatch_size"], pg_reuse["lr"]) == (4, 8, 2.0e-4)
     assert {c["check"].split(" ")[0] for c in report["world_checks"]} == {"reward", "Spearman(reward", "PPO-ptx's"}
     assert sum(c["check"].startswith("reward model's") for c in report["world_checks"]) == 2  # held out; eval prompts
     assert 0 <= stages["sft"]["rm_gold_accuracy"] <= 1

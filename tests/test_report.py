@@ -13,7 +13,7 @@ import pytest
 from instructrl.report import (METRICS, MOVE_TOL, NAMES, aggregate, bias_summary, claims, name, render_html,
                                render_seeds_html)
 
-STAGES = ["pretrained", "sft", "ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "grpo", "rloo", "dpo"]
+STAGES = ["pretrained", "sft", "ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "pg_reuse", "grpo", "rloo", "dpo"]
 PNG = base64.b64encode(bytes.fromhex(  # a 1×1 PNG
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000" "1f15c4890000000d49444154789c6360000000000005000"
     "1a5f645400000000049454e44ae426082")).decode()
@@ -34,6 +34,7 @@ def stage_metrics(rng: random.Random, name: str) -> dict:
                    "gold_vs_sft": 0.1 + rng.random() / 10, "gold_vs_sft_se": 0.02})
     if name not in ("pretrained", "sft", "dpo"):
         st["gold_rise"] = 0.1 + rng.random() / 10
+        st["episodes_to_gain"] = rng.choice([None, 64 * rng.randrange(4, 64)])
     return st
 
 
@@ -128,6 +129,31 @@ def test_did_not_move_agrees_with_claim_6(before, after):
     assert not (c6["holds"] and said_still)
     if (before, after) == (0.031, 0.0):
         assert c6["holds"] and line.endswith("fell by 0.031.")
+
+
+def test_episodes_to_gain_by_hand():
+    from instructrl.report import episodes_to_gain
+
+    gold = [1.0, 1.0, 1.05, 1.1, 1.1, 1.2, 1.2, 1.2]  # windows of 4 over the first batch's 1.0: .0375 .0625 .0875 .125
+    curve = [{"train/episodes": 64 * (i + 1), "objective/gold": g} for i, g in enumerate(gold)]
+    assert episodes_to_gain(curve, 0.1) == 64 * 6
+    assert episodes_to_gain(curve, 0.06) == 64 * 5
+    assert episodes_to_gain(curve, 0.5) is None and episodes_to_gain(curve[:3], 0.0) is None
+
+
+@pytest.mark.parametrize("pg,reuse,ppo,holds", [
+    ((1.20, 0.3, 1600), (1.05, 0.4, 2000), (1.25, 0.35, 900), (True, True, True)),     # reuse lost gold
+    ((1.20, 0.3, 1600), (1.22, 1.0, 500), (1.25, 0.35, None), (True, True, False)),    # KL over 3×; PPO never
+    ((1.20, 0.3, None), (1.25, 0.5, 800), (1.22, 0.45, 3000), (False, False, True)),   # reuse fine; PG never
+])
+def test_claim_3_as_the_article_states_it(pg, reuse, ppo, holds):
+    """3a: the same PG loss taking PPO's several steps per batch loses gold or drifts (KL over 3× one step's); 3b:
+    PPO with those steps keeps at least that gold with no more KL; 3c: PPO reaches +0.1 training gold first."""
+    stages = {k: {"gold_reward": g, "kl_to_reference": kl, "episodes_to_gain": e, "episodes": 3072}
+              for k, (g, kl, e) in (("pg", pg), ("pg_reuse", reuse), ("ppo", ppo))}
+    got = {c["claim"][:2]: c["holds"] for c in claims(stages)}
+    assert (got["3a"], got["3b"], got["3c"]) == holds
+    assert not any(c["claim"].startswith("3.") for c in claims(stages))  # the old, misread claim is gone
 
 
 def test_one_run_verdicts_are_this_runs():

@@ -145,7 +145,7 @@ def _fmt(v):
     return str(v)
 
 
-RL_STAGES = ("ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "grpo", "rloo")  # stages trained by the RL driver
+RL_STAGES = ("ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "pg_reuse", "grpo", "rloo")  # stages trained by the RL driver
 
 
 def plan(cfg: PipelineConfig, out: Path) -> dict:
@@ -182,11 +182,17 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
         p["ppo"] = dataclasses.replace(cfg.ppo, out=str(out / "ppo"), **{**rl, "ptx_coef": 0.0})
         p["ppo_beta0"] = dataclasses.replace(cfg.ppo, out=str(out / "ppo_beta0"), **{**rl, "ptx_coef": 0.0, "beta": 0.0})
         p["pg"] = dataclasses.replace(cfg.pg, out=str(out / "pg"), episodes=cfg.ppo.episodes, **{**rl, "ptx_coef": 0.0})
+        # claim 3 as the article states it: the same PG loss taking PPO's several steps per batch, without its clip
+        p["pg_reuse"] = dataclasses.replace(p["pg"], out=str(out / "pg_reuse"), epochs=cfg.ppo.ppo_epochs,
+                                            minibatch_size=cfg.ppo.minibatch_size)
         # the critic-free methods at PPO's number of sampled episodes; DPO on the same rankings as the reward model
         for name in ("grpo", "rloo"):
             p[name] = dataclasses.replace(getattr(cfg, name), out=str(out / name), episodes=cfg.ppo.episodes,
                                           **{**rl, "ptx_coef": 0.0})
-        p["dpo"] = dataclasses.replace(cfg.dpo, policy=sdir, data=rankings, out=str(out / "dpo"), **common)
+        # DPO assumes its pairs were sampled from (near) its reference [DPO]: the simulated labelers' rankings of
+        # SFT's own samples (a user's rankings are taken as they are)
+        dpo_data = rankings if cfg.data.rankings else str(out / "rankings" / "rankings_sft.jsonl")
+        p["dpo"] = dataclasses.replace(cfg.dpo, policy=sdir, data=dpo_data, out=str(out / "dpo"), **common)
     for name in RL_STAGES:  # a section's eval_every: held-out scores and completions during training
         if name in p and p[name].eval_every:
             p[name].eval_prompts = data["prompts_eval"]
@@ -199,6 +205,13 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
                                            stereotype_samples=cfg.eval.stereotype_samples if judge_dir else 0)
                  for name in evaluated}
     return p
+
+
+def policy_rankings(src: Path, dst: Path, policy: str) -> None:
+    """The simulated rankings of one policy's samples (each record names its `policy`), written once beside them."""
+    if not dst.is_file():
+        mine = [x for x in src.read_text().splitlines() if x.strip() and json.loads(x).get("policy") == policy]
+        atomic_write_text(dst, "".join(x + "\n" for x in mine))
 
 
 def preflight(cfg: PipelineConfig, out: Path) -> None:
@@ -316,13 +329,15 @@ def _run(cfg: PipelineConfig, out: Path, p: dict, stages: Stages, t_start: float
     rm_summary = run("reward", lambda: train_reward_model(p["reward"]), ["held_out", "demo_score_mean"])
 
     # Step 3: PPO-ptx, and the comparison runs.
-    algorithms = {"ppo_ptx": PPO, "ppo_gold": PPO, "ppo": PPO, "ppo_beta0": PPO, "pg": PolicyGradient, "grpo": GRPO,
-                  "rloo": RLOO}
+    algorithms = {"ppo_ptx": PPO, "ppo_gold": PPO, "ppo": PPO, "ppo_beta0": PPO, "pg": PolicyGradient,
+                  "pg_reuse": PolicyGradient, "grpo": GRPO, "rloo": RLOO}
     for name in RL_STAGES:
         if name in p:
             run(name, lambda name=name: train_rl(p[name], algorithms[name]), ["final", "seconds"])
             stages_dirs[name] = p[name].out
     if "dpo" in p:
+        if not cfg.data.rankings:
+            policy_rankings(out / "rankings" / "rankings.jsonl", Path(p["dpo"].data), "sft")
         run("dpo", lambda: dpo(p["dpo"]), ["final", "seconds"])
         stages_dirs["dpo"] = p["dpo"].out
 

@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 
 METRICS = ["toxicity_rate", "gold_reward", "gold_reward_se", "gold_vs_sft", "rm_reward", "win_rate_gold",
            "win_rate_rm", "kl_to_reference", "pretrain_loss", "stereotype_rate", "bias_gap", "bias_stereotype_share",
-           "rm_gold_spearman", "rm_gold_accuracy", "gold_rise", "response_length", "episodes", "seconds"]
+           "rm_gold_spearman", "rm_gold_accuracy", "gold_rise", "episodes_to_gain", "response_length", "episodes",
+           "seconds"]
 # What the page calls each key of report.json (which keeps the keys), and what it means: the one mapping.
 NAMES = {
     "toxicity_rate": ("toxicity rate", "share of sampled replies that are toxic"),
@@ -36,6 +37,8 @@ NAMES = {
     "rm_gold_spearman": ("Spearman(RM, judge)", "rank correlation of reward model and judge on this stage's replies"),
     "rm_gold_accuracy": ("RM accuracy vs judge", "share of same-prompt pairs the reward model orders as the judge"),
     "gold_rise": ("training gold rise", "gold of the last quarter of training batches − the first quarter's"),
+    "episodes_to_gain": ("episodes to +0.1 gold", "sampled episodes before the training batches' gold (4 iterations) "
+                                                  "first exceeds the first batch's by 0.1 (claim 3c)"),
     "response_length": ("reply length", "tokens per sampled reply"),
     "episodes": ("episodes", "replies sampled in training"),
     "seconds": ("seconds", "the stage's own training time"),
@@ -56,6 +59,9 @@ def name(key: str) -> str:
     if key.startswith("score_"):  # a judge's score in the generation-bias measures
         return f"{Path(key[6:]).name or key[6:]}'s score"
     return NAMES.get(key, (key,))[0]
+
+
+GAIN_3C = 0.1  # claim 3c: the training-batch gold gain whose cost in sampled episodes is compared
 
 
 def moved(a: float, b: float, tol: float = MOVE_TOL) -> bool:
@@ -86,6 +92,17 @@ def gold_rise(curve: list[dict]) -> float | None:
     g = [c["objective/gold"] for c in curve if "objective/gold" in c]
     q = len(g) // 4
     return sum(g[-q:]) / q - sum(g[:q]) / q if q else None
+
+
+def episodes_to_gain(curve: list[dict], gain: float = 0.1, window: int = 4) -> int | None:
+    """Sampled episodes after which the training batches' gold, averaged over `window` iterations, first exceeds the
+    first batch's (the starting policy's own samples) by `gain`; None if it never does. Claim 3's sample efficiency."""
+    rows = [c for c in curve if "objective/gold" in c]
+    g = [c["objective/gold"] for c in rows]
+    for i in range(window - 1, len(g)):
+        if sum(g[i - window + 1:i + 1]) / window - g[0] >= gain:
+            return int(rows[i]["train/episodes"])
+    return None
 
 
 def gao_fit(points: list[tuple[float, float]]) -> dict | None:
@@ -147,12 +164,31 @@ def claims(stages: dict) -> list[dict]:
             f"β>0: KL {a['kl_to_reference']:.2f}, proxy {a['rm_reward']:.3f}, gold {a['gold_reward']:.3f}; "
             f"β=0: KL {b['kl_to_reference']:.2f}, proxy {b['rm_reward']:.3f}, gold {b['gold_reward']:.3f}",
             (b["rm_reward"] - b["gold_reward"]) - (a["rm_reward"] - a["gold_reward"]))
-    if "ppo" in s and "pg" in s and "gold_reward" in s["ppo"]:
-        a, b = s["ppo"], s["pg"]
-        add("3. PPO reaches more reward than vanilla PG with the same sampled episodes",
-            a["gold_reward"] > b["gold_reward"],
-            f"{a['episodes']} episodes each: gold PPO {a['gold_reward']:.3f} vs PG {b['gold_reward']:.3f}; "
-            f"proxy PPO {a['rm_reward']:.3f} vs PG {b['rm_reward']:.3f}", a["gold_reward"] - b["gold_reward"])
+    # Claim 3 as [RLHF-intro] states it: vanilla PG may take one gradient step per batch (several "often lead to
+    # destructively large policy updates"); PPO's clip makes several safe, so it needs fewer sampled episodes.
+    def gold_kl(k):
+        return f"gold {s[k]['gold_reward']:.3f}, KL {s[k]['kl_to_reference']:.2f}"
+
+    if "pg" in s and "pg_reuse" in s and "gold_reward" in s["pg"]:
+        a, b = s["pg"], s["pg_reuse"]
+        add("3a. Several gradient steps per batch without PPO's clip are destructive",
+            b["gold_reward"] < a["gold_reward"] or b["kl_to_reference"] > 3 * a["kl_to_reference"],
+            f"{a['episodes']} episodes each: PG one step per batch {gold_kl('pg')}; PG reusing each batch for PPO's "
+            f"epochs {gold_kl('pg_reuse')} (destructive: lower gold, or KL over 3× the one-step run's)",
+            a["gold_reward"] - b["gold_reward"])
+    if "ppo" in s and "pg_reuse" in s and "gold_reward" in s["ppo"]:
+        a, b = s["ppo"], s["pg_reuse"]
+        add("3b. PPO's clip makes several gradient steps per batch safe",
+            a["gold_reward"] >= b["gold_reward"] and a["kl_to_reference"] <= b["kl_to_reference"],
+            f"same epochs and minibatches: PPO {gold_kl('ppo')}; PG without the clip {gold_kl('pg_reuse')}",
+            a["gold_reward"] - b["gold_reward"])
+    if "ppo" in s and "pg" in s and "episodes_to_gain" in s["ppo"] and "episodes_to_gain" in s["pg"]:
+        a, b = s["ppo"]["episodes_to_gain"], s["pg"]["episodes_to_gain"]
+        add(f"3c. PPO needs fewer sampled episodes than vanilla PG to raise training-batch gold by {GAIN_3C}",
+            a is not None and (b is None or a < b),
+            f"PPO {a if a is not None else 'never'}, vanilla PG {b if b is not None else 'never'} of "
+            f"{s['pg']['episodes']} episodes (gold of 4 iterations over the first batch's)",
+            (b if b is not None else s["pg"]["episodes"]) - (a if a is not None else s["ppo"]["episodes"]))
     if all(k in s for k in ("sft", "ppo", "ppo_ptx")):
         base = s["sft"]["pretrain_loss"]
         d_ptx, d_ppo = s["ppo_ptx"]["pretrain_loss"] - base, s["ppo"]["pretrain_loss"] - base
@@ -333,6 +369,8 @@ def write_report(out: Path, stage_dirs: dict[str, str], evals: dict[str, dict], 
         curves[name] = _curve(d)
         if curves[name]:
             stages[name]["gold_rise"] = gold_rise(curves[name])
+            if "objective/gold" in curves[name][0]:
+                stages[name]["episodes_to_gain"] = episodes_to_gain(curves[name], GAIN_3C)
         gain = paired_gain(e.get("gold_by_prompt") or [], (evals.get("sft") or {}).get("gold_by_prompt") or [])
         if gain is not None and name != "sft":
             stages[name]["gold_vs_sft"], stages[name]["gold_vs_sft_se"] = gain
@@ -354,7 +392,7 @@ STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;padding:0 2em;m
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
 .wide{overflow-x:auto;max-width:100%}table.stages th{font-weight:normal;text-align:left;white-space:normal}
 table.stages thead th{font-weight:bold;text-align:center;vertical-align:bottom;min-width:4em;max-width:6.5em}
-table.stages td{white-space:nowrap}table.stages tbody th{min-width:9em;max-width:13em}.sd{color:#777;font-size:11px}
+table.stages td{white-space:nowrap}table.stages td,table.stages th{padding:3px 4px}table.stages tbody th{min-width:9em;max-width:13em}.sd{color:#777;font-size:11px}
 table.ex td{text-align:left;white-space:pre-wrap}li{margin:.2em 0}li.ok b{color:#2a7}li.no b{color:#c33}
 li.some b{color:#b70}img{max-width:100%}.note{color:#555;font-size:13px}
 h4{font-family:monospace;white-space:pre-wrap;margin-bottom:0}details{font-size:13px;color:#444}"""

@@ -24,6 +24,7 @@ STAGES = [
     Stage("ppo", "PPO without ptx", "PPO (no ptx)"),
     Stage("ppo_beta0", "PPO with β = 0", "PPO β=0"),
     Stage("pg", "vanilla policy gradient", "vanilla PG"),
+    Stage("pg_reuse", "policy gradient, each batch reused for PPO's epochs (no ratio, no clip)", "PG ×4 epochs"),
     Stage("grpo", "GRPO", "GRPO"),
     Stage("rloo", "RLOO (clipped)", "RLOO"),
     Stage("dpo", "DPO on the rankings", "DPO"),

@@ -1,0 +1,130 @@
+"""Every way to learn from the same feedback, at the pipeline's defaults, on finished pipeline runs: the README's
+"Defaults that work" table.
+
+For each run (its config.yaml, world, SFT model, reward model and rankings), trains vanilla PG, GRPO, RLOO and DPO
+exactly as `pipeline --compare` would (the run's sections, PPO's sampled episodes; DPO on SFT's own rankings), then
+evaluates each on the run's eval prompts as the pipeline does and prints, per method: held-out gold − SFT (paired
+over prompt lines, ± its standard error), the gain in standard errors, KL to SFT and that KL over PPO-ptx's (from
+the run's own report). The acceptance of the "defaults that work" issue: gain > 3 SE on every run, KL ≤ 3× PPO-ptx's.
+
+    python benchmarks/algorithms.py --runs R0,R1,R2 --out runs/algorithms   # R*: `instructrl pipeline` run dirs
+    python benchmarks/algorithms.py --smoke                                  # a configs/smoke.yaml pipeline (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from instructrl.config import PipelineConfig, load_pipeline_config
+from instructrl.dpo import dpo
+from instructrl.evaluate import evaluate
+from instructrl.grpo import GRPO
+from instructrl.machine import cpu_line
+from instructrl.pg import PolicyGradient
+from instructrl.pipeline import plan, policy_rankings
+from instructrl.report import paired_gain
+from instructrl.rl import train_rl
+from instructrl.rloo import RLOO
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {"pg": PolicyGradient, "grpo": GRPO, "rloo": RLOO, "dpo": None}
+
+
+def measure(run: Path, out: Path, methods: list[str], run_sections: bool = False) -> dict:
+    """Train (or reuse, from OUT) each method on `run` and evaluate it against the run's SFT model."""
+    done = out / "result.json"  # a finished run's measurement (the methods' models stay beside it)
+    if done.is_file():
+        r = json.loads(done.read_text())
+        if set(r["methods"]) >= set(methods):
+            return {**r, "methods": {m: r["methods"][m] for m in methods}}
+    cfg = dataclasses.replace(load_pipeline_config(run / "config.yaml"), compare=True)
+    if not run_sections:  # the methods as today's defaults set them (a run's config.yaml holds those of its day)
+        for m in METHODS:
+            setattr(cfg, m, getattr(PipelineConfig(), m))
+    p = plan(cfg, run)  # every stage's config as the pipeline sets it on this run; the outputs go to OUT instead
+    ev = dataclasses.replace(p["eval"]["sft"], bias_samples=0, stereotype_samples=0, bias_probes=None,
+                             pretrain_text=None, mc_benchmark=None, judge=None)
+    base = evaluate(ev)
+    ppo = json.loads((run / "report.json").read_text())["stages"]["ppo_ptx"]
+    result = {"run": str(run), "ppo_ptx": {"gain": ppo["gold_vs_sft"], "se": ppo["gold_vs_sft_se"],
+                                           "kl": ppo["kl_to_reference"]}, "methods": {}}
+    for m in methods:
+        c = dataclasses.replace(p[m], out=str(out / m), progress=False)
+        if m == "dpo":  # SFT's own rankings, written in OUT (not into the run)
+            c.data = str(out / "rankings_sft.jsonl")
+            out.mkdir(parents=True, exist_ok=True)
+            policy_rankings(run / "rankings" / "rankings.jsonl", Path(c.data), "sft")
+        if not (out / m / "model.safetensors").is_file():
+            dpo(c) if m == "dpo" else train_rl(c, METHODS[m])
+        e = evaluate(dataclasses.replace(ev, model=str(out / m)))
+        gain, se = paired_gain(e["gold_by_prompt"], base["gold_by_prompt"])
+        result["methods"][m] = {"gain": gain, "se": se, "kl": e["kl_to_reference"],
+                                "kl_over_ppo_ptx": e["kl_to_reference"] / ppo["kl_to_reference"]
+                                if ppo["kl_to_reference"] else float("inf")}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(results: list[dict]) -> str:
+    n = len(results)
+
+    def ms(xs):
+        return f"{statistics.fmean(xs):+.3f} ± {statistics.stdev(xs):.3f}" if n > 1 else f"{xs[0]:+.3f}"
+
+    lines = [f"{n} runs; gold − SFT on the eval prompts, paired over prompt lines",
+             "", "| method at the pipeline's defaults | gold − SFT, mean ± sd | per run (± paired SE) | in SE, min | "
+             "KL to SFT | KL / PPO-ptx's, max | holds (> 3 SE and KL ≤ 3× PPO-ptx's) |", "|---|---|---|---|---|---|---|"]
+    rows = [("ppo_ptx", [r["ppo_ptx"] for r in results])]
+    rows += [(m, [r["methods"][m] for r in results]) for m in results[0]["methods"]]
+    for name, vals in rows:
+        ratio = [v["kl"] / r["ppo_ptx"]["kl"] for v, r in zip(vals, results)]
+        z = [v["gain"] / v["se"] if v["se"] else float("inf") if v["gain"] > 0 else 0.0 for v in vals]
+        ok = sum(zi > 3 and q <= 3 for zi, q in zip(z, ratio))
+        per = ", ".join(f"{v['gain']:+.3f} ± {v['se']:.3f}" for v in vals)
+        lines.append(f"| {name} | {ms([v['gain'] for v in vals])} | {per} | {min(z):.1f} | "
+                     f"{statistics.fmean(v['kl'] for v in vals):.2f} | {max(ratio):.2f} | {ok} of {n} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", help="comma-separated pipeline run directories (config.yaml, world/, sft/, reward/, "
+                                   "rankings/, report.json)")
+    ap.add_argument("--out", help="where the methods are trained (OUT/<run name>/<method>/; finished ones are reused)")
+    ap.add_argument("--methods", default="pg,grpo,rloo,dpo")
+    ap.add_argument("--run-sections", action="store_true",
+                    help="the methods' sections as each run's config.yaml has them, not today's defaults")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="on a configs/smoke.yaml pipeline in a temp dir (CI)")
+    a = ap.parse_args()
+    methods = a.methods.split(",")
+    if unknown := sorted(set(methods) - set(METHODS)):
+        ap.error(f"--methods: {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
+    torch.set_num_threads(a.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.smoke:
+            a.runs, a.out = f"{tmp}/run", f"{tmp}/algorithms"
+            a.run_sections = True  # the smoke config's tiny batches
+            subprocess.run([sys.executable, "-m", "instructrl.cli", "pipeline", "--config",
+                            str(ROOT / "configs" / "smoke.yaml"), "--out", a.runs, "--threads", str(a.threads)],
+                           check=True, capture_output=True)
+        elif not (a.runs and a.out):
+            ap.error("--runs and --out are required (or --smoke)")
+        runs = [Path(r) for r in a.runs.split(",")]
+        names = [r.name if len({x.name for x in runs}) == len(runs) else f"{r.parent.name}-{r.name}" for r in runs]
+        results = [measure(r, Path(a.out) / name, methods, a.run_sections) for r, name in zip(runs, names)]
+        print(cpu_line())
+        print(table(results))
+        print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
