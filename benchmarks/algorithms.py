@@ -2,7 +2,7 @@
 "Defaults that work" table.
 
 For each run (its config.yaml, world, SFT model, reward model and rankings), trains vanilla PG, GRPO, RLOO and DPO
-exactly as `pipeline --compare` would (the run's sections, PPO's sampled episodes; DPO on SFT's own rankings), then
+exactly as `pipeline --compare` would (today's sections, PPO's sampled episodes, DPO on the run's rankings), then
 evaluates each on the run's eval prompts as the pipeline does and prints, per method: held-out gold − SFT (paired
 over prompt lines, ± its standard error), the gain in standard errors, KL to SFT and that KL over PPO-ptx's (from
 the run's own report). The acceptance of the "defaults that work" issue: gain > 3 SE on every run, KL ≤ 3× PPO-ptx's.
@@ -16,8 +16,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,14 +25,14 @@ from instructrl.config import PipelineConfig, load_pipeline_config
 from instructrl.dpo import dpo
 from instructrl.evaluate import evaluate
 from instructrl.grpo import GRPO
+from finished_runs import run_names, smoke_run  # beside this script
 from instructrl.machine import cpu_line
 from instructrl.pg import PolicyGradient
-from instructrl.pipeline import plan, policy_rankings
+from instructrl.pipeline import plan
 from instructrl.report import paired_gain
 from instructrl.rl import train_rl
 from instructrl.rloo import RLOO
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"pg": PolicyGradient, "grpo": GRPO, "rloo": RLOO, "dpo": None}
 
 
@@ -58,10 +56,6 @@ def measure(run: Path, out: Path, methods: list[str], run_sections: bool = False
                                            "kl": ppo["kl_to_reference"]}, "methods": {}}
     for m in methods:
         c = dataclasses.replace(p[m], out=str(out / m), progress=False)
-        if m == "dpo":  # SFT's own rankings, written in OUT (not into the run)
-            c.data = str(out / "rankings_sft.jsonl")
-            out.mkdir(parents=True, exist_ok=True)
-            policy_rankings(run / "rankings" / "rankings.jsonl", Path(c.data), "sft")
         if not (out / m / "model.safetensors").is_file():
             dpo(c) if m == "dpo" else train_rl(c, METHODS[m])
         e = evaluate(dataclasses.replace(ev, model=str(out / m)))
@@ -113,13 +107,11 @@ def main() -> None:
         if a.smoke:
             a.runs, a.out = f"{tmp}/run", f"{tmp}/algorithms"
             a.run_sections = True  # the smoke config's tiny batches
-            subprocess.run([sys.executable, "-m", "instructrl.cli", "pipeline", "--config",
-                            str(ROOT / "configs" / "smoke.yaml"), "--out", a.runs, "--threads", str(a.threads)],
-                           check=True, capture_output=True)
+            smoke_run(a.runs, a.threads)
         elif not (a.runs and a.out):
             ap.error("--runs and --out are required (or --smoke)")
         runs = [Path(r) for r in a.runs.split(",")]
-        names = [r.name if len({x.name for x in runs}) == len(runs) else f"{r.parent.name}-{r.name}" for r in runs]
+        names = run_names(runs)
         results = [measure(r, Path(a.out) / name, methods, a.run_sections) for r, name in zip(runs, names)]
         print(cpu_line())
         print(table(results))

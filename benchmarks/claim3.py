@@ -20,8 +20,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch
 
 from instructrl.config import load_pipeline_config
 from instructrl.evaluate import evaluate
+from finished_runs import run_names, smoke_run  # beside this script
 from instructrl.machine import cpu_line
 from instructrl.pg import PolicyGradient
 from instructrl.pipeline import plan
@@ -36,7 +35,6 @@ from instructrl.ppo import PPO
 from instructrl.report import episodes_to_gain, paired_gain
 from instructrl.rl import train_rl
 
-ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("pg1", "pg4", "ppo")
 
 
@@ -151,13 +149,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if a.smoke:
             a.runs, a.out = f"{tmp}/run", f"{tmp}/claim3"
-            subprocess.run([sys.executable, "-m", "instructrl.cli", "pipeline", "--config",
-                            str(ROOT / "configs" / "smoke.yaml"), "--out", a.runs, "--threads", str(a.threads)],
-                           check=True, capture_output=True)
+            smoke_run(a.runs, a.threads)
         elif not (a.runs and a.out):
             ap.error("--runs and --out are required (or --smoke)")
         runs = [Path(r) for r in a.runs.split(",")]
-        names = [r.parent.name + "-" + r.name if len({x.name for x in runs}) < len(runs) else r.name for r in runs]
+        names = run_names(runs)
         results = [measure(r, Path(a.out) / name, a.lr, a.episodes, a.gain) for r, name in zip(runs, names)]
         print(cpu_line())
         print(summary(results, a.gain))

@@ -88,7 +88,7 @@ class PipelineConfig:
     # 0.30 below SFT's gold on the embedded world (README, "Defaults that work")
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(temperature=RL_TEMPERATURE, scale_rewards=False))
     rloo: RLOOConfig = field(default_factory=lambda: RLOOConfig(temperature=RL_TEMPERATURE))
-    # on SFT's own rankings (pipeline.py), β 0.5: at β 0.1 DPO drifted to KL 8–10 on two seeds of three
+    # β 0.5: at β 0.1 DPO drifted (KL 3.8× PPO-ptx's; on SFT's own rankings alone, KL 8–10 on two seeds of three)
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=0.5))
     # several samples per prompt (standard errors), generation bias and stereotyped replies in the report
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(samples_per_prompt=4, bias_samples=2,

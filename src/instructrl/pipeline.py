@@ -189,10 +189,7 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
         for name in ("grpo", "rloo"):
             p[name] = dataclasses.replace(getattr(cfg, name), out=str(out / name), episodes=cfg.ppo.episodes,
                                           **{**rl, "ptx_coef": 0.0})
-        # DPO assumes its pairs were sampled from (near) its reference [DPO]: the simulated labelers' rankings of
-        # SFT's own samples (a user's rankings are taken as they are)
-        dpo_data = rankings if cfg.data.rankings else str(out / "rankings" / "rankings_sft.jsonl")
-        p["dpo"] = dataclasses.replace(cfg.dpo, policy=sdir, data=dpo_data, out=str(out / "dpo"), **common)
+        p["dpo"] = dataclasses.replace(cfg.dpo, policy=sdir, data=rankings, out=str(out / "dpo"), **common)
     for name in RL_STAGES:  # a section's eval_every: held-out scores and completions during training
         if name in p and p[name].eval_every:
             p[name].eval_prompts = data["prompts_eval"]
@@ -205,13 +202,6 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
                                            stereotype_samples=cfg.eval.stereotype_samples if judge_dir else 0)
                  for name in evaluated}
     return p
-
-
-def policy_rankings(src: Path, dst: Path, policy: str) -> None:
-    """The simulated rankings of one policy's samples (each record names its `policy`), written once beside them."""
-    if not dst.is_file():
-        mine = [x for x in src.read_text().splitlines() if x.strip() and json.loads(x).get("policy") == policy]
-        atomic_write_text(dst, "".join(x + "\n" for x in mine))
 
 
 def preflight(cfg: PipelineConfig, out: Path) -> None:
@@ -336,8 +326,6 @@ def _run(cfg: PipelineConfig, out: Path, p: dict, stages: Stages, t_start: float
             run(name, lambda name=name: train_rl(p[name], algorithms[name]), ["final", "seconds"])
             stages_dirs[name] = p[name].out
     if "dpo" in p:
-        if not cfg.data.rankings:
-            policy_rankings(out / "rankings" / "rankings.jsonl", Path(p["dpo"].data), "sft")
         run("dpo", lambda: dpo(p["dpo"]), ["final", "seconds"])
         stages_dirs["dpo"] = p["dpo"].out
 

@@ -1,0 +1,20 @@
+"""What the benchmarks that measure finished pipeline runs share (claim3.py, algorithms.py): the tiny pipeline
+their --smoke mode runs in CI, and one output name per run."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smoke_run(out: str, threads: int) -> None:
+    """A configs/smoke.yaml pipeline in `out`: every stage in seconds, numbers that mean nothing."""
+    subprocess.run([sys.executable, "-m", "instructrl.cli", "pipeline", "--config", str(ROOT / "configs" / "smoke.yaml"),
+                    "--out", out, "--threads", str(threads)], check=True, capture_output=True)
+
+
+def run_names(runs: list[Path]) -> list[str]:
+    """Each run's directory name, with its parent's where two share one (native/seed-0, default-t1/seed-0)."""
+    return [r.name if len({x.name for x in runs}) == len(runs) else f"{r.parent.name}-{r.name}" for r in runs]
