@@ -8,7 +8,8 @@ On finished pipeline runs (their SFT model, reward model and world), at equal sa
   ppo  PPO with that schedule (its clipped ratio and value model), without ptx, so the arms differ in the update only
 Then (a) is the unclipped reuse destructive (KL to SFT, held-out gold, their spread over runs)? (b) does PPO's clip
 make the reuse safe? (c) sample efficiency: the sampled episodes each method needs before its training-batch gold
-(mean of 4 iterations) first exceeds its first batch's (SFT's own samples) by --gain, and the learning curves.
+(mean of 4 iterations) first exceeds its first batch's (SFT's own samples) by 0.1, and the learning curves. The
+verdicts are the report's claims 3a-3c (`report.claims`), so a run's report and this script judge alike.
 
     python benchmarks/claim3.py --runs R0,R1,R2 --out runs/claim3            # R*: `instructrl pipeline` run dirs
     python benchmarks/claim3.py --runs R0,R1,R2 --out runs/claim3-lr --lr 1e-4   # the second reading
@@ -32,7 +33,7 @@ from instructrl.machine import cpu_line
 from instructrl.pg import PolicyGradient
 from instructrl.pipeline import plan
 from instructrl.ppo import PPO
-from instructrl.report import episodes_to_gain, paired_gain
+from instructrl.report import GAIN_3C, claims, episodes_to_gain, paired_gain
 from instructrl.rl import train_rl
 
 ARMS = ("pg1", "pg4", "ppo")
@@ -64,7 +65,7 @@ def eighths(xs: list[float]) -> list[float]:
     return [statistics.fmean(xs[i * n // 8:max(i * n // 8 + 1, (i + 1) * n // 8)]) for i in range(8)] if n else []
 
 
-def measure(run: Path, out: Path, lr: float | None, episodes: int | None, gain: float) -> dict:
+def measure(run: Path, out: Path, lr: float | None, episodes: int | None) -> dict:
     cfgs = arm_configs(run, out, lr, episodes)
     done = out / "result.json"  # a finished run's measurement (the arms' models stay beside it)
     if done.is_file():
@@ -86,13 +87,23 @@ def measure(run: Path, out: Path, lr: float | None, episodes: int | None, gain: 
         result["arms"][arm] = {
             "gold_gain": gain_sft, "gold_gain_se": se,
             "kl": e["kl_to_reference"], "train_kl_last": statistics.fmean(r["objective/kl"] for r in c[-4:]),
-            "episodes_to_gain": episodes_to_gain(c, gain),
+            "episodes_to_gain": episodes_to_gain(c, GAIN_3C),
             "gold_eighths": eighths(gold), "kl_eighths": eighths([r["objective/kl"] for r in c])}
     done.write_text(json.dumps(result, indent=1))
     return result
 
 
-def summary(results: list[dict], gain: float) -> str:
+def report_stages(r: dict, ppo: str = "ppo") -> dict:
+    """One run's arms as the report's stages: pg1 is vanilla PG, pg4 its batch-reusing `pg_reuse`, `ppo` PPO."""
+    def stage(arm):
+        a = r["arms"][arm]
+        return {"gold_reward": r["sft_gold"] + a["gold_gain"], "kl_to_reference": a["kl"], "episodes": r["episodes"],
+                "episodes_to_gain": a["episodes_to_gain"]}
+
+    return {"pg": stage("pg1"), "pg_reuse": stage("pg4"), "ppo": stage(ppo)}
+
+
+def summary(results: list[dict]) -> str:
     def col(arm, key):
         return [r["arms"][arm][key] for r in results]
 
@@ -105,28 +116,21 @@ def summary(results: list[dict], gain: float) -> str:
     n = len(results)
     lines = [f"lr {results[0]['lr']:g}, {results[0]['episodes']} sampled episodes per arm, {n} runs",
              "", "| arm | gold − SFT (held-out) | per run (± paired SE) | KL to SFT | episodes to +%g training gold |"
-             " training gold by eighth (mean of runs) |" % gain, "|---|---|---|---|---|---|"]
+             " training gold by eighth (mean of runs) |" % GAIN_3C, "|---|---|---|---|---|---|"]
     for arm in ARMS:
         runs = ", ".join(f"{r['arms'][arm]['gold_gain']:+.3f} ± {r['arms'][arm]['gold_gain_se']:.3f}" for r in results)
         eps = ", ".join(str(x) if x is not None else "never" for x in col(arm, "episodes_to_gain"))
         curve8 = " ".join(f"{statistics.fmean(v):.3f}" for v in zip(*col(arm, "gold_eighths")))
         lines.append(f"| {arm} | {ms(col(arm, 'gold_gain'))} | {runs} | {ms(col(arm, 'kl'))} | {eps} | {curve8} |")
 
-    def k_of_n(test) -> str:
-        k = sum(bool(test(r["arms"])) for r in results)
-        return f"{k} of {n} runs"
-
-    def faster(a, b):  # a reaches the gain in fewer episodes than b (b never reaching it counts)
-        return a["episodes_to_gain"] is not None and (b["episodes_to_gain"] is None
-                                                      or a["episodes_to_gain"] < b["episodes_to_gain"])
-
-    lines += ["",
-              "(a) several unclipped steps per batch are destructive (pg4's held-out gold below pg1's, or its KL to "
-              f"SFT over 3x pg1's): {k_of_n(lambda a: a['pg4']['gold_gain'] < a['pg1']['gold_gain'] or a['pg4']['kl'] > 3 * a['pg1']['kl'])}",
-              "(b) PPO's clip makes several steps safe (PPO's held-out gold at least pg4's, with KL no larger): "
-              f"{k_of_n(lambda a: a['ppo']['gold_gain'] >= a['pg4']['gold_gain'] and a['ppo']['kl'] <= a['pg4']['kl'])}",
-              f"(c) PPO reaches +{gain:g} training-batch gold in fewer sampled episodes than vanilla PG: "
-              f"{k_of_n(lambda a: faster(a['ppo'], a['pg1']))}; pg4 than pg1: {k_of_n(lambda a: faster(a['pg4'], a['pg1']))}"]
+    # the verdicts are the report's claims 3a-3c (report.claims), on each run's three arms
+    verdicts = [{c["claim"][:2]: c for c in claims(report_stages(r))} for r in results]
+    lines.append("")
+    for key in ("3a", "3b", "3c"):
+        k = sum(v[key]["holds"] for v in verdicts)
+        lines.append(f"{verdicts[0][key]['claim']}: holds on {k} of {n} runs")
+    first = sum({c["claim"][:2]: c for c in claims(report_stages(r, ppo="pg4"))}["3c"]["holds"] for r in results)
+    lines.append(f"(pg4 in PPO's place: it reaches the gain before vanilla PG on {first} of {n} runs)")
     return "\n".join(lines)
 
 
@@ -136,7 +140,6 @@ def main() -> None:
     ap.add_argument("--out", help="where the arms are trained (OUT/<run name>/<arm>/; finished arms are reused)")
     ap.add_argument("--lr", type=float, help="one learning rate for every arm (default: the pipeline's pg lr)")
     ap.add_argument("--episodes", type=int, help="sampled episodes per arm (default: the pipeline's PPO episodes)")
-    ap.add_argument("--gain", type=float, default=0.1, help="training-batch gold gain for sample efficiency (c)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--smoke", action="store_true", help="on a configs/smoke.yaml pipeline in a temp dir (CI)")
@@ -154,9 +157,9 @@ def main() -> None:
             ap.error("--runs and --out are required (or --smoke)")
         runs = [Path(r) for r in a.runs.split(",")]
         names = run_names(runs)
-        results = [measure(r, Path(a.out) / name, a.lr, a.episodes, a.gain) for r, name in zip(runs, names)]
+        results = [measure(r, Path(a.out) / name, a.lr, a.episodes) for r, name in zip(runs, names)]
         print(cpu_line())
-        print(summary(results, a.gain))
+        print(summary(results))
         print("RESULT " + json.dumps(results))
         if a.json:
             from instructrl.utils import atomic_write_text

@@ -214,7 +214,8 @@ def _yaml_line(key: str, value, help: str, indent: str) -> str:
 
 
 SECTION_OF = {"world": "world", "pretrained": "pretrain", "sft": "sft", "rankings": "label", "reward": "reward",
-              "ppo_ptx": "ppo", "ppo_gold": "ppo", "ppo": "ppo", "ppo_beta0": "ppo", "pg": "pg", "pg_reuse": "pg", "grpo": "grpo", "rloo": "rloo", "dpo": "dpo"}
+              "ppo_ptx": "ppo", "ppo_gold": "ppo", "ppo": "ppo", "ppo_beta0": "ppo", "pg": "pg", "pg_reuse": "pg",
+              "grpo": "grpo", "rloo": "rloo", "dpo": "dpo"}
 
 
 def validate_pipeline(cfg: PipelineConfig, plan: dict) -> None:

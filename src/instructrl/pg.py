@@ -2,7 +2,8 @@
 
 Per iteration the driver (`rl.py`) samples k responses per prompt; this file takes ONE gradient step (`update.py`:
 one epoch, one minibatch) on −mean_t((G_t − b) · log π_θ(y_t|s_t)) with the KL in the reward, and the samples are
-discarded (`--epochs`/`--minibatch-size` reuse them instead: claim 3's ablation, the pipeline's `pg_reuse` stage). b is the batch mean of the sequence return, or the leave-one-out mean over the k samples of the same
+discarded (`--epochs`/`--minibatch-size` reuse them instead: claim 3's ablation, the pipeline's `pg_reuse`
+stage). b is the batch mean of the sequence return, or the leave-one-out mean over the k samples of the same
 prompt [RLOO]. Under torchrun each rank samples batch_size / N of the rollouts; the batch-mean baseline spans all
 ranks, and the loss is normalised by the batch's token count over all ranks.
 """

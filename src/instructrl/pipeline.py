@@ -145,7 +145,8 @@ def _fmt(v):
     return str(v)
 
 
-RL_STAGES = ("ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "pg_reuse", "grpo", "rloo")  # stages trained by the RL driver
+# stages trained by the RL driver
+RL_STAGES = ("ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "pg_reuse", "grpo", "rloo")
 
 
 def plan(cfg: PipelineConfig, out: Path) -> dict:
