@@ -27,6 +27,7 @@ from instructrl.evaluate import evaluate
 from instructrl.grpo import GRPO
 from finished_runs import run_names, smoke_run  # beside this script
 from instructrl.machine import cpu_line
+from instructrl.utils import atomic_write_text
 from instructrl.pg import PolicyGradient
 from instructrl.pipeline import plan
 from instructrl.report import paired_gain
@@ -63,7 +64,7 @@ def measure(run: Path, out: Path, methods: list[str], run_sections: bool = False
         result["methods"][m] = {"gain": gain, "se": se, "kl": e["kl_to_reference"],
                                 "kl_over_ppo_ptx": e["kl_to_reference"] / ppo["kl_to_reference"]
                                 if ppo["kl_to_reference"] else float("inf")}
-    done.write_text(json.dumps(result, indent=1))
+    atomic_write_text(done, json.dumps(result, indent=1))  # a killed run leaves no half-written cache
     return result
 
 

@@ -30,6 +30,7 @@ from instructrl.config import load_pipeline_config
 from instructrl.evaluate import evaluate
 from finished_runs import run_names, smoke_run  # beside this script
 from instructrl.machine import cpu_line
+from instructrl.utils import atomic_write_text
 from instructrl.pg import PolicyGradient
 from instructrl.pipeline import plan
 from instructrl.ppo import PPO
@@ -73,7 +74,7 @@ def measure(run: Path, out: Path, lr: float | None, episodes: int | None) -> dic
         if (r["lr"], r["episodes"]) != (cfgs["pg1"][0].lr, cfgs["pg1"][0].episodes):
             raise SystemExit(f"{done}: measured at lr {r['lr']:g}, {r['episodes']} episodes; give another --out")
         return r
-    sft = evaluate(dataclasses.replace(cfgs["eval"]))
+    sft = evaluate(cfgs["eval"])
     result = {"run": str(run), "lr": cfgs["pg1"][0].lr, "episodes": cfgs["pg1"][0].episodes,
               "sft_gold": sft["gold_reward"], "arms": {}}
     for arm in ARMS:
@@ -89,7 +90,7 @@ def measure(run: Path, out: Path, lr: float | None, episodes: int | None) -> dic
             "kl": e["kl_to_reference"], "train_kl_last": statistics.fmean(r["objective/kl"] for r in c[-4:]),
             "episodes_to_gain": episodes_to_gain(c, GAIN_3C),
             "gold_eighths": eighths(gold), "kl_eighths": eighths([r["objective/kl"] for r in c])}
-    done.write_text(json.dumps(result, indent=1))
+    atomic_write_text(done, json.dumps(result, indent=1))  # a killed run leaves no half-written cache
     return result
 
 
@@ -162,7 +163,6 @@ def main() -> None:
         print(summary(results))
         print("RESULT " + json.dumps(results))
         if a.json:
-            from instructrl.utils import atomic_write_text
 
             atomic_write_text(a.json, json.dumps(results, indent=1), overwrite=False)
 
