@@ -163,7 +163,6 @@ def main() -> None:
         print(summary(results))
         print("RESULT " + json.dumps(results))
         if a.json:
-
             atomic_write_text(a.json, json.dumps(results, indent=1), overwrite=False)
 
 
