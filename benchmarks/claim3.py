@@ -36,6 +36,7 @@ from instructrl.pipeline import plan
 from instructrl.ppo import PPO
 from instructrl.report import GAIN_3C, claims, episodes_to_gain, paired_gain
 from instructrl.rl import train_rl
+from instructrl.robust import eighths_of
 
 ARMS = ("pg1", "pg4", "ppo")
 
@@ -61,11 +62,6 @@ def curve(out: Path) -> list[dict]:
     return [r for r in rows if "objective/gold" in r]
 
 
-def eighths(xs: list[float]) -> list[float]:
-    n = len(xs)
-    return [statistics.fmean(xs[i * n // 8:max(i * n // 8 + 1, (i + 1) * n // 8)]) for i in range(8)] if n else []
-
-
 def measure(run: Path, out: Path, lr: float | None, episodes: int | None) -> dict:
     cfgs = arm_configs(run, out, lr, episodes)
     done = out / "result.json"  # a finished run's measurement (the arms' models stay beside it)
@@ -86,10 +82,10 @@ def measure(run: Path, out: Path, lr: float | None, episodes: int | None) -> dic
         gold = [r["objective/gold"] for r in c]
         gain_sft, se = paired_gain(e["gold_by_prompt"], sft["gold_by_prompt"])  # paired per eval prompt line
         result["arms"][arm] = {
-            "gold_gain": gain_sft, "gold_gain_se": se,
+            "gold_gain": gain_sft, "gold_gain_se": se, "gold_reward_se": e["gold_reward_se"],
             "kl": e["kl_to_reference"], "train_kl_last": statistics.fmean(r["objective/kl"] for r in c[-4:]),
             "episodes_to_gain": episodes_to_gain(c, GAIN_3C),
-            "gold_eighths": eighths(gold), "kl_eighths": eighths([r["objective/kl"] for r in c])}
+            "gold_eighths": eighths_of(gold), "kl_eighths": eighths_of([r["objective/kl"] for r in c])}
     atomic_write_text(done, json.dumps(result, indent=1))  # a killed run leaves no half-written cache
     return result
 
@@ -99,7 +95,7 @@ def report_stages(r: dict, ppo: str = "ppo") -> dict:
     def stage(arm):
         a = r["arms"][arm]
         return {"gold_reward": r["sft_gold"] + a["gold_gain"], "kl_to_reference": a["kl"], "episodes": r["episodes"],
-                "episodes_to_gain": a["episodes_to_gain"]}
+                "episodes_to_gain": a["episodes_to_gain"], "gold_reward_se": a.get("gold_reward_se")}
 
     return {"pg": stage("pg1"), "pg_reuse": stage("pg4"), "ppo": stage(ppo)}
 

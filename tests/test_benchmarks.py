@@ -95,7 +95,7 @@ def test_robust_summary_counts_runs():
 
 
 def test_eighths_and_overshoot(tmp_path):
-    from instructrl.robust import eighths, overshoot_check
+    from instructrl.robust import eighths, eighths_of, overshoot_check
 
     (tmp_path / "ppo_ptx").mkdir()
     gold = [0.0] * 4 + [1.0] * 8 + [0.5] * 4  # 16 batches: eighths 0, 0, 1, 1, 1, 1, 0.5, 0.5
@@ -103,6 +103,9 @@ def test_eighths_and_overshoot(tmp_path):
     assert eighths(tmp_path / "ppo_ptx" / "metrics.jsonl") == [0, 0, 1, 1, 1, 1, 0.5, 0.5]
     c = overshoot_check(tmp_path)
     assert c["value"] == -0.5 and not c["holds"]
+    # fewer values than eighths (a smoke run): eighth i is value i·n/8; 12 values: slices cut at round(1.5 i)
+    assert eighths_of([1.0, 3.0]) == [1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0] and eighths_of([]) == []
+    assert eighths_of([float(i) for i in range(12)]) == [0.5, 2.0, 3.0, 4.5, 6.5, 8.0, 9.0, 10.5]
 
 
 def test_bad_float_path_is_refused_before_anything_runs(tmp_path):

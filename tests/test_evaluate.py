@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from instructrl.evaluate import gold_pairwise_accuracy, spearman, toxic
+from instructrl.evaluate import by_task_type, gold_pairwise_accuracy, spearman, toxic
 
 
 def test_spearman_by_hand():
@@ -21,6 +21,27 @@ def test_gold_pairwise_accuracy_by_hand():
     scores = [0.3, 0.1, 0.3, -1.0, 0.0, 9.0, 0.0]  # a0>a1 right, a0=a2 a tie (wrong), b3<b4 wrong
     assert gold_pairwise_accuracy(prompts, scores, gold) == (1 / 3, 3)
     assert gold_pairwise_accuracy(["x"], [0.0], [0.0]) == (0.0, 0)
+
+
+def test_by_task_type_by_hand():
+    """Per task type: counts, means, Spearman and same-prompt pair accuracy of that type's samples alone; prompts
+    outside the world's tasks (and message lists) are left out."""
+    tasks = {"sum?": {"type": "plus"}, "sky?": {"type": "colour"}, "sea?": {"type": "colour"}}
+    prompts = ["sum?", "sum?", "sky?", "sky?", "sea?", "sea?", "mine?", ["m"]]
+    gold = [1.0, 0.0, 1.5, 0.5, 1.5, 1.5, 9.0, 9.0]
+    scores = [-1.0, 1.0, 0.4, 0.2, 0.3, 0.1, 0.0, 0.0]
+    r = by_task_type(prompts, scores, gold, tasks)
+    assert set(r) == {"plus", "colour"}
+    plus, colour = r["plus"], r["colour"]
+    assert (plus["samples"], plus["questions"], plus["pairs"], plus["accuracy"]) == (2, 1, 1, 0.0)
+    assert plus["gold"] == 0.5 and plus["rm"] == 0.0 and plus["spearman"] == pytest.approx(-1.0)
+    # colour: gold 1.5, 0.5, 1.5, 1.5 (ranks 3, 1, 3, 3) against scores 0.4, 0.2, 0.3, 0.1 (ranks 4, 2, 3, 1);
+    # one strict same-prompt pair (sky: 1.5 > 0.5, scores 0.4 > 0.2: right); the sea pair is a gold tie
+    assert (colour["samples"], colour["questions"], colour["pairs"], colour["accuracy"]) == (4, 2, 1, 1.0)
+    assert colour["gold"] == 1.25 and colour["rm"] == pytest.approx(0.25)
+    assert colour["spearman"] == pytest.approx(spearman([4, 2, 3, 1], [3, 1, 3, 3]))
+    same = by_task_type(["sky?", "sky?"], [0.0, 1.0], [1.0, 1.0], tasks)["colour"]  # constant gold: no Spearman
+    assert same["spearman"] is None and same["accuracy"] is None and same["pairs"] == 0
 
 
 def test_toxic_matches_whole_words():

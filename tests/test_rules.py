@@ -28,6 +28,11 @@ PIPELINE_MISTAKES = {
     "pg_loo_k_not_dividing": ("pg: {baseline: loo, samples_per_prompt: 3}",
                               "pg.baseline loo needs pg.samples_per_prompt >= 2 dividing pg.batch_size (64), not 3"),
     "pg_gamma_above_one": ("pg: {gamma: 1.5}", "pg.gamma must be <= 1, not 1.5"),
+    # the compare stage pg_reuse takes ppo's epochs and minibatch size: the message names the key that sets it
+    "pg_reuse_minibatch_not_dividing": ("compare: true\npg: {batch_size: 40}",
+                                        "pg_reuse (the pg section reusing each batch for ppo.ppo_epochs epochs in "
+                                        "minibatches of ppo.minibatch_size): pg.batch_size 40 must be a multiple of "
+                                        "ppo.minibatch_size 16"),
     # grpo
     "grpo_group_not_dividing": ("grpo: {group_size: 3}", "grpo.batch_size 64 must be a multiple of grpo.group_size 3"),
     "grpo_loss_agg_misspelled": ("grpo: {loss_agg: tokn}",

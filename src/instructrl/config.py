@@ -35,7 +35,9 @@ class DataPaths:
     """Bring your own data instead of the embedded world (any field left empty comes from the world)."""
 
     demos: str | None = option(None, "demonstrations {prompt, response}")
-    prompts_train: str | None = option(None, "RL and labeling prompts {prompt}")
+    prompts_train: str | None = option(None, "RL prompts {prompt} (and the labelers', unless prompts_label is set)")
+    prompts_label: str | None = option(None, "prompts {prompt} whose replies simulated labelers rank (default: the "
+                                             "world's prompts_label.jsonl; with your own data, prompts_train)")
     prompts_eval: str | None = option(None, "evaluation prompts {prompt}")
     rankings: str | None = option(None, "human rankings (e.g. `instructrl label export`); skips simulated labelers")
     pretrain_text: str | None = option(None, "{text} for PPO-ptx")
@@ -237,7 +239,16 @@ def validate_pipeline(cfg: PipelineConfig, plan: dict) -> None:
     if plan["ppo_ptx"].ptx_coef > 0 and not plan["ppo_ptx"].ptx_data:
         raise ValueError("ppo.ptx_coef > 0 needs pretraining text: set data.pretrain_text (or ppo.ptx_coef: 0)")
     for name, section in SECTION_OF.items():
-        if name in plan:
+        if name not in plan:
+            continue
+        try:
             plan[name].validate(section)
+        except ValueError as e:
+            if name != "pg_reuse":
+                raise
+            # pg_reuse takes its epochs and minibatch size from the ppo section: name the keys the user can set
+            msg = str(e).replace("pg.minibatch_size", "ppo.minibatch_size").replace("pg.epochs", "ppo.ppo_epochs")
+            raise ValueError(f"the compare stage pg_reuse (the pg section reusing each batch for ppo.ppo_epochs "
+                             f"epochs in minibatches of ppo.minibatch_size): {msg}") from None
     for ecfg in plan["eval"].values():
         ecfg.validate("eval")

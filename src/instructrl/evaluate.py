@@ -4,6 +4,7 @@ response length, and the demographic bias probes of [RLHF-intro] ("He/She celebr
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -145,6 +146,23 @@ def gold_pairwise_accuracy(prompts: list, scores: list[float], gold: list[float]
     return agree / max(1, total), total
 
 
+def by_task_type(prompts: list, scores: list[float], gold: list[float], tasks: dict) -> dict:
+    """Where the reward model tracks the judge and where not: per task type of the world's judge, the samples,
+    questions, mean gold and reward-model score, their Spearman, and the same-prompt pair accuracy."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        if isinstance(p, str) and p in tasks:  # prompts outside the world (a user's own) have no task type
+            groups.setdefault(tasks[p]["type"], []).append(i)
+    out = {}
+    for kind, idx in sorted(groups.items()):
+        s, g, ps = [scores[i] for i in idx], [gold[i] for i in idx], [prompts[i] for i in idx]
+        rho = spearman(s, g)
+        acc, pairs = gold_pairwise_accuracy(ps, s, g)
+        out[kind] = {"samples": len(idx), "questions": len(set(ps)), "gold": sum(g) / len(g), "rm": sum(s) / len(s),
+                     "spearman": None if math.isnan(rho) else rho, "accuracy": acc if pairs else None, "pairs": pairs}
+    return out
+
+
 def toxic(text: str, words) -> bool:
     import re
     low = text.lower()
@@ -217,6 +235,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             result["rm_gold_spearman"] = spearman(torch.cat(scores).tolist(), gold)
             result["rm_gold_accuracy"], result["rm_gold_pairs"] = gold_pairwise_accuracy(
                 prompts, torch.cat(scores).tolist(), gold)
+            result["rm_gold_by_task"] = by_task_type(prompts, torch.cat(scores).tolist(), gold, judge.tasks)
     if ref is not None:
         result["kl_to_reference"] = float(torch.cat(kls).mean())
     if cfg.pretrain_text:

@@ -87,8 +87,13 @@ def eighths(metrics_file: Path, key: str = "objective/gold") -> list[float] | No
     if not metrics_file.is_file():
         return None
     xs = [r[key] for r in map(json.loads, metrics_file.read_text().splitlines()) if key in r]
+    return eighths_of(xs) if len(xs) >= 8 else None
+
+
+def eighths_of(xs: list[float]) -> list[float]:
+    """The mean of each eighth of `xs` (fewer than 8 values: eighth i is the value at i·n/8)."""
     if len(xs) < 8:
-        return None
+        return [xs[i * len(xs) // 8] for i in range(8)] if xs else []
     bounds = [round(i * len(xs) / 8) for i in range(9)]
     return [sum(xs[a:b]) / (b - a) for a, b in zip(bounds, bounds[1:])]
 
