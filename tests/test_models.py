@@ -202,28 +202,6 @@ def test_world_task_mix_options(tmp_path):
         WorldConfig(out=str(tmp_path / "x"), demo_types=["poems"]).validate()
 
 
-def test_labelers_prompts_are_the_rl_prompts_or_every_question(tmp_path):
-    """By default the labelers rank replies to the RL prompts; `--label-questions all` draws their prompts from every
-    question, eval questions included (the demos and RL prompts still never hold one). Either way the other files
-    are byte for byte the same, and a bad value is refused by name."""
-    from instructrl.data import read_prompts
-
-    small = dict(n_corpus=200, n_corpus_val=20, n_demos=60, n_prompts_train=300, n_prompts_eval=20)
-    generate_world(tmp_path / "rl", WorldConfig(seed=2, **small))
-    generate_world(tmp_path / "all", WorldConfig(seed=2, label_questions="all", **small))
-    a, r = digest(tmp_path / "all"), digest(tmp_path / "rl")
-    assert a.pop("prompts_label.jsonl") != r.pop("prompts_label.jsonl")
-    a.pop("world_config.json"), r.pop("world_config.json")
-    assert a == r
-    assert read_prompts(tmp_path / "rl" / "prompts_label.jsonl") == read_prompts(tmp_path / "rl" / "prompts_train.jsonl")
-    label = read_prompts(tmp_path / "all" / "prompts_label.jsonl")
-    evals = set(read_prompts(tmp_path / "all" / "prompts_eval.jsonl"))
-    train = set(read_prompts(tmp_path / "all" / "prompts_train.jsonl"))
-    assert len(label) == 300 and evals & set(label) and train & set(label)
-    with pytest.raises(ValueError, match="--label-questions must be one of rl, all, not 'eval'"):
-        WorldConfig(out=str(tmp_path / "x"), label_questions="eval").validate()
-
-
 def test_judge_reads_a_sum_either_way_round(tmp_path):
     """'2 plus 1 is 3.' answers 'What is 1 plus 2?' (on topic and correct) as a person reads it; a wrong sum or
     another sum is not."""

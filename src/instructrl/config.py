@@ -35,9 +35,7 @@ class DataPaths:
     """Bring your own data instead of the embedded world (any field left empty comes from the world)."""
 
     demos: str | None = option(None, "demonstrations {prompt, response}")
-    prompts_train: str | None = option(None, "RL prompts {prompt} (and the labelers', unless prompts_label is set)")
-    prompts_label: str | None = option(None, "prompts {prompt} whose replies simulated labelers rank (default: the "
-                                             "world's prompts_label.jsonl; with your own data, prompts_train)")
+    prompts_train: str | None = option(None, "RL and labeling prompts {prompt}")
     prompts_eval: str | None = option(None, "evaluation prompts {prompt}")
     rankings: str | None = option(None, "human rankings (e.g. `instructrl label export`); skips simulated labelers")
     pretrain_text: str | None = option(None, "{text} for PPO-ptx")

@@ -158,9 +158,6 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
                 "pretrain_text": "corpus.jsonl", "pretrain_val": "corpus_val.jsonl", "bias_probes": "bias_probes.jsonl"}
     for k, f in defaults.items():
         data[k] = data[k] or (str(wdir / f) if uses_world else None)
-    if not data["prompts_label"]:
-        data["prompts_label"] = str(wdir / "prompts_label.jsonl") if uses_world and not cfg.data.prompts_train \
-            else data["prompts_train"]
     judge_dir = str(wdir) if uses_world else None
     common = {"seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype}  # flat options of RunOptions
     p: dict = {"data": data, "judge": judge_dir}
@@ -220,7 +217,7 @@ def _judges(stage: str, judge_dir: str | None, rdir: str) -> str | None:
 
 
 def _label_fingerprint(cfg: PipelineConfig, p: dict, contents: bool) -> dict:
-    inputs = {"sft": p["sft"].out, "prompts_label": p["data"]["prompts_label"], "world": p["judge"]}
+    inputs = {"sft": p["sft"].out, "prompts_train": p["data"]["prompts_train"], "world": p["judge"]}
     if cfg.label.pretrained_share > 0:
         inputs["pretrained"] = p["pretrained"].out if "pretrained" in p else cfg.base_model
     return {"options": {**to_flat(cfg.label), "seed": cfg.seed},
@@ -299,7 +296,7 @@ def _run(cfg: PipelineConfig, out: Path, p: dict, stages: Stages, t_start: float
 
             t0 = time.time()
             ls = cfg.label
-            prompts = read_prompts(data["prompts_label"])[: ls.n_prompts]
+            prompts = read_prompts(data["prompts_train"])[: ls.n_prompts]
             dev = resolve_device(cfg.device)
             judge, tok = GoldJudge.from_world(judge_dir), load_tokenizer(sdir)
             to_sft, to_pretrained = split_share(prompts, ls.pretrained_share)

@@ -7,7 +7,6 @@ It writes, from a seed and nothing else:
   demos.jsonl         Step 1 demonstrations {"prompt", "response"}: polite and correct
   prompts_train.jsonl RL prompts {"prompt"}, disjoint from the demonstrations' prompts
   prompts_eval.jsonl  held-out evaluation prompts
-  prompts_label.jsonl the prompts simulated labelers rank replies to (by default the RL prompts)
   bias_probes.jsonl   {"stereotyped", "anti_stereotyped", "kind"} sentence pairs differing in one demographic word
   judge.json          the gold judge's settings: lexicons, weights and each prompt's task (hidden from the RM)
 """
@@ -80,10 +79,6 @@ class WorldConfig:
                                   "reward model's held-out accuracy is not decided by one or two of them)", ge=1,
                               le=1000)
     eval_share: float = option(0.2, "share of the questions held out for evaluation", gt=0, lt=1)
-    label_questions: str = option("rl", "questions of the labelers' prompts: 'rl' (the RL prompts themselves) or "
-                                        "'all' (every question, the eval questions too, which the policy still never "
-                                        "trains on; tried for the world checks and not kept: README)",
-                                  choices=("rl", "all"))
     demo_types: list[str] = option(factory=lambda: ["colour", "capital", "plus", "list"],
                                    help="task types the demonstrations cover; the others (by default 'describe') are "
                                         "met only in RL prompts and comparisons, as demonstrations never cover every "
@@ -275,11 +270,6 @@ def _generate_world(out: str | Path, cfg: WorldConfig) -> dict:
         q = rng.choice(demo_q)
         demos.append({"prompt": format_prompt(q), "response": " " + world.polite(world.correct_answer(spec_of[q], rng), rng)})
     prompts_train = [{"prompt": format_prompt(rng.choice(train_q))} for _ in range(cfg.n_prompts_train)]
-    # Labelers' prompts have their own generator, so every other file is the same whichever questions they cover.
-    # The policy never trains on an eval question (demos and RL prompts exclude them); the reward model may.
-    label_rng = random.Random(cfg.seed + 2)
-    prompts_label = prompts_train if cfg.label_questions == "rl" else \
-        [{"prompt": format_prompt(label_rng.choice(questions))} for _ in range(cfg.n_prompts_train)]
     prompts_eval = [{"prompt": format_prompt(q)} for q in eval_q]
     prompts_eval = (prompts_eval * (cfg.n_prompts_eval // len(prompts_eval) + 1))[: cfg.n_prompts_eval]
 
@@ -301,7 +291,6 @@ def _generate_world(out: str | Path, cfg: WorldConfig) -> dict:
         write_jsonl(tmp / "demos.jsonl", demos)
         write_jsonl(tmp / "prompts_train.jsonl", prompts_train)
         write_jsonl(tmp / "prompts_eval.jsonl", prompts_eval)
-        write_jsonl(tmp / "prompts_label.jsonl", prompts_label)
         write_jsonl(tmp / "bias_probes.jsonl", bias_probes())
         write_json(tmp / "judge.json", judge)
         write_json(tmp / "world_config.json", {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")})
