@@ -199,6 +199,32 @@ def test_several_runs_hold_on_k_of_n_with_mean_sd_min():
 
 @pytest.mark.browser
 @pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="/usr/bin/chromium is absent")
+def test_overoptimisation_figure_draws_every_online_method(monkeypatch):
+    """One figure, both panels, every RL run with a gold curve (several seeds pooled); one legend entry per method,
+    naming its two fits; a run without the gold judge is left out."""
+    import base64
+
+    import instructrl.report as rep
+    from instructrl.stages import label
+
+    def run(a, b):  # gold rises then falls with √KL; the proxy keeps rising
+        return [{"objective/kl": (i / 10) ** 2, "objective/gold": i / 10 * (a - b * i / 10),
+                 "objective/score": i / 10 * a} for i in range(30)]
+
+    legends = []
+    monkeypatch.setattr(rep.plt.Figure, "legend", lambda self, handles, labels, **kw: legends.append(labels))
+    png = rep.overoptimisation_figure({"ppo_ptx": [run(1.0, 0.5), run(1.1, 0.5)], "grpo": run(2.0, 1.0),
+                                       "dpo": [{"objective/kl": 0.1, "objective/score": 0.2}]})
+    assert base64.b64decode(png).startswith(b"\x89PNG")
+    (labels,) = legends
+    assert [x.split(" (")[0] for x in labels] == [label("ppo_ptx"), label("grpo")]
+    # the fit of the smoothed points (5-iteration means) is near the curve drawn: d(2 − d) for gold, 2d for the proxy
+    gold_a, gold_b, proxy_a, proxy_b = map(float, re.findall(r"α=(-?[\d.]+) β=(-?[\d.]+)", labels[1])[0]
+                                           + re.findall(r"α=(-?[\d.]+) β=(-?[\d.]+)", labels[1])[1])
+    assert gold_a == pytest.approx(2.0, abs=0.1) and gold_b == pytest.approx(1.0, abs=0.1)
+    assert proxy_a == pytest.approx(2.0, abs=0.1) and proxy_b == pytest.approx(0.0, abs=0.1)
+
+
 def test_reward_model_by_task_type_in_the_report():
     """The per-task-type table under the world checks: one column group per stage, a dash where nothing is left to
     order, and none at all without the data (a run on the user's own prompts)."""

@@ -267,9 +267,9 @@ def bias_summary(stages: dict, bias: dict, first: str = "sft", last: str = "ppo_
     return out
 
 
-def _png(fig) -> str:
+def _png(fig, rect=(0, 0, 1, 1)) -> str:
     buf = io.BytesIO()
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
@@ -278,27 +278,33 @@ def _png(fig) -> str:
 def overoptimisation_figure(curves: dict[str, list[list[dict]]] | dict[str, list[dict]]) -> str:
     """Gold (left) and proxy (right) reward gained against √KL to SFT, training batches of each RL run (several
     seeds' runs pooled when given lists of curves), with the fit d(α − βd) [GAO]."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    handles, labels = [], []  # one legend under both panels: a method's colour, and its two fits
     for k, runs in curves.items():
         runs = runs if runs and isinstance(runs[0], list) else [runs]
         if not runs or not runs[0] or "objective/gold" not in runs[0][0]:
             continue
+        fits = []
         for ax, key in zip(axes, ("gold", "score")):
             pts = [p for c in runs for p in overoptimisation_points(c, f"objective/{key}")]
-            sc = ax.scatter([d for d, _ in pts], [r for _, r in pts], s=6, alpha=0.5, label=label(k))
+            sc = ax.scatter([d for d, _ in pts], [r for _, r in pts], s=6, alpha=0.5)
             fit = gao_fit(pts)
             if fit:
                 top = max(d for d, _ in pts)
                 xs = [top * i / 50 for i in range(51)]
-                ax.plot(xs, [x * (fit["alpha"] - fit["beta"] * x) for x in xs], color=sc.get_facecolor()[0],
-                        label=f"{label(k)} fit α={fit['alpha']:.2f} β={fit['beta']:.2f}")
+                ax.plot(xs, [x * (fit["alpha"] - fit["beta"] * x) for x in xs], color=sc.get_facecolor()[0])
+                fits.append(f"{'gold' if key == 'gold' else 'proxy'} α={fit['alpha']:.2f} β={fit['beta']:.2f}")
+            if key == "gold":
+                handles.append(sc)
+        labels.append(f"{label(k)}" + (f" ({', '.join(fits)})" if fits else ""))
     axes[0].set(title="Gold reward gained vs √KL (over-optimisation) [Gao et al.]", xlabel="√KL to SFT",
                 ylabel="gold − gold at start")
     axes[1].set(title="Proxy (reward model) gained vs √KL", xlabel="√KL to SFT", ylabel="proxy − proxy at start")
     for a in axes:
         a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    return _png(fig)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, markerscale=2, frameon=False)
+    return _png(fig, rect=(0, 0.03 + 0.03 * ((len(handles) + 1) // 2), 1, 1))
 
 
 def figures(stages: dict, curves: dict, out: Path) -> dict[str, str]:
