@@ -8,6 +8,8 @@ over prompt lines, ± its standard error), the gain in standard errors, KL to SF
 the run's own report). The acceptance of the "defaults that work" issue: gain > 3 SE on every run, KL ≤ 3× PPO-ptx's.
 
     python benchmarks/algorithms.py --runs R0,R1,R2 --out runs/algorithms   # R*: `instructrl pipeline` run dirs
+    python benchmarks/algorithms.py --runs R0 --out runs/alg-grpo-std --methods grpo --set grpo.scale_rewards=true
+    python benchmarks/algorithms.py --runs R0,R1,R2 --out runs/alg-dpo-own --methods dpo --dpo-rankings sft
     python benchmarks/algorithms.py --smoke                                  # a configs/smoke.yaml pipeline (CI)
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from instructrl.config import PipelineConfig, load_pipeline_config
 from instructrl.dpo import dpo
@@ -27,6 +30,7 @@ from instructrl.evaluate import evaluate
 from instructrl.grpo import GRPO
 from finished_runs import run_names, smoke_run  # beside this script
 from instructrl.machine import cpu_line
+from instructrl.options import flat_fields
 from instructrl.utils import atomic_write_text
 from instructrl.pg import PolicyGradient
 from instructrl.pipeline import plan
@@ -37,24 +41,52 @@ from instructrl.rloo import RLOO
 METHODS = {"pg": PolicyGradient, "grpo": GRPO, "rloo": RLOO, "dpo": None}
 
 
-def measure(run: Path, out: Path, methods: list[str], run_sections: bool = False) -> dict:
-    """Train (or reuse, from OUT) each method on `run` and evaluate it against the run's SFT model."""
+def parse_sets(items: list[str]) -> dict[str, dict]:
+    """`--set grpo.scale_rewards=true` → {"grpo": {"scale_rewards": True}} (values read as YAML), checked by name."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section not in METHODS or name not in {f.name for f in flat_fields(type(getattr(
+                PipelineConfig(), section)))}:
+            raise SystemExit(f"--set {item}: expected METHOD.OPTION=VALUE, METHOD one of {', '.join(METHODS)}")
+        out.setdefault(section, {})[name] = yaml.safe_load(value)
+    return out
+
+
+def measure(run: Path, out: Path, methods: list[str], run_sections: bool = False, sets: dict | None = None,
+            dpo_rankings: str = "all") -> dict:
+    """Train (or reuse, from OUT) each method on `run` and evaluate it against the run's SFT model. `sets`
+    overrides options of the methods' sections (a lever); `dpo_rankings` "sft": DPO on SFT's own rankings only."""
+    sets = sets or {}
+    settings = {"sets": sets, "dpo_rankings": dpo_rankings}
     done = out / "result.json"  # a finished run's measurement (the methods' models stay beside it)
     if done.is_file():
         r = json.loads(done.read_text())
+        if r.get("settings", {"sets": {}, "dpo_rankings": "all"}) != settings:
+            raise SystemExit(f"{done}: measured with {r.get('settings')}; give another --out")
         if set(r["methods"]) >= set(methods):
             return {**r, "methods": {m: r["methods"][m] for m in methods}}
     cfg = dataclasses.replace(load_pipeline_config(run / "config.yaml"), compare=True)
     if not run_sections:  # the methods as today's defaults set them (a run's config.yaml holds those of its day)
         for m in METHODS:
             setattr(cfg, m, getattr(PipelineConfig(), m))
+    for m, kw in sets.items():
+        setattr(cfg, m, dataclasses.replace(getattr(cfg, m), **kw))
     p = plan(cfg, run)  # every stage's config as the pipeline sets it on this run; the outputs go to OUT instead
+    if dpo_rankings == "sft":  # the rankings of SFT's own samples: DPO's pairs drawn near its reference
+        own = out / "rankings_sft.jsonl"
+        if not own.is_file():
+            lines = [x for x in Path(p["dpo"].data).read_text().splitlines() if json.loads(x).get("policy") == "sft"]
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(own, "\n".join(lines) + "\n")
+        p["dpo"] = dataclasses.replace(p["dpo"], data=str(own))
     ev = dataclasses.replace(p["eval"]["sft"], bias_samples=0, stereotype_samples=0, bias_probes=None,
                              pretrain_text=None, mc_benchmark=None, judge=None)
     base = evaluate(ev)
     ppo = json.loads((run / "report.json").read_text())["stages"]["ppo_ptx"]
-    result = {"run": str(run), "ppo_ptx": {"gain": ppo["gold_vs_sft"], "se": ppo["gold_vs_sft_se"],
-                                           "kl": ppo["kl_to_reference"]}, "methods": {}}
+    result = {"run": str(run), "settings": settings, "ppo_ptx": {"gain": ppo["gold_vs_sft"], "se": ppo["gold_vs_sft_se"],
+                                                                 "kl": ppo["kl_to_reference"]}, "methods": {}}
     for m in methods:
         c = dataclasses.replace(p[m], out=str(out / m), progress=False)
         if not (out / m / "model.safetensors").is_file():
@@ -97,6 +129,10 @@ def main() -> None:
     ap.add_argument("--methods", default="pg,grpo,rloo,dpo")
     ap.add_argument("--run-sections", action="store_true",
                     help="the methods' sections as each run's config.yaml has them, not today's defaults")
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE",
+                    help="a lever: override an option of a method's section, e.g. grpo.scale_rewards=true (repeatable)")
+    ap.add_argument("--dpo-rankings", choices=("all", "sft"), default="all",
+                    help="DPO on all the run's rankings (the pipeline's) or on SFT's own samples' rankings only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="on a configs/smoke.yaml pipeline in a temp dir (CI)")
     a = ap.parse_args()
@@ -113,7 +149,13 @@ def main() -> None:
             ap.error("--runs and --out are required (or --smoke)")
         runs = [Path(r) for r in a.runs.split(",")]
         names = run_names(runs)
-        results = [measure(r, Path(a.out) / name, methods, a.run_sections) for r, name in zip(runs, names)]
+        sets = parse_sets(a.set)
+        results = [measure(r, Path(a.out) / name, methods, a.run_sections, sets, a.dpo_rankings)
+                   for r, name in zip(runs, names)]
+        if a.smoke:  # the levers' path too: an option set, and DPO on SFT's own rankings
+            lever = measure(runs[0], Path(a.out) / "lever", ["grpo", "dpo"], True,
+                            parse_sets(["grpo.scale_rewards=true", "dpo.beta=0.3"]), "sft")
+            print("lever (grpo.scale_rewards=true, dpo.beta=0.3, SFT's own rankings):", json.dumps(lever["methods"]))
         print(cpu_line())
         print(table(results))
         print("RESULT " + json.dumps(results))
