@@ -460,9 +460,9 @@ def _by_task_html(by: dict) -> str:
         cells = "".join(f"<td>{cell((v.get(k) or {}).get(f))}</td>" for v in by.values()
                         for f in ("gold", "spearman", "accuracy"))
         rows += f"<tr><td>{html.escape(k)} ({questions} q.)</td>{cells}</tr>"
-    return (f"<p>The reward model against the judge by task type, on the eval samples (q.: questions; Spearman "
-            f"within the type; pairs right: the share of same-prompt pairs it orders as the judge does). A check "
-            f"over all prompts mixes these: where a stage's gold no longer varies within a type, nothing is left there "
+    return ("<p>The reward model against the judge by task type, on the eval samples (q.: questions; Spearman "
+            "within the type; pairs right: the share of same-prompt pairs it orders as the judge does). A check "
+            "over all prompts mixes these: where a stage's gold no longer varies within a type, nothing is left there "
             f"to order.</p><table><tr><th rowspan=2>task type</th>{head}</tr><tr>{sub}</tr>{rows}</table>")
 
 
