@@ -218,6 +218,11 @@ SECTION_OF = {"world": "world", "pretrained": "pretrain", "sft": "sft", "ranking
               "grpo": "grpo", "rloo": "rloo", "dpo": "dpo"}
 
 
+# stages with options set from another section: what the stage is, and the keys that set those options
+DERIVED = {"pg_reuse": ("the pg section reusing each batch for ppo.ppo_epochs epochs in minibatches of "
+                        "ppo.minibatch_size", {"epochs": "ppo.ppo_epochs", "minibatch_size": "ppo.minibatch_size"})}
+
+
 def validate_pipeline(cfg: PipelineConfig, plan: dict) -> None:
     """Every stage's config (`plan`: pipeline.plan), the data files and the base model, before any stage runs: a
     ValueError naming the YAML key (`ppo.minibatch_size`, `data.demos`). Each section's rules are its config class's
@@ -239,14 +244,12 @@ def validate_pipeline(cfg: PipelineConfig, plan: dict) -> None:
     for name, section in SECTION_OF.items():
         if name not in plan:
             continue
+        what, keys = DERIVED.get(name, (None, None))
         try:
-            plan[name].validate(section)
+            plan[name].validate(section, keys)
         except ValueError as e:
-            if name != "pg_reuse":
+            if what is None:
                 raise
-            # pg_reuse takes its epochs and minibatch size from the ppo section: name the keys the user can set
-            msg = str(e).replace("pg.minibatch_size", "ppo.minibatch_size").replace("pg.epochs", "ppo.ppo_epochs")
-            raise ValueError(f"the compare stage pg_reuse (the pg section reusing each batch for ppo.ppo_epochs "
-                             f"epochs in minibatches of ppo.minibatch_size): {msg}") from None
+            raise ValueError(f"the compare stage {name} ({what}): {e}") from None
     for ecfg in plan["eval"].values():
         ecfg.validate("eval")

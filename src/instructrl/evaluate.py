@@ -232,10 +232,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         if len(parts) > 1:
             result.update({f"rm_reward/{name}": float(torch.cat(p).mean()) for name, p in parts.items()})
         if judge is not None:  # how well the reward model tracks the hidden judge on these fresh samples
-            result["rm_gold_spearman"] = spearman(torch.cat(scores).tolist(), gold)
-            result["rm_gold_accuracy"], result["rm_gold_pairs"] = gold_pairwise_accuracy(
-                prompts, torch.cat(scores).tolist(), gold)
-            result["rm_gold_by_task"] = by_task_type(prompts, torch.cat(scores).tolist(), gold, judge.tasks)
+            listed = torch.cat(scores).tolist()
+            result["rm_gold_spearman"] = spearman(listed, gold)
+            result["rm_gold_accuracy"], result["rm_gold_pairs"] = gold_pairwise_accuracy(prompts, listed, gold)
+            result["rm_gold_by_task"] = by_task_type(prompts, listed, gold, judge.tasks)
     if ref is not None:
         result["kl_to_reference"] = float(torch.cat(kls).mean())
     if cfg.pretrain_text:

@@ -101,14 +101,18 @@ def within(**bounds):
     return callback
 
 
-def validate(cfg, where: str = "") -> None:
+def validate(cfg, where: str = "", keys: dict[str, str] | None = None) -> None:
     """Every option within its declaration (`check_value`), then the option groups' and the class's cross-option
     `check()`: a one-line ValueError naming the option (`--batch-size`, or `sft.batch_size` with `where="sft"`)
-    before anything runs."""
+    before anything runs. `keys`: options set from elsewhere, named by the key that sets them."""
+    keys = keys or {}
+
+    def key(name: str) -> str:
+        return keys.get(name, f"{where}.{name}")
+
     for f in flat_fields(type(cfg)):
         meta = f.field.metadata
-        check_value(f"{where}.{f.name}" if where else flag(f.name), f.get(cfg), meta.get("bounds", {}),
-                    meta.get("choices"))
+        check_value(key(f.name) if where else flag(f.name), f.get(cfg), meta.get("bounds", {}), meta.get("choices"))
     groups = [getattr(cfg, f.name) for f in dataclasses.fields(cfg) if "group" in f.metadata]
     for check in [getattr(g, "check", None) for g in groups] + [getattr(cfg, "check", None)]:
         if check is None:
@@ -119,7 +123,7 @@ def validate(cfg, where: str = "") -> None:
             if not where:
                 raise
             # in a YAML section, name its keys: --batch-size → ppo.batch_size
-            raise ValueError(re.sub(r"--([a-z0-9-]+)", lambda m: f"{where}.{m[1].replace('-', '_')}", str(e))) from None
+            raise ValueError(re.sub(r"--([a-z0-9-]+)", lambda m: key(m[1].replace("-", "_")), str(e))) from None
 
 
 def flag(name: str) -> str:
