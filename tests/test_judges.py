@@ -59,6 +59,11 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
     lo_l, hi_l = bootstrap_ci(large)
     assert lo_s <= sum(small) / 20 <= hi_s and lo_l <= sum(large) / 2000 <= hi_l
     assert hi_l - lo_l < (hi_s - lo_s) / 3
+    # the normal approximation: the 95 % interval of a mean of 2000 draws spans 2 · 1.96 · sd / √2000
+    mean = sum(large) / 2000
+    sd = (sum((v - mean) ** 2 for v in large) / 1999) ** 0.5
+    assert hi_l - lo_l == pytest.approx(2 * 1.96 * sd / 2000 ** 0.5, rel=0.15)
+    assert bootstrap_ci(large, seed=1) != (lo_l, hi_l) and bootstrap_ci(large) == (lo_l, hi_l)  # seeded
 
 
 def test_generation_bias_gaps_by_kind_match_a_loop():

@@ -63,6 +63,30 @@ def test_sampler_logprobs_equal_a_full_forward_pass(rollout_parts):
         assert (b.logprobs * mask).sum().item() < -1.0  # real log-probs, not zeros
 
 
+def test_finished_rows_leave_the_sampled_batch_and_change_no_sample(rollout_parts):
+    """Rows that produced EOS stop running (the model sees fewer rows), yet every token, mask and end flag is what
+    the whole batch sampled, and the log-probs agree to float rounding: the noise is drawn for the whole batch."""
+    tok, policy, *_, ids = rollout_parts
+    rows_seen: list[int] = []
+    hook = policy.register_forward_pre_hook(lambda m, a, kw: rows_seen.append(kw["input_ids"].shape[0]),
+                                            with_kwargs=True)
+    try:
+        out = {}
+        for drop in (False, True):
+            rows_seen.clear()
+            out[drop] = sample(policy, ids, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=20,
+                               temperature=1.0, generator=torch.Generator().manual_seed(5), drop_finished=drop)
+            out[drop, "rows"] = list(rows_seen)
+    finally:
+        hook.remove()
+    full, dropped = out[False], out[True]
+    assert set(out[False, "rows"]) == {len(ids)}                    # every call ran the whole batch
+    assert min(out[True, "rows"]) < len(ids) and len(out[True, "rows"]) == len(out[False, "rows"])
+    assert torch.equal(full.response_ids, dropped.response_ids)
+    assert torch.equal(full.response_mask, dropped.response_mask) and torch.equal(full.ended, dropped.ended)
+    assert torch.allclose(full.logprobs, dropped.logprobs, atol=1e-5, rtol=0)
+
+
 def test_gumbel_max_sampling_draws_from_the_softmax():
     """The sampler's Gumbel-max draw matches the tempered softmax's frequencies (chi-square-sized tolerance)."""
     from instructrl.models import build_tiny_model, tiny_gpt_config

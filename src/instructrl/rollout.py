@@ -39,11 +39,14 @@ def make_rollout(s, prompts: list[str], prompt_ids: list[list[int]], with_values
     `generator`: the sampling noise (default: the run's, `s.generator`)."""
     with dist.inference(s.lockstep):
         cfg = s.cfg
+        # Every row stays in the sampled batch to the end (drop_finished=False): its log-probs become log π_old
+        # below, and dropping rows would round them differently (~1e-6) for a gain of about 2 % of an iteration.
         with evaluating(s.policy):  # a checkpointed model in training mode would sample without its KV cache
             batch = sample(s.policy, prompt_ids, eos_id=stop_token_id(s.tokenizer),
                            pad_id=s.tokenizer.pad_token_id,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           generator=s.generator if generator is None else generator, lockstep=s.lockstep)
+                           generator=s.generator if generator is None else generator, lockstep=s.lockstep,
+                           drop_finished=False)
         mask = batch.response_mask.float()
         # log π_old: in float32 the sampler's own log-probs of the tokens it drew (same weights, dropout off, same
         # temperature) equal a full forward pass to ~1e-6 (tests/test_rl.py), so that pass is skipped. In bf16/fp16

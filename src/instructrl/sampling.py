@@ -96,17 +96,23 @@ def response_values(value_model, batch: SampleBatch) -> torch.Tensor:
 
 
 def sample(model, prompt_ids: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
-           temperature: float = 1.0, generator: torch.Generator | None = None, lockstep: bool = False) -> SampleBatch:
+           temperature: float = 1.0, generator: torch.Generator | None = None, lockstep: bool = False,
+           drop_finished: bool = True) -> SampleBatch:
     """Autoregressive sampling with a KV cache: one forward call per new token, no other per-token Python work.
 
     temperature 0 means greedy decoding. `lockstep`: every process decodes until all processes are done, for
-    sharded (FSDP) models whose every forward call is a collective.
+    sharded (FSDP) models whose every forward call is a collective. `drop_finished`: rows that produced EOS leave
+    the batch the model runs (their KV cache rows are dropped), so a batch of short and long responses costs what
+    its tokens cost, not its longest response times its rows; the random draws are those of the whole batch
+    either way, so the samples are the same (tests/test_rl.py).
     """
     with dist.inference(lockstep):
-        return _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, generator, lockstep)
+        return _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, generator, lockstep,
+                       drop_finished)
 
 
-def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, generator, lockstep) -> SampleBatch:
+def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, generator, lockstep,
+            drop_finished) -> SampleBatch:
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, pad_id, device)
     if ids.shape[1] + max_new_tokens > context_length(model):
@@ -122,6 +128,7 @@ def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, gene
     cache_arg = cache_argument(model)
     attn = mask
     step_ids, past = ids, None
+    rows = torch.arange(B, device=device)  # the rows the model still runs (all of them until some finish)
     for t in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=attn, use_cache=True, **{cache_arg: past},
                     **({"position_ids": pos} if with_pos else {}))
@@ -129,20 +136,29 @@ def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, gene
         logits = out.logits[:, -1].float()
         logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
         if temperature > 0:  # Gumbel-max: argmax(log p + G) is a draw from p, at a third of multinomial's cost here
-            noise = torch.rand(logp.shape, generator=generator, device=device).log_().neg_().log_().neg_()
-            nxt = (logp + noise).argmax(-1)
+            # noise for the whole batch, finished rows included: the same draws whichever rows still run
+            noise = torch.rand((B, logp.shape[1]), generator=generator, device=device).log_().neg_().log_().neg_()
+            nxt = (logp + noise[rows]).argmax(-1)
         else:
             nxt = logp.argmax(-1)
-        live = ~done
-        out_ids[:, t] = torch.where(live, nxt, torch.full_like(nxt, pad_id))
-        out_logprobs[:, t] = torch.where(live, logp.gather(1, nxt[:, None]).squeeze(1), 0.0)
-        out_mask[:, t] = live.long()
-        done = done | (nxt == eos_id)
+        live = ~done[rows]
+        out_ids[rows, t] = torch.where(live, nxt, torch.full_like(nxt, pad_id))
+        out_logprobs[rows, t] = torch.where(live, logp.gather(1, nxt[:, None]).squeeze(1), 0.0)
+        out_mask[rows, t] = live.long()
+        done[rows] = done[rows] | (nxt == eos_id)
         if dist.all_true(bool(done.all())) if lockstep else bool(done.all()):
             break
-        step_ids = out_ids[:, t:t + 1]
-        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
+        step_ids = out_ids[rows, t:t + 1]
+        attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype, device=device)], 1)
         pos = pos[:, -1:] + 1
+        finished = done[rows]
+        # drop finished rows once a quarter of the batch has (each drop copies the cache); a sharded model in
+        # lockstep keeps its rows, as every process must call forward until all are done
+        if drop_finished and not lockstep and int(finished.sum()) >= max(1, len(rows) // 4) \
+                and hasattr(past, "batch_select_indices"):
+            keep = (~finished).nonzero().squeeze(1)
+            past.batch_select_indices(keep)
+            rows, step_ids, attn, pos = rows[keep], step_ids[keep], attn[keep], pos[keep]
     width = max(1, int(out_mask.sum(1).max()))
     return SampleBatch(ids, mask, out_ids[:, :width], out_mask[:, :width], done, out_logprobs[:, :width])
 
