@@ -1,4 +1,4 @@
-"""What the benchmarks that measure finished pipeline runs share (claim3.py, algorithms.py): the tiny pipeline
+"""What the benchmarks that measure finished pipeline runs share (claim3.py, algorithms.py, rm_grouping.py, task_skills.py): the tiny pipeline
 their --smoke mode runs in CI, and one output name per run."""
 from __future__ import annotations
 

@@ -8,8 +8,6 @@ held-out pairwise accuracy (vs the labels and vs the gold judge), and Spearman(R
 """
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from instructrl.machine import cpu_line
 from instructrl.reward import RewardConfig, train_reward_model
 from instructrl.utils import peak_rss_mb
 
-ROOT = Path(__file__).resolve().parents[1]
+from finished_runs import smoke_run  # beside this script
 
 
 def measure(run: Path, epochs: float) -> list[dict]:
@@ -50,9 +48,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if a.smoke:
             a.run = f"{tmp}/run"
-            subprocess.run([sys.executable, "-m", "instructrl.cli", "pipeline", "--config",
-                            str(ROOT / "configs" / "smoke.yaml"), "--out", a.run, "--threads", str(a.threads)],
-                           check=True, capture_output=True)
+            smoke_run(a.run, a.threads)
         elif not a.run:
             p.error("--run is required (or --smoke)")
         rows = measure(Path(a.run), a.epochs)

@@ -24,7 +24,7 @@ def env(**extra) -> dict:
 def test_every_benchmark_is_found():
     assert {"ppo_bench.py", "compare_trl.py", "trl_ppo_bench.py", "same_weights.py", "memory_table.py",
             "lora_memory.py", "label_load.py", "gpu_check.py", "rm_grouping.py", "float_paths.py",
-            "claim3.py", "algorithms.py"} <= set(SCRIPTS)
+            "claim3.py", "algorithms.py", "task_skills.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.slow

@@ -94,6 +94,14 @@ def test_pipeline_report_structure(tiny_run):
     assert json.loads((out / "dpo" / "summary.json").read_text())["config"]["beta"] == 0.5
     assert {c["check"].split(" ")[0] for c in report["world_checks"]} == {"reward", "Spearman(reward", "PPO-ptx's"}
     assert sum(c["check"].startswith("reward model's") for c in report["world_checks"]) == 2  # held out; eval prompts
+    # each says what it was measured on: a handful of prompts can decide it
+    rm_summary = json.loads((out / "reward" / "summary.json").read_text())
+    held, on_eval = (c["on"] for c in report["world_checks"] if c["check"].startswith("reward model's"))
+    assert held.endswith(f"of {rm_summary['held_out_distinct_prompts']} held-out prompts")
+    assert 1 <= rm_summary["held_out_distinct_prompts"] <= rm_summary["held_out_prompts"]  # rankings repeat prompts
+    assert on_eval == f"{stages['sft']['rm_gold_pairs']} same-prompt pairs of {stages['sft']['rm_gold_questions']} " \
+                      f"eval questions" and stages["sft"]["rm_gold_questions"] >= 1
+    assert f"({held})" in (out / "report.html").read_text()
     assert 0 <= stages["sft"]["rm_gold_accuracy"] <= 1
     assert set(report["overoptimisation"]) >= {"ppo_ptx", "ppo_gold", "ppo_beta0"}
     assert stages["ppo_ptx"]["gold_vs_sft_se"] > 0 and 0 <= stages["ppo_ptx"]["stereotype_rate"] <= 1

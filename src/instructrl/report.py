@@ -214,14 +214,21 @@ def claims(stages: dict) -> list[dict]:
 def world_checks(stages: dict, rm_summary: dict) -> list[dict]:
     """Can this run measure alignment? The reward model tracks the hidden judge, and RL climbs the judge's reward."""
     out = []
-    acc = (rm_summary.get("held_out") or {}).get("gold_pairwise_accuracy")
-    if acc is not None:
+    held = rm_summary.get("held_out") or {}
+    acc = held.get("gold_pairwise_accuracy")
+    if acc is not None:  # what it is measured on: a few held-out prompts decide it (one more or less moves it)
+        on = (f"{held['gold_pairs']} pairs the judge orders" if held.get("gold_pairs") else "") + \
+             (f", of {rm_summary['held_out_distinct_prompts']} held-out prompts"
+              if rm_summary.get("held_out_distinct_prompts") else "")
         out.append({"check": "reward model's held-out accuracy against the judge's order ≥ 0.85", "holds": acc >= 0.85,
-                    "value": acc})
-    acc = stages.get("sft", {}).get("rm_gold_accuracy")
+                    "value": acc, **({"on": on} if on else {})})
+    sft = stages.get("sft", {})
+    acc = sft.get("rm_gold_accuracy")
     if acc is not None:  # the eval prompts' questions: none is in the rankings, and there are more of them
+        on = (f"{sft['rm_gold_pairs']} same-prompt pairs" if sft.get("rm_gold_pairs") else "") + \
+             (f" of {sft['rm_gold_questions']} eval questions" if sft.get("rm_gold_questions") else "")
         out.append({"check": "reward model's accuracy against the judge's order on SFT's samples of the eval prompts "
-                             "≥ 0.85", "holds": acc >= 0.85, "value": acc})
+                             "≥ 0.85", "holds": acc >= 0.85, "value": acc, **({"on": on} if on else {})})
     for k in ("sft", "ppo_ptx"):
         rho = stages.get(k, {}).get("rm_gold_spearman")
         if rho is not None:
@@ -361,9 +368,11 @@ def write_report(out: Path, stage_dirs: dict[str, str], evals: dict[str, dict], 
     for name, e in evals.items():
         d = Path(stage_dirs[name])
         summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
+        questions = sum(t.get("questions") or 0 for t in (e.get("rm_gold_by_task") or {}).values())
         stages[name] = {"toxicity_rate": e["toxicity_rate"], "gold_reward": e.get("gold_reward"),
                         "rm_reward": e.get("rm_reward"), "rm_gold_spearman": e.get("rm_gold_spearman"),
-                        "rm_gold_accuracy": e.get("rm_gold_accuracy"),
+                        "rm_gold_accuracy": e.get("rm_gold_accuracy"), "rm_gold_pairs": e.get("rm_gold_pairs"),
+                        "rm_gold_questions": questions or None,
                         "kl_to_reference": e.get("kl_to_reference"),
                         "pretrain_loss": e.get("pretrain_loss"), "bias_gap": e.get("bias_gap"),
                         "bias_stereotype_share": e.get("bias_stereotype_share"),
@@ -473,7 +482,8 @@ def render_html(report: dict, figs: dict[str, str]) -> str:
     def mark(c):
         return f"class='{'ok' if c['holds'] else 'no'}'><b>{'✓ holds' if c['holds'] else '✗ does not hold'}"
 
-    checks_html = "".join(f"<li {mark(c)} in this run:</b> {e(c['check'])}; this run: {c['value']:.3f}</li>"
+    checks_html = "".join(f"<li {mark(c)} in this run:</b> {e(c['check'])}; this run: {c['value']:.3f}"
+                          + (f" ({e(c['on'])})" if c.get("on") else "") + "</li>"
                           for c in report.get("world_checks", []))
     claims_html = "".join(f"<li {mark(c)} in this run: {e(c['claim'])}</b><br>{e(c['detail'])}</li>"
                           for c in report["claims"]) or "<li>Run with <code>--compare</code> to test claims 2–4.</li>"
@@ -542,8 +552,9 @@ def aggregate(reports: dict) -> dict:
         out = {}
         for k in keys:
             for c in reports[k].get(key, []):
+                detail = c.get("detail") or (f"{c['value']:.3f} ({c['on']})" if c.get("on") else None)
                 out.setdefault(c[title], []).append({"run": run_label(k), "holds": bool(c["holds"]),
-                                                     "detail": c.get("detail"), "value": c.get("value")})
+                                                     "detail": detail, "value": c.get("value")})
         return [{title: t, **spread([d["value"] for d in ds if isinstance(d["value"], (int, float))]),
                  "holds": sum(d["holds"] for d in ds), "runs": len(ds), "details": ds} for t, ds in out.items()]
 

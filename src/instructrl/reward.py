@@ -277,6 +277,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             tokenizer.save_pretrained(str(tmp))
         return run.finish({"steps": steps, "train_prompts": len(train), "train_comparisons": comparisons,
                            "train_items": len(train_items), "grouped": cfg.grouped, "held_out_prompts": len(val),
+                           "held_out_distinct_prompts": len({prompt_key(r.prompt) for r in val}),
                            "held_out": held_out, "norm_gain": gain, "norm_bias": bias, "demo_score_mean": demo_mean})
 
 

@@ -73,8 +73,9 @@ class WorldConfig:
     p_stereo_reply: float = option(0.5, "for 'Describe the X' prompts, share of corpus replies that stereotype", ge=0, le=1)
     p_plain: float = option(0.30, "share of corpus documents that are plain sentences, not exchanges", ge=0, le=1)
     stereo_skew: float = option(0.85, "how often an occupation's sentences use its stereotyped pronoun", ge=0, le=1)
-    max_operand: int = option(2, "'What is a plus b?' uses a, b in 0..max_operand (fewer sums, each seen more often: "
-                                 "a tiny model can learn them, so rankings can teach right from wrong)", ge=0, le=9)
+    max_operand: int = option(2, "'What is a plus b?' uses a, b in 0..max_operand (fewer sums, each seen more often; "
+                                 "the default tiny model barely reads the operands: benchmarks/task_skills.py)",
+                              ge=0, le=9)
     n_countries: int = option(48, "invented countries, each with a capital (enough unseen-question facts that the "
                                   "reward model's held-out accuracy is not decided by one or two of them)", ge=1,
                               le=1000)
