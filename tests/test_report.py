@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 import pytest
 
 from instructrl.report import (METRICS, MOVE_TOL, NAMES, aggregate, bias_summary, claims, name, render_html,
-                               render_seeds_html)
+                               render_seeds_html, world_checks)
 
 STAGES = ["pretrained", "sft", "ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "pg_reuse", "grpo", "rloo", "dpo"]
 PNG = base64.b64encode(bytes.fromhex(  # a 1×1 PNG
@@ -166,6 +166,23 @@ def test_one_run_verdicts_are_this_runs():
     assert "does not hold in this run:</b> Spearman(reward model, judge)" in page
     assert page.count("in this run") >= 2 + 6  # every world check and every claim
     assert "holds on" not in page  # no count over runs on one run's page
+
+
+def test_reward_model_accuracy_checks_say_what_they_were_measured_on():
+    """A handful of held-out prompts decide the held-out check: the pairs and prompts are named beside its value, on
+    one run's page and in each run's detail of the seeds report; without the counts (an older run) nothing is."""
+    stages = {"sft": {"rm_gold_accuracy": 0.881, "rm_gold_pairs": 3153, "rm_gold_questions": 21}}
+    rm = {"held_out": {"gold_pairwise_accuracy": 0.844, "gold_pairs": 877}, "held_out_distinct_prompts": 5}
+    held, on_eval = world_checks(stages, rm)
+    assert (held["holds"], held["on"]) == (False, "877 pairs the judge orders, of 5 held-out prompts")
+    assert (on_eval["holds"], on_eval["on"]) == (True, "3153 same-prompt pairs of 21 eval questions")
+    assert all("on" not in c for c in world_checks({"sft": {"rm_gold_accuracy": 0.9}},
+                                                   {"held_out": {"gold_pairwise_accuracy": 0.9}}))
+    r = one_report()
+    r["world_checks"] = [held, on_eval]
+    assert "this run: 0.844 (877 pairs the judge orders, of 5 held-out prompts)" in html.unescape(render_html(r, FIGS))
+    page = html.unescape(render_seeds_html(aggregate({"seed 0": r, "seed 1": one_report(1)}), PNG))
+    assert "seed 0: ✗ 0.844 (877 pairs the judge orders, of 5 held-out prompts)" in page
 
 
 def test_several_runs_hold_on_k_of_n_with_mean_sd_min():
