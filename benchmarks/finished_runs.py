@@ -1,5 +1,5 @@
-"""What the benchmarks that measure finished pipeline runs share (claim3.py, algorithms.py, rm_grouping.py, task_skills.py): the tiny pipeline
-their --smoke mode runs in CI, and one output name per run."""
+"""What the benchmarks that measure finished pipeline runs share (claim3.py, algorithms.py, rm_grouping.py,
+task_skills.py): the tiny pipeline their --smoke mode runs in CI, and one output name per run."""
 from __future__ import annotations
 
 import subprocess
@@ -13,6 +13,16 @@ def smoke_run(out: str, threads: int) -> None:
     """A configs/smoke.yaml pipeline in `out`: every stage in seconds, numbers that mean nothing."""
     subprocess.run([sys.executable, "-m", "instructrl.cli", "pipeline", "--config", str(ROOT / "configs" / "smoke.yaml"),
                     "--out", out, "--threads", str(threads)], check=True, capture_output=True)
+
+
+def run_or_smoke(parser, a, tmp: str) -> Path:
+    """--run, or with --smoke a tiny pipeline made in `tmp` (a scratch directory); neither is a usage error."""
+    if a.smoke:
+        a.run = f"{tmp}/run"
+        smoke_run(a.run, a.threads)
+    elif not a.run:
+        parser.error("--run is required (or --smoke)")
+    return Path(a.run)
 
 
 def run_names(runs: list[Path]) -> list[str]:

@@ -19,7 +19,7 @@ from instructrl.machine import cpu_line
 from instructrl.reward import RewardConfig, train_reward_model
 from instructrl.utils import peak_rss_mb
 
-from finished_runs import smoke_run  # beside this script
+from finished_runs import run_or_smoke  # beside this script
 
 
 def measure(run: Path, epochs: float) -> list[dict]:
@@ -46,12 +46,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        if a.smoke:
-            a.run = f"{tmp}/run"
-            smoke_run(a.run, a.threads)
-        elif not a.run:
-            p.error("--run is required (or --smoke)")
-        rows = measure(Path(a.run), a.epochs)
+        rows = measure(run_or_smoke(p, a, tmp), a.epochs)
     print(cpu_line())
     print(json.dumps(rows, indent=2))
     print(f"peak RSS {peak_rss_mb():.0f} MiB")

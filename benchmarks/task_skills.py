@@ -22,14 +22,14 @@ from instructrl.models import load_causal_lm, load_tokenizer
 from instructrl.sampling import generate
 from instructrl.world import GoldJudge
 
-from finished_runs import smoke_run  # beside this script
+from finished_runs import run_or_smoke  # beside this script
 
 
 def skills(world: Path, model_dir: Path, samples: int, temperature: float, seed: int, draws: int) -> dict:
     """{type: {split: {"questions", "correct", "gold"}}, "distinct_replies": {type: [mean distinct, questions]}}."""
     judge = GoldJudge.from_world(world)
     split_of = {p: "eval" for p in read_prompts(world / "prompts_eval.jsonl")}
-    split_of.update({json.loads(line)["prompt"]: "demo" for line in open(world / "demos.jsonl", encoding="utf-8")})
+    split_of.update({p: "demo" for p in read_prompts(world / "demos.jsonl")})
     questions = list(judge.tasks)
     tok, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
     replies = generate(model, tok, [q for q in questions for _ in range(samples)], max_new_tokens=32,
@@ -73,11 +73,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         if a.smoke:
-            a.run, a.samples, a.draws = f"{tmp}/run", 2, 2
-            smoke_run(a.run, a.threads)
-        elif not a.run:
-            p.error("--run is required (or --smoke)")
-        run = Path(a.run)
+            a.samples, a.draws = 2, 2
+        run = run_or_smoke(p, a, tmp)
         print(cpu_line())
         for name in a.models.split(","):
             r = skills(run / "world", run / name, a.samples, a.temperature, a.seed, a.draws)

@@ -241,6 +241,11 @@ def world_checks(stages: dict, rm_summary: dict) -> list[dict]:
     return out
 
 
+def measured(check: dict) -> str:
+    """A world check's value, with what it was measured on where the check says: "0.844 (877 pairs …)"."""
+    return f"{check['value']:.3f}" + (f" ({check['on']})" if check.get("on") else "")
+
+
 def bias_summary(stages: dict, bias: dict, first: str = "sft", last: str = "ppo_ptx") -> list[str]:
     """Plain sentences on the bias measures between SFT and PPO-ptx: one per measure that moved (see moved), then one
     line naming those that did not."""
@@ -482,8 +487,7 @@ def render_html(report: dict, figs: dict[str, str]) -> str:
     def mark(c):
         return f"class='{'ok' if c['holds'] else 'no'}'><b>{'✓ holds' if c['holds'] else '✗ does not hold'}"
 
-    checks_html = "".join(f"<li {mark(c)} in this run:</b> {e(c['check'])}; this run: {c['value']:.3f}"
-                          + (f" ({e(c['on'])})" if c.get("on") else "") + "</li>"
+    checks_html = "".join(f"<li {mark(c)} in this run:</b> {e(c['check'])}; this run: {e(measured(c))}</li>"
                           for c in report.get("world_checks", []))
     claims_html = "".join(f"<li {mark(c)} in this run: {e(c['claim'])}</b><br>{e(c['detail'])}</li>"
                           for c in report["claims"]) or "<li>Run with <code>--compare</code> to test claims 2–4.</li>"
@@ -552,7 +556,7 @@ def aggregate(reports: dict) -> dict:
         out = {}
         for k in keys:
             for c in reports[k].get(key, []):
-                detail = c.get("detail") or (f"{c['value']:.3f} ({c['on']})" if c.get("on") else None)
+                detail = c.get("detail") or (measured(c) if c.get("on") else None)
                 out.setdefault(c[title], []).append({"run": run_label(k), "holds": bool(c["holds"]),
                                                      "detail": detail, "value": c.get("value")})
         return [{title: t, **spread([d["value"] for d in ds if isinstance(d["value"], (int, float))]),

@@ -41,7 +41,7 @@ def make_rollout(s, prompts: list[str], prompt_ids: list[list[int]], with_values
         cfg = s.cfg
         # Every row stays in the sampled batch to the end (drop_finished=False): its log-probs become log π_old
         # below, and the RL results the README reports were measured so; dropping rows would round them otherwise
-        # (~1e-6) to save about 2 % of an iteration (sampling is 0.3 s of 3.6 s on the default PPO-ptx stage).
+        # (~1e-6) to save a share of the rollout, itself 0.4 s of a 3.6 s iteration on the default PPO-ptx stage.
         with evaluating(s.policy):  # a checkpointed model in training mode would sample without its KV cache
             batch = sample(s.policy, prompt_ids, eos_id=stop_token_id(s.tokenizer),
                            pad_id=s.tokenizer.pad_token_id,

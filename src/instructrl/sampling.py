@@ -128,7 +128,7 @@ def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, gene
     cache_arg = cache_argument(model)
     attn = mask
     step_ids, past = ids, None
-    rows = torch.arange(B, device=device)  # the rows the model still runs (all of them until some finish)
+    rows: slice | torch.Tensor = slice(None)  # the rows the model still runs: all (a view) until some are dropped
     for t in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=attn, use_cache=True, **{cache_arg: past},
                     **({"position_ids": pos} if with_pos else {}))
@@ -149,16 +149,17 @@ def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, gene
         if dist.all_true(bool(done.all())) if lockstep else bool(done.all()):
             break
         step_ids = out_ids[rows, t:t + 1]
-        attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype, device=device)], 1)
+        attn = torch.cat([attn, torch.ones((len(step_ids), 1), dtype=attn.dtype, device=device)], 1)
         pos = pos[:, -1:] + 1
-        finished = done[rows]
-        # drop finished rows once a quarter of the batch has (each drop copies the cache); a sharded model in
-        # lockstep keeps its rows, as every process must call forward until all are done
-        if drop_finished and not lockstep and int(finished.sum()) >= max(1, len(rows) // 4) \
-                and hasattr(past, "batch_select_indices"):
-            keep = (~finished).nonzero().squeeze(1)
-            past.batch_select_indices(keep)
-            rows, step_ids, attn, pos = rows[keep], step_ids[keep], attn[keep], pos[keep]
+        # drop finished rows once a quarter of the running ones have (each drop copies the cache); a sharded model
+        # in lockstep keeps its rows, as every process must call forward until all are done
+        if drop_finished and not lockstep and hasattr(past, "batch_select_indices"):
+            finished = done[rows]
+            if int(finished.sum()) >= max(1, len(step_ids) // 4):
+                keep = (~finished).nonzero().squeeze(1)
+                past.batch_select_indices(keep)
+                running = torch.arange(B, device=device)[rows]
+                rows, step_ids, attn, pos = running[keep], step_ids[keep], attn[keep], pos[keep]
     width = max(1, int(out_mask.sum(1).max()))
     return SampleBatch(ids, mask, out_ids[:, :width], out_mask[:, :width], done, out_logprobs[:, :width])
 
