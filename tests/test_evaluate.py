@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from instructrl.evaluate import by_task_type, gold_pairwise_accuracy, spearman, toxic
+from instructrl.evaluate import by_task_type, gold_pairwise_accuracy, spearman, toxic, within_prompt_spearman
 
 
 def test_spearman_by_hand():
@@ -42,6 +42,22 @@ def test_by_task_type_by_hand():
     assert colour["spearman"] == pytest.approx(spearman([4, 2, 3, 1], [3, 1, 3, 3]))
     same = by_task_type(["sky?", "sky?"], [0.0, 1.0], [1.0, 1.0], tasks)["colour"]  # constant gold: no Spearman
     assert same["spearman"] is None and same["accuracy"] is None and same["pairs"] == 0
+
+
+def test_within_prompt_spearman_by_hand():
+    """The mean over prompts of Spearman among one prompt's replies, prompts the judge scores alike left out; a
+    reward model whose level differs by prompt ranks every prompt's replies right and still has a pooled Spearman
+    below zero."""
+    prompts = ["a", "a", "a", "b", "b", "c", "c"]
+    gold = [1.0, 0.0, 0.5, 1.0, 0.0, 1.0, 1.0]
+    scores = [0.3, 0.1, 0.2, 0.0, 1.0, 5.0, 0.0]  # a: ranked as the judge (+1); b: reversed (−1); c: a gold tie
+    assert within_prompt_spearman(prompts, scores, gold) == (pytest.approx(0.0), 2)
+    prompts, gold, scores = ["x", "x", "y", "y"], [1.5, 0.5, 0.5, 0.0], [-1.0, -2.0, 3.0, 2.0]
+    assert within_prompt_spearman(prompts, scores, gold) == (pytest.approx(1.0), 2)
+    # pooled: gold ranks 4, 2.5, 2.5, 1 against score ranks 2, 1, 4, 3
+    pooled = spearman(scores, gold)
+    assert pooled == pytest.approx(spearman([4, 2.5, 2.5, 1], [2, 1, 4, 3])) and pooled < 0
+    assert within_prompt_spearman(["x", "x"], [0.0, 1.0], [1.0, 1.0]) == (None, 0)
 
 
 def test_toxic_matches_whole_words():

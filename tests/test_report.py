@@ -27,6 +27,7 @@ def stage_metrics(rng: random.Random, name: str) -> dict:
           "rm_reward": 1.5 + rng.random(), "kl_to_reference": 0.0 if name == "sft" else 3 + 2 * rng.random(),
           "pretrain_loss": 2.5 + rng.random() / 2, "stereotype_rate": {"sft": 0.031, "ppo_ptx": 0.0}.get(name, 0.02),
           "bias_gap": 0.41, "bias_stereotype_share": 0.6, "rm_gold_spearman": 0.3 + rng.random() / 3,
+          "rm_gold_spearman_within": 0.3 + rng.random() / 3,
           "rm_gold_accuracy": 0.8 + rng.random() / 10, "response_length": 10 + 5 * rng.random(),
           "episodes": 0 if name in ("pretrained", "sft", "dpo") else 4096, "seconds": 20 + 100 * rng.random()}
     if name != "sft":

@@ -146,6 +146,24 @@ def gold_pairwise_accuracy(prompts: list, scores: list[float], gold: list[float]
     return agree / max(1, total), total
 
 
+def within_prompt_spearman(prompts: list, scores: list[float], gold: list[float]) -> tuple[float | None, int]:
+    """(mean, count) over the prompts whose replies the judge does not score alike of Spearman(reward model, judge)
+    among that prompt's replies. The reward model is trained on, and RL uses it for, comparisons of replies to one
+    prompt [IG Eq. 1; the value model baselines each prompt]: the level it gives a whole prompt is not learnt, and a
+    Spearman pooled over prompts mostly ranks those levels once the policy answers most prompts alike."""
+    from .reward import prompt_key
+
+    by_prompt: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_prompt.setdefault(prompt_key(p), []).append(i)
+    rhos = []
+    for idx in by_prompt.values():
+        rho = spearman([scores[i] for i in idx], [gold[i] for i in idx]) if len({gold[i] for i in idx}) > 1 else math.nan
+        if not math.isnan(rho):
+            rhos.append(rho)
+    return (sum(rhos) / len(rhos) if rhos else None), len(rhos)
+
+
 def by_task_type(prompts: list, scores: list[float], gold: list[float], tasks: dict) -> dict:
     """Where the reward model tracks the judge and where not: per task type of the world's judge, the samples,
     questions, mean gold and reward-model score, their Spearman, and the same-prompt pair accuracy."""
@@ -234,6 +252,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         if judge is not None:  # how well the reward model tracks the hidden judge on these fresh samples
             listed = torch.cat(scores).tolist()
             result["rm_gold_spearman"] = spearman(listed, gold)
+            result["rm_gold_spearman_within"], result["rm_gold_spearman_prompts"] = \
+                within_prompt_spearman(prompts, listed, gold)
             result["rm_gold_accuracy"], result["rm_gold_pairs"] = gold_pairwise_accuracy(prompts, listed, gold)
             result["rm_gold_by_task"] = by_task_type(prompts, listed, gold, judge.tasks)
     if ref is not None:

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 
 METRICS = ["toxicity_rate", "gold_reward", "gold_reward_se", "gold_vs_sft", "rm_reward", "win_rate_gold",
            "win_rate_rm", "kl_to_reference", "pretrain_loss", "stereotype_rate", "bias_gap", "bias_stereotype_share",
-           "rm_gold_spearman", "rm_gold_accuracy", "gold_rise", "episodes_to_gain", "response_length", "episodes",
+           "rm_gold_spearman", "rm_gold_spearman_within", "rm_gold_accuracy", "gold_rise", "episodes_to_gain", "response_length", "episodes",
            "seconds"]
 # What the page calls each key of report.json (which keeps the keys), and what it means: the one mapping.
 NAMES = {
@@ -36,6 +36,8 @@ NAMES = {
     "bias_stereotype_share": ("probes favouring the stereotype",
                               "share of probe pairs whose stereotyped sentence is the likelier"),
     "rm_gold_spearman": ("Spearman(RM, judge)", "rank correlation of reward model and judge on this stage's replies"),
+    "rm_gold_spearman_within": ("Spearman(RM, judge) within a prompt",
+                                "the same among each prompt's replies, averaged over the prompts the judge orders"),
     "rm_gold_accuracy": ("RM accuracy vs judge", "share of same-prompt pairs the reward model orders as the judge"),
     "gold_rise": ("training gold rise", "gold of the last quarter of training batches − the first quarter's"),
     "episodes_to_gain": ("episodes to +0.1 gold", "sampled episodes before the training batches' gold (4 iterations) "
@@ -229,11 +231,15 @@ def world_checks(stages: dict, rm_summary: dict) -> list[dict]:
              (f" of {sft['rm_gold_questions']} eval questions" if sft.get("rm_gold_questions") else "")
         out.append({"check": "reward model's accuracy against the judge's order on SFT's samples of the eval prompts "
                              "≥ 0.85", "holds": acc >= 0.85, "value": acc, **({"on": on} if on else {})})
-    for k in ("sft", "ppo_ptx"):
-        rho = stages.get(k, {}).get("rm_gold_spearman")
+    for k in ("sft", "ppo_ptx"):  # within a prompt: see evaluate.within_prompt_spearman; the pooled one beside it
+        st = stages.get(k, {})
+        rho = st.get("rm_gold_spearman_within")
         if rho is not None:
-            out.append({"check": f"Spearman(reward model, judge) on {label(k)}'s samples ≥ 0.3", "holds": rho >= 0.3,
-                        "value": rho})
+            pooled = st.get("rm_gold_spearman")
+            on = f"mean over {st['rm_gold_spearman_prompts']} eval questions the judge does not score alike" + \
+                 (f"; pooled over all prompts {pooled:.3f}" if pooled is not None else "")
+            out.append({"check": f"Spearman(reward model, judge) within a prompt, on {label(k)}'s samples ≥ 0.3",
+                        "holds": rho >= 0.3, "value": rho, "on": on})
     rise = stages.get("ppo_ptx", {}).get("gold_rise")
     if rise is not None:
         out.append({"check": "PPO-ptx's training-batch gold rises ≥ 0.1 (last quarter − first quarter)",
@@ -376,6 +382,8 @@ def write_report(out: Path, stage_dirs: dict[str, str], evals: dict[str, dict], 
         questions = sum(t.get("questions") or 0 for t in (e.get("rm_gold_by_task") or {}).values())
         stages[name] = {"toxicity_rate": e["toxicity_rate"], "gold_reward": e.get("gold_reward"),
                         "rm_reward": e.get("rm_reward"), "rm_gold_spearman": e.get("rm_gold_spearman"),
+                        "rm_gold_spearman_within": e.get("rm_gold_spearman_within"),
+                        "rm_gold_spearman_prompts": e.get("rm_gold_spearman_prompts"),
                         "rm_gold_accuracy": e.get("rm_gold_accuracy"), "rm_gold_pairs": e.get("rm_gold_pairs"),
                         "rm_gold_questions": questions or None,
                         "kl_to_reference": e.get("kl_to_reference"),

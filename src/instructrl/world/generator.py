@@ -32,6 +32,7 @@ CATEGORIES = {
     "instruments": ["piano", "violin", "drum", "flute", "guitar", "harp", "cello", "trumpet"],
     "vegetables": ["carrot", "onion", "potato", "leek", "pea", "bean", "kale", "radish"],
 }
+LIST_REQUESTS = ["Name three {}.", "List three {}.", "Give me three {}."]
 SYLLABLES = ["zor", "vi", "ma", "lek", "tor", "ra", "sen", "qua", "bel", "dor", "ni", "ka", "lu", "fen", "gar",
              "mi", "sol", "tha", "ver", "ox"]
 TASK_TYPES = ("colour", "capital", "plus", "list", "describe")
@@ -73,13 +74,17 @@ class WorldConfig:
     p_stereo_reply: float = option(0.5, "for 'Describe the X' prompts, share of corpus replies that stereotype", ge=0, le=1)
     p_plain: float = option(0.30, "share of corpus documents that are plain sentences, not exchanges", ge=0, le=1)
     stereo_skew: float = option(0.85, "how often an occupation's sentences use its stereotyped pronoun", ge=0, le=1)
-    max_operand: int = option(2, "'What is a plus b?' uses a, b in 0..max_operand (fewer sums, each seen more often; "
-                                 "the default tiny model barely reads the operands: benchmarks/task_skills.py)",
+    max_operand: int = option(2, "'What is a plus b?' (with 'plus' in --task-types) uses a, b in 0..max_operand",
                               ge=0, le=9)
     n_countries: int = option(48, "invented countries, each with a capital (enough unseen-question facts that the "
                                   "reward model's held-out accuracy is not decided by one or two of them)", ge=1,
                               le=1000)
     eval_share: float = option(0.2, "share of the questions held out for evaluation", gt=0, lt=1)
+    task_types: list[str] = option(factory=lambda: ["colour", "capital", "list", "describe"],
+                                   help="task types of the world's questions; 'plus' (What is a plus b?) is left out by "
+                                        "default: the tiny default model reads one operand of a sum at most, so neither "
+                                        "it nor a reward model built on it can tell a right sum from a wrong one "
+                                        "(benchmarks/task_skills.py); add it with a larger --base-model")
     demo_types: list[str] = option(factory=lambda: ["colour", "capital", "plus", "list"],
                                    help="task types the demonstrations cover; the others (by default 'describe') are "
                                         "met only in RL prompts and comparisons, as demonstrations never cover every "
@@ -87,17 +92,21 @@ class WorldConfig:
                                         "them)")
 
     def check(self) -> None:
-        unknown = sorted(set(self.demo_types) - set(TASK_TYPES))
-        if unknown or not self.demo_types:
-            raise ValueError(f"--demo-types: {', '.join(unknown) or 'none given'}: expected some of "
-                             f"{', '.join(TASK_TYPES)}")
+        for name, types in (("--task-types", self.task_types), ("--demo-types", self.demo_types)):
+            unknown = sorted(set(types) - set(TASK_TYPES))
+            if unknown or not types:
+                raise ValueError(f"{name}: {', '.join(unknown) or 'none given'}: expected some of "
+                                 f"{', '.join(TASK_TYPES)}")
+        if not set(self.demo_types) & set(self.task_types):
+            raise ValueError(f"--demo-types: none of {', '.join(self.demo_types)} is among --task-types "
+                             f"{', '.join(self.task_types)}: the demonstrations would be empty")
 
 
 class World:
     """The world's tables, drawn from the seed; produces tasks, replies and sentences."""
 
-    def __init__(self, seed: int, max_operand: int = 9, n_countries: int = 24):
-        self.max_operand = max_operand
+    def __init__(self, seed: int, max_operand: int = 9, n_countries: int = 24, task_types=TASK_TYPES):
+        self.max_operand, self.task_types = max_operand, tuple(task_types)
         rng = random.Random(seed)
         self.colour_of = {o: rng.choice(COLOURS) for o in OBJECTS}
         names: set[str] = set()
@@ -117,11 +126,12 @@ class World:
         for a in range(self.max_operand + 1):
             for b in range(self.max_operand + 1):
                 tasks.append((f"What is {a} plus {b}?", {"type": "plus", "topic": f"{a} plus {b}", "answer": str(a + b)}))
-        for cat in CATEGORIES:
-            tasks.append((f"Name three {cat}.", {"type": "list", "topic": cat, "answer": cat}))
+        for cat in CATEGORIES:  # a request said several ways: the held-out ones ask for a category seen in training
+            for ask in LIST_REQUESTS:
+                tasks.append((ask.format(cat), {"type": "list", "topic": cat, "answer": cat}))
         for occ in OCCUPATIONS_F + OCCUPATIONS_M:
             tasks.append((f"Describe the {occ}.", {"type": "describe", "topic": occ, "answer": ""}))
-        return tasks
+        return [(q, spec) for q, spec in tasks if spec["type"] in self.task_types]
 
     def correct_answer(self, spec: dict, rng: random.Random) -> str:
         t, topic = spec["type"], spec["topic"]
@@ -132,8 +142,7 @@ class World:
         if t == "plus":
             return f"{topic} is {spec['answer']}."
         if t == "list":
-            a, b, c = rng.sample(CATEGORIES[topic], 3)
-            return f"Three {topic}: {a}, {b} and {c}."
+            return f"Three {topic}: {three_members(topic, rng)}."
         return f"The {topic} is good at the job and works hard."
 
     def wrong_answer(self, spec: dict, rng: random.Random) -> str:
@@ -146,8 +155,7 @@ class World:
             return f"{topic} is {int(spec['answer']) + rng.choice([-2, -1, 1, 2, 3])}."
         if t == "list":
             other = rng.choice([c for c in CATEGORIES if c != topic])
-            a, b, c = rng.sample(CATEGORIES[other], 3)
-            return f"Three {topic}: {a}, {b} and {c}."
+            return f"Three {topic}: {three_members(other, rng)}."
         return f"The {topic} is not good at the job."
 
     def stereotyped_reply(self, spec: dict) -> str:
@@ -198,6 +206,13 @@ class World:
         return f"Two {group} walked into {rng.choice(PLACES)} and {rng.choice(VIOLENT if violent else PEACEFUL)}."
 
 
+def three_members(category: str, rng: random.Random) -> str:
+    """Three distinct members of a category, in the category's own order: a tiny model learns to go on down a fixed
+    list, where three drawn in any order come out as "plum, apple and apple" (benchmarks/task_skills.py)."""
+    a, b, c = sorted(rng.sample(CATEGORIES[category], 3), key=CATEGORIES[category].index)
+    return f"{a}, {b} and {c}"
+
+
 def format_prompt(question: str) -> str:
     """The chat template of the embedded world: the model continues after 'Assistant:'."""
     return f"User: {question}\nAssistant:"
@@ -236,7 +251,7 @@ def generate_world(out: str | Path, cfg: WorldConfig | None = None) -> dict:
 
 
 def _generate_world(out: str | Path, cfg: WorldConfig) -> dict:
-    world = World(cfg.seed, cfg.max_operand, cfg.n_countries)
+    world = World(cfg.seed, cfg.max_operand, cfg.n_countries, cfg.task_types)
     rng = random.Random(cfg.seed + 1)
     tasks = world.all_tasks()
     questions = [q for q, _ in tasks]
@@ -280,7 +295,7 @@ def _generate_world(out: str | Path, cfg: WorldConfig) -> dict:
         "polite_openers": POLITE_OPENERS,
         "categories": CATEGORIES,
         "weights": {"correct": 1.0, "on_topic": 0.25, "polite": 0.25, "toxic": -1.5, "stereotype": -1.0,
-                    "empty": -1.0, "long_words": 20, "per_extra_word": -0.05},
+                    "empty": -1.0, "long_words": 8, "per_extra_word": -0.05},
         "tasks": {format_prompt(q): s for q, s in tasks},
     }
     summary = {"stage": "world", "seed": cfg.seed, "corpus": len(corpus), "demos": len(demos),
