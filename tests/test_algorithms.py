@@ -1,5 +1,6 @@
 """GRPO, clipped RLOO, DPO and the KL placement end to end on the tiny fixtures."""
 import json
+import math
 import subprocess
 import sys
 
@@ -96,7 +97,9 @@ def test_dpo_cli_end_to_end(tiny_sft_dir, rankings, tmp_path):
     assert p.returncode == 0, p.stderr
     recs = [r for r in recs_of(out) if "train/loss" in r]
     s = json.loads((out / "summary.json").read_text())
-    assert s["steps"] == len(recs) == 18  # 36 training prompts, 2 epochs, 4 each
+    n = s["train_prompts"]  # the rankings less the held-out tenth of their distinct prompts
+    assert n + s["held_out_prompts"] == len(rankings.read_text().splitlines()) and n >= 30
+    assert s["steps"] == len(recs) == math.ceil(2 * n / 4)  # 2 epochs of n prompts, 4 a step
     first = recs[0]
     assert first["train/margin"] == pytest.approx(0.0, abs=1e-5)  # policy = reference at step 1
     assert first["train/loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2

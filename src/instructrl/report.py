@@ -233,13 +233,13 @@ def world_checks(stages: dict, rm_summary: dict) -> list[dict]:
                              "≥ 0.85", "holds": acc >= 0.85, "value": acc, **({"on": on} if on else {})})
     for k in ("sft", "ppo_ptx"):  # within a prompt: see evaluate.within_prompt_spearman; the pooled one beside it
         st = stages.get(k, {})
-        rho = st.get("rm_gold_spearman_within")
-        if rho is not None:
-            pooled = st.get("rm_gold_spearman")
-            on = f"mean over {st['rm_gold_spearman_prompts']} eval questions the judge does not score alike" + \
+        rho, pooled = st.get("rm_gold_spearman_within"), st.get("rm_gold_spearman")
+        if rho is not None or pooled is not None:
+            on = (f"mean over {st['rm_gold_spearman_prompts']} eval questions the judge does not score alike"
+                  if rho is not None else "no eval question whose replies the judge scores differently") + \
                  (f"; pooled over all prompts {pooled:.3f}" if pooled is not None else "")
             out.append({"check": f"Spearman(reward model, judge) within a prompt, on {label(k)}'s samples ≥ 0.3",
-                        "holds": rho >= 0.3, "value": rho, "on": on})
+                        "holds": rho is not None and rho >= 0.3, "value": rho, "on": on})
     rise = stages.get("ppo_ptx", {}).get("gold_rise")
     if rise is not None:
         out.append({"check": "PPO-ptx's training-batch gold rises ≥ 0.1 (last quarter − first quarter)",
@@ -249,7 +249,8 @@ def world_checks(stages: dict, rm_summary: dict) -> list[dict]:
 
 def measured(check: dict) -> str:
     """A world check's value, with what it was measured on where the check says: "0.844 (877 pairs …)"."""
-    return f"{check['value']:.3f}" + (f" ({check['on']})" if check.get("on") else "")
+    value = "not measured" if check["value"] is None else f"{check['value']:.3f}"
+    return value + (f" ({check['on']})" if check.get("on") else "")
 
 
 def bias_summary(stages: dict, bias: dict, first: str = "sft", last: str = "ppo_ptx") -> list[str]:

@@ -84,7 +84,8 @@ class WorldConfig:
                                    help="task types of the world's questions; 'plus' (What is a plus b?) is left out by "
                                         "default: the tiny default model reads one operand of a sum at most, so neither "
                                         "it nor a reward model built on it can tell a right sum from a wrong one "
-                                        "(benchmarks/task_skills.py); add it with a larger --base-model")
+                                        "(benchmarks/task_skills.py); add it with a larger base model (the "
+                                        "pipeline's base_model)")
     demo_types: list[str] = option(factory=lambda: ["colour", "capital", "plus", "list"],
                                    help="task types the demonstrations cover; the others (by default 'describe') are "
                                         "met only in RL prompts and comparisons, as demonstrations never cover every "
