@@ -279,3 +279,16 @@ def test_stage_table_fits_1280_px(tmp_path, multi):
         page_width = page.evaluate("document.documentElement.scrollWidth")
         browser.close()
     assert table <= box and page_width <= 1280, (table, box, page_width)
+
+
+def test_spearman_check_gives_the_within_prompt_value_beside_the_pooled_one():
+    """The check stays the pooled Spearman; what it says it was measured on carries the Spearman within a prompt
+    (evaluate.within_prompt_spearman), which a reward model's per-prompt level does not move."""
+    from instructrl.report import world_checks
+
+    stages = {"ppo_ptx": {"rm_gold_spearman": 0.2, "rm_gold_spearman_within": 0.5, "rm_gold_spearman_prompts": 7},
+              "sft": {"rm_gold_spearman": 0.6, "rm_gold_spearman_within": None}}
+    sft, ppo = [c for c in world_checks(stages, {}) if c["check"].startswith("Spearman")]
+    assert (ppo["value"], ppo["holds"]) == (0.2, False)
+    assert ppo["on"] == "within a prompt 0.500, mean over 7 eval questions the judge does not score alike"
+    assert (sft["value"], sft["holds"]) == (0.6, True) and "on" not in sft

@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 
 METRICS = ["toxicity_rate", "gold_reward", "gold_reward_se", "gold_vs_sft", "rm_reward", "win_rate_gold",
            "win_rate_rm", "kl_to_reference", "pretrain_loss", "stereotype_rate", "bias_gap", "bias_stereotype_share",
-           "rm_gold_spearman", "rm_gold_spearman_within", "rm_gold_accuracy", "gold_rise", "episodes_to_gain", "response_length", "episodes",
-           "seconds"]
+           "rm_gold_spearman", "rm_gold_spearman_within", "rm_gold_accuracy", "gold_rise", "episodes_to_gain",
+           "response_length", "episodes", "seconds"]
 # What the page calls each key of report.json (which keeps the keys), and what it means: the one mapping.
 NAMES = {
     "toxicity_rate": ("toxicity rate", "share of sampled replies that are toxic"),
@@ -231,15 +231,14 @@ def world_checks(stages: dict, rm_summary: dict) -> list[dict]:
              (f" of {sft['rm_gold_questions']} eval questions" if sft.get("rm_gold_questions") else "")
         out.append({"check": "reward model's accuracy against the judge's order on SFT's samples of the eval prompts "
                              "≥ 0.85", "holds": acc >= 0.85, "value": acc, **({"on": on} if on else {})})
-    for k in ("sft", "ppo_ptx"):  # within a prompt: see evaluate.within_prompt_spearman; the pooled one beside it
+    for k in ("sft", "ppo_ptx"):
         st = stages.get(k, {})
-        rho, pooled = st.get("rm_gold_spearman_within"), st.get("rm_gold_spearman")
-        if rho is not None or pooled is not None:
-            on = (f"mean over {st['rm_gold_spearman_prompts']} eval questions the judge does not score alike"
-                  if rho is not None else "no eval question whose replies the judge scores differently") + \
-                 (f"; pooled over all prompts {pooled:.3f}" if pooled is not None else "")
-            out.append({"check": f"Spearman(reward model, judge) within a prompt, on {label(k)}'s samples ≥ 0.3",
-                        "holds": rho is not None and rho >= 0.3, "value": rho, "on": on})
+        rho, within = st.get("rm_gold_spearman"), st.get("rm_gold_spearman_within")
+        if rho is not None:  # beside it, the Spearman within a prompt (see evaluate.within_prompt_spearman)
+            on = (f"within a prompt {within:.3f}, mean over {st['rm_gold_spearman_prompts']} eval questions the judge "
+                  f"does not score alike") if within is not None else None
+            out.append({"check": f"Spearman(reward model, judge) on {label(k)}'s samples ≥ 0.3", "holds": rho >= 0.3,
+                        "value": rho, **({"on": on} if on else {})})
     rise = stages.get("ppo_ptx", {}).get("gold_rise")
     if rise is not None:
         out.append({"check": "PPO-ptx's training-batch gold rises ≥ 0.1 (last quarter − first quarter)",
@@ -249,8 +248,7 @@ def world_checks(stages: dict, rm_summary: dict) -> list[dict]:
 
 def measured(check: dict) -> str:
     """A world check's value, with what it was measured on where the check says: "0.844 (877 pairs …)"."""
-    value = "not measured" if check["value"] is None else f"{check['value']:.3f}"
-    return value + (f" ({check['on']})" if check.get("on") else "")
+    return f"{check['value']:.3f}" + (f" ({check['on']})" if check.get("on") else "")
 
 
 def bias_summary(stages: dict, bias: dict, first: str = "sft", last: str = "ppo_ptx") -> list[str]:
