@@ -19,7 +19,6 @@ def world_dir(tmp_path_factory):
     # tiny runs' trends were tuned on it
     generate_world(d, WorldConfig(seed=0, n_corpus=3000, n_corpus_val=200, n_demos=120, n_prompts_train=200,
                                   n_prompts_eval=40, max_operand=9, n_countries=24, eval_share=0.125,
-                                  task_types=["colour", "capital", "plus", "list", "describe"],
                                   demo_types=["colour", "capital", "plus", "list", "describe"]))
     return d
 

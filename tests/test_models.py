@@ -216,7 +216,7 @@ def test_judge_reads_a_sum_either_way_round(tmp_path):
     from instructrl.world import GoldJudge
 
     generate_world(tmp_path / "w", WorldConfig(seed=0, n_corpus=50, n_corpus_val=5, n_demos=10, n_prompts_train=10,
-                                               n_prompts_eval=5, task_types=["plus", "colour"]))
+                                               n_prompts_eval=5))
     judge, prompt = GoldJudge.from_world(tmp_path / "w"), "User: What is 1 plus 2?\nAssistant:"
     w = judge.w
     assert judge.score(prompt, "1 plus 2 is 3.") == judge.score(prompt, "2 plus 1 is 3.") == w["correct"] + w["on_topic"]

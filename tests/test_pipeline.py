@@ -16,7 +16,7 @@ seed: 0
 compare: true
 device: cpu
 world: {n_corpus: 3000, n_corpus_val: 200, n_demos: 120, n_prompts_train: 200, n_prompts_eval: 40, max_operand: 9, n_countries: 24,
-        eval_share: 0.125, task_types: [colour, capital, plus, list, describe], demo_types: [colour, capital, plus, list, describe]}
+        eval_share: 0.125, demo_types: [colour, capital, plus, list, describe]}
 pretrain: {vocab_size: 600, n_layer: 2, n_embd: 64, n_head: 2, steps: 80, batch_size: 16}
 sft: {epochs: 2, lr: 1.0e-3}
 label: {k: 4, n_prompts: 80}

@@ -131,16 +131,21 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float((ra @ rb).item() / denom) if denom > 0 else float("nan")
 
 
-def gold_pairwise_accuracy(prompts: list, scores: list[float], gold: list[float]) -> tuple[float, int]:
-    """(share, count) of the pairs of responses to the same prompt that the judge orders strictly (gold ties
-    skipped) and the reward model orders the same way: the reward stage's held-out measure, on fresh samples."""
+def same_prompt_groups(prompts: list) -> list[list[int]]:
+    """The indices of the replies to each prompt (text or message list), in first-seen order."""
     from .reward import prompt_key
 
     by_prompt: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         by_prompt.setdefault(prompt_key(p), []).append(i)
+    return list(by_prompt.values())
+
+
+def gold_pairwise_accuracy(prompts: list, scores: list[float], gold: list[float]) -> tuple[float, int]:
+    """(share, count) of the pairs of responses to the same prompt that the judge orders strictly (gold ties
+    skipped) and the reward model orders the same way: the reward stage's held-out measure, on fresh samples."""
     agree = total = 0
-    for idx in by_prompt.values():
+    for idx in same_prompt_groups(prompts):
         a, t = gold_pair_agreement([scores[i] for i in idx], [gold[i] for i in idx])
         agree, total = agree + a, total + t
     return agree / max(1, total), total
@@ -151,16 +156,9 @@ def within_prompt_spearman(prompts: list, scores: list[float], gold: list[float]
     among that prompt's replies. The reward model is trained on, and RL uses it for, comparisons of replies to one
     prompt [IG Eq. 1; the value model baselines each prompt]: the level it gives a whole prompt is not learnt, and a
     Spearman pooled over prompts mostly ranks those levels once the policy answers most prompts alike."""
-    from .reward import prompt_key
-
-    by_prompt: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_prompt.setdefault(prompt_key(p), []).append(i)
-    rhos = []
-    for idx in by_prompt.values():
-        rho = spearman([scores[i] for i in idx], [gold[i] for i in idx]) if len({gold[i] for i in idx}) > 1 else math.nan
-        if not math.isnan(rho):
-            rhos.append(rho)
+    rhos = [spearman([scores[i] for i in idx], [gold[i] for i in idx]) for idx in same_prompt_groups(prompts)
+            if len({gold[i] for i in idx}) > 1]
+    rhos = [r for r in rhos if not math.isnan(r)]  # constant reward-model scores: no rank correlation
     return (sum(rhos) / len(rhos) if rhos else None), len(rhos)
 
 
