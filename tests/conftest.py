@@ -13,13 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory):
     from instructrl.world import WorldConfig, generate_world
+    from instructrl.world.generator import TASK_TYPES
 
     d = tmp_path_factory.mktemp("world") / "w"
-    # the earlier task mix (all 100 sums, 1/8 of the questions for eval, demonstrations of every task type): the
-    # tiny runs' trends were tuned on it
+    # the earlier task mix (the sums, all 100 of them, 1/8 of the questions for eval, demonstrations of every task
+    # type): the tiny runs' trends were tuned on it
     generate_world(d, WorldConfig(seed=0, n_corpus=3000, n_corpus_val=200, n_demos=120, n_prompts_train=200,
                                   n_prompts_eval=40, max_operand=9, n_countries=24, eval_share=0.125,
-                                  demo_types=["colour", "capital", "plus", "list", "describe"]))
+                                  task_types=list(TASK_TYPES), demo_types=list(TASK_TYPES)))
     return d
 
 

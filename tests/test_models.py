@@ -190,9 +190,9 @@ def test_world_task_mix_options(tmp_path):
     small = dict(n_corpus=200, n_corpus_val=20, n_demos=60, n_prompts_train=100, n_prompts_eval=20)
     s = generate_world(tmp_path / "w", WorldConfig(seed=1, **small))
     tasks = json.loads((tmp_path / "w" / "judge.json").read_text())["tasks"]
-    plus = [t for t in tasks.values() if t["type"] == "plus"]
-    assert len(plus) == 9 and max(int(x) for t in plus for x in t["topic"].split(" plus ")) == 2
+    assert {t["type"] for t in tasks.values()} == {"colour", "capital", "list", "describe"}  # sums: opt-in
     assert sum(t["type"] == "capital" for t in tasks.values()) == 48
+    assert sum(t["type"] == "list" for t in tasks.values()) == 3 * 5  # each category asked three ways
     assert s["questions"]["eval"] == round(len(tasks) * 0.2)
     demo_types = {tasks[p]["type"] for p, _ in read_demos(tmp_path / "w" / "demos.jsonl")}
     assert "describe" not in demo_types and demo_types <= {"colour", "capital", "plus", "list"}
@@ -204,10 +204,53 @@ def test_world_task_mix_options(tmp_path):
         WorldConfig(out=str(tmp_path / "x"), task_types=["poems"]).validate()
     with pytest.raises(ValueError, match="--demo-types: none of plus is among --task-types"):
         WorldConfig(out=str(tmp_path / "x"), task_types=["colour"], demo_types=["plus"]).validate()
-    generate_world(tmp_path / "s", WorldConfig(seed=1, task_types=["colour", "capital", "list", "describe"], **small))
-    kinds = {t["type"] for t in json.loads((tmp_path / "s" / "judge.json").read_text())["tasks"].values()}
-    assert kinds == {"colour", "capital", "list", "describe"}  # no sums
-    assert "plus" not in (tmp_path / "s" / "corpus.jsonl").read_text()
+    assert "plus" not in (tmp_path / "w" / "corpus.jsonl").read_text()
+    generate_world(tmp_path / "s", WorldConfig(seed=1, task_types=["plus", "colour"], **small))
+    plus = [t for t in json.loads((tmp_path / "s" / "judge.json").read_text())["tasks"].values() if t["type"] == "plus"]
+    assert len(plus) == 9 and max(int(x) for t in plus for x in t["topic"].split(" plus ")) == 2
+
+
+def test_world_lists_go_down_the_category_in_order(tmp_path):
+    """Every list the world writes (demonstrations, and the corpus's right and wrong ones) names three distinct
+    members of one category in that category's order: what lets the tiny model learn lists at all."""
+    import re
+
+    from instructrl.world.generator import CATEGORIES
+
+    generate_world(tmp_path / "w", WorldConfig(seed=2, n_corpus=3000, n_corpus_val=10, n_demos=100,
+                                               n_prompts_train=10, n_prompts_eval=5))
+    text = (tmp_path / "w" / "corpus.jsonl").read_text() + (tmp_path / "w" / "demos.jsonl").read_text()
+    lists = re.findall(r"Three \w+: (\w+), (\w+) and (\w+)\.", text)
+    assert len(lists) > 30
+    for members in lists:
+        category = next(c for c, m in CATEGORIES.items() if members[0] in m)
+        idx = [CATEGORIES[category].index(m) for m in members]
+        assert idx == sorted(set(idx)), members
+
+
+def test_world_wrong_answers_include_true_facts_about_another_topic(tmp_path):
+    """Half the corpus's wrong answers to a colour or capital question state a true fact about another object or
+    country ("The ink is brown." to "What colour is the mushroom?"), so the labelers rank such replies and the
+    reward model learns that they answer nothing; the judge gives them no credit for correctness or topic."""
+    import json
+    import re
+
+    generate_world(tmp_path / "w", WorldConfig(seed=2, n_corpus=3000, n_corpus_val=10, n_demos=10,
+                                               n_prompts_train=10, n_prompts_eval=5))
+    judge = GoldJudge.from_world(tmp_path / "w")
+    colour_of = {}
+    for line in (tmp_path / "w" / "corpus.jsonl").read_text().splitlines():
+        colour_of.update(re.findall(r"^The (\w+) is (\w+)\.$", json.loads(line)["text"]))  # plain sentences: facts
+    other_topic = []
+    for line in (tmp_path / "w" / "corpus.jsonl").read_text().splitlines():
+        m = re.match(r"User: What colour is the (\w+)\?\nAssistant: The (\w+) is (\w+)\.$", json.loads(line)["text"])
+        if m and m[1] != m[2]:
+            other_topic.append(m.groups())
+    assert len(other_topic) > 10
+    for asked, other, colour in other_topic:
+        assert colour_of.get(other) == colour  # true of the other object
+        prompt = f"User: What colour is the {asked}?\nAssistant:"
+        assert judge.score(prompt, f" The {other} is {colour}.") == 0.0
 
 
 def test_judge_reads_a_sum_either_way_round(tmp_path):
@@ -216,7 +259,7 @@ def test_judge_reads_a_sum_either_way_round(tmp_path):
     from instructrl.world import GoldJudge
 
     generate_world(tmp_path / "w", WorldConfig(seed=0, n_corpus=50, n_corpus_val=5, n_demos=10, n_prompts_train=10,
-                                               n_prompts_eval=5))
+                                               n_prompts_eval=5, task_types=["plus", "colour"]))
     judge, prompt = GoldJudge.from_world(tmp_path / "w"), "User: What is 1 plus 2?\nAssistant:"
     w = judge.w
     assert judge.score(prompt, "1 plus 2 is 3.") == judge.score(prompt, "2 plus 1 is 3.") == w["correct"] + w["on_topic"]

@@ -16,7 +16,8 @@ seed: 0
 compare: true
 device: cpu
 world: {n_corpus: 3000, n_corpus_val: 200, n_demos: 120, n_prompts_train: 200, n_prompts_eval: 40, max_operand: 9, n_countries: 24,
-        eval_share: 0.125, demo_types: [colour, capital, plus, list, describe]}
+        eval_share: 0.125, task_types: [colour, capital, plus, list, describe],
+        demo_types: [colour, capital, plus, list, describe]}
 pretrain: {vocab_size: 600, n_layer: 2, n_embd: 64, n_head: 2, steps: 80, batch_size: 16}
 sft: {epochs: 2, lr: 1.0e-3}
 label: {k: 4, n_prompts: 80}
@@ -92,6 +93,7 @@ def test_pipeline_report_structure(tiny_run):
     # the pipeline's defaults that work (README, "Defaults that work"): Dr. GRPO's unscaled advantages, DPO at β 0.5
     assert json.loads((out / "grpo" / "summary.json").read_text())["config"]["scale_rewards"] is False
     assert json.loads((out / "dpo" / "summary.json").read_text())["config"]["beta"] == 0.5
+    assert json.loads((out / "ppo_ptx" / "summary.json").read_text())["config"]["beta"] == 0.3  # PPO's β
     assert {c["check"].split(" ")[0] for c in report["world_checks"]} == {"reward", "Spearman(reward", "PPO-ptx's"}
     assert sum(c["check"].startswith("reward model's") for c in report["world_checks"]) == 2  # held out; eval prompts
     # each says what it was measured on: a handful of prompts can decide it

@@ -281,14 +281,21 @@ def test_stage_table_fits_1280_px(tmp_path, multi):
     assert table <= box and page_width <= 1280, (table, box, page_width)
 
 
-def test_spearman_check_gives_the_within_prompt_value_beside_the_pooled_one():
-    """The check stays the pooled Spearman; what it says it was measured on carries the Spearman within a prompt
-    (evaluate.within_prompt_spearman), which a reward model's per-prompt level does not move."""
+def test_spearman_check_is_the_within_prompt_value_with_the_pooled_one_beside_it():
+    """The check is the Spearman within a prompt (evaluate.within_prompt_spearman), which a reward model's
+    per-prompt level does not move; the pooled one stands beside it. An evaluation without the within-prompt value
+    (older than it) is checked on the pooled one, and says so in the check's name."""
     from instructrl.report import world_checks
 
     stages = {"ppo_ptx": {"rm_gold_spearman": 0.2, "rm_gold_spearman_within": 0.5, "rm_gold_spearman_prompts": 7},
               "sft": {"rm_gold_spearman": 0.6, "rm_gold_spearman_within": None}}
     sft, ppo = [c for c in world_checks(stages, {}) if c["check"].startswith("Spearman")]
-    assert (ppo["value"], ppo["holds"]) == (0.2, False)
-    assert ppo["on"] == "within a prompt 0.500, mean over 7 eval questions the judge does not score alike"
+    assert ppo["check"] == "Spearman(reward model, judge) within a prompt on PPO-ptx's samples ≥ 0.3"
+    assert (ppo["value"], ppo["holds"]) == (0.5, True)
+    assert ppo["on"] == "mean over 7 eval questions the judge does not score alike; pooled over all prompts 0.200"
+    assert sft["check"] == "Spearman(reward model, judge) on SFT's samples ≥ 0.3"
     assert (sft["value"], sft["holds"]) == (0.6, True) and "on" not in sft
+    stages["ppo_ptx"]["rm_gold_spearman_within"] = 0.29  # below the bar within a prompt, above it pooled
+    stages["ppo_ptx"]["rm_gold_spearman"] = 0.9
+    (ppo,) = [c for c in world_checks(stages, {}) if "PPO-ptx's samples" in c["check"]]
+    assert (ppo["value"], ppo["holds"]) == (0.29, False)

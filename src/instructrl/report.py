@@ -234,11 +234,19 @@ def world_checks(stages: dict, rm_summary: dict) -> list[dict]:
     for k in ("sft", "ppo_ptx"):
         st = stages.get(k, {})
         rho, within = st.get("rm_gold_spearman"), st.get("rm_gold_spearman_within")
-        if rho is not None:  # beside it, the Spearman within a prompt (see evaluate.within_prompt_spearman)
-            on = (f"within a prompt {within:.3f}, mean over {st['rm_gold_spearman_prompts']} eval questions the judge "
-                  f"does not score alike") if within is not None else None
+        # within a prompt: the reward model's loss compares replies to one prompt only and leaves each prompt's level
+        # free, and PPO's value model takes that level out; pooled over prompts, the Spearman ranks those levels too
+        # (on a policy that answers most prompts right, little else). Evaluations older than within_prompt_spearman
+        # have only the pooled one.
+        if within is not None:
+            out.append({"check": f"Spearman(reward model, judge) within a prompt on {label(k)}'s samples ≥ 0.3",
+                        "holds": within >= 0.3, "value": within,
+                        "on": f"mean over {st['rm_gold_spearman_prompts']} eval questions the judge does not score "
+                              f"alike; pooled over all prompts {rho:.3f}" if rho is not None else
+                              f"mean over {st['rm_gold_spearman_prompts']} eval questions the judge does not score alike"})
+        elif rho is not None:
             out.append({"check": f"Spearman(reward model, judge) on {label(k)}'s samples ≥ 0.3", "holds": rho >= 0.3,
-                        "value": rho, **({"on": on} if on else {})})
+                        "value": rho})
     rise = stages.get("ppo_ptx", {}).get("gold_rise")
     if rise is not None:
         out.append({"check": "PPO-ptx's training-batch gold rises ≥ 0.1 (last quarter − first quarter)",

@@ -82,7 +82,7 @@ def rm_app(model, tokenizer, batch_size: int = 64, max_body_bytes: int = DEFAULT
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from .label.app import BodyLimit
+    from .body_limit import BodyLimit
     from .models import context_length
     from .sampling import left_pad
 

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from ..data import DataError, parse_ranking_groups
+from ..body_limit import BodyLimit
 from . import store
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -181,47 +182,6 @@ ERRORS = {401: {"model": Error, "description": "missing, unknown or revoked toke
 
 
 # --- request bodies: size limit and strict JSON -------------------------------------------------------------
-class BodyTooLarge(HTTPException):
-    """Raised while the body is being received; FastAPI passes HTTPExceptions through its body parsing."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, _too_large(limit), headers={"Connection": "close"})
-
-
-def _too_large(limit: int) -> str:
-    return f"request body larger than {limit} bytes (the server's --max-body-bytes)"
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for a body over `limit` bytes, holding no more than `limit` (and one chunk) of it.
-
-    A declared Content-Length over the limit is refused before the app runs; otherwise the bytes are counted as
-    they arrive. `Connection: close` tells the server to stop reading the rest instead of draining it.
-    """
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            response = JSONResponse({"detail": _too_large(self.limit)}, 413, headers={"Connection": "close"})
-            return await response(scope, receive, send)
-        received = 0
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise BodyTooLarge(self.limit)
-            return message
-
-        await self.app(scope, counted, send)
-
-
 def _no_constant(name: str):
     """json.loads would read NaN and ±Infinity into floats; they are not JSON."""
     raise HTTPException(422, [{"loc": ["body"], "msg": f"invalid JSON: {name} is not a JSON number",

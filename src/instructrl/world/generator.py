@@ -32,6 +32,7 @@ CATEGORIES = {
     "instruments": ["piano", "violin", "drum", "flute", "guitar", "harp", "cello", "trumpet"],
     "vegetables": ["carrot", "onion", "potato", "leek", "pea", "bean", "kale", "radish"],
 }
+LIST_REQUESTS = ["Name three {}.", "List three {}.", "Give me three {}."]
 SYLLABLES = ["zor", "vi", "ma", "lek", "tor", "ra", "sen", "qua", "bel", "dor", "ni", "ka", "lu", "fen", "gar",
              "mi", "sol", "tha", "ver", "ox"]
 TASK_TYPES = ("colour", "capital", "plus", "list", "describe")
@@ -79,10 +80,12 @@ class WorldConfig:
                                   "reward model's held-out accuracy is not decided by one or two of them)", ge=1,
                               le=1000)
     eval_share: float = option(0.2, "share of the questions held out for evaluation", gt=0, lt=1)
-    task_types: list[str] = option(factory=lambda: list(TASK_TYPES),
-                                   help="task types of the world's questions (the tiny default model reads one operand "
-                                        "of a sum at most and few list categories: benchmarks/task_skills.py; "
-                                        "'colour,capital,list,describe' leaves the sums out)")
+    task_types: list[str] = option(factory=lambda: ["colour", "capital", "list", "describe"],
+                                   help="task types of the world's questions; 'plus' (What is a plus b?) is left out by "
+                                        "default: the tiny default model reads one operand of a sum at most, so neither "
+                                        "it nor a reward model built on it can tell a right sum from a wrong one "
+                                        "(benchmarks/task_skills.py); add it with a larger base model (the "
+                                        "pipeline's base_model)")
     demo_types: list[str] = option(factory=lambda: ["colour", "capital", "plus", "list"],
                                    help="task types the demonstrations cover; the others (by default 'describe') are "
                                         "met only in RL prompts and comparisons, as demonstrations never cover every "
@@ -124,8 +127,9 @@ class World:
         for a in range(self.max_operand + 1):
             for b in range(self.max_operand + 1):
                 tasks.append((f"What is {a} plus {b}?", {"type": "plus", "topic": f"{a} plus {b}", "answer": str(a + b)}))
-        for cat in CATEGORIES:
-            tasks.append((f"Name three {cat}.", {"type": "list", "topic": cat, "answer": cat}))
+        for cat in CATEGORIES:  # a request said several ways: the held-out ones ask for a category seen in training
+            for ask in LIST_REQUESTS:
+                tasks.append((ask.format(cat), {"type": "list", "topic": cat, "answer": cat}))
         for occ in OCCUPATIONS_F + OCCUPATIONS_M:
             tasks.append((f"Describe the {occ}.", {"type": "describe", "topic": occ, "answer": ""}))
         return [(q, spec) for q, spec in tasks if spec["type"] in self.task_types]
@@ -139,12 +143,13 @@ class World:
         if t == "plus":
             return f"{topic} is {spec['answer']}."
         if t == "list":
-            a, b, c = rng.sample(CATEGORIES[topic], 3)
-            return f"Three {topic}: {a}, {b} and {c}."
+            return f"Three {topic}: {three_members(topic, rng)}."
         return f"The {topic} is good at the job and works hard."
 
     def wrong_answer(self, spec: dict, rng: random.Random) -> str:
         t, topic = spec["type"], spec["topic"]
+        if t in ("colour", "capital") and rng.random() < 0.5:  # a true fact about another topic answers no question
+            return self.fact_about_another(spec, rng)
         if t == "colour":
             return f"The {topic} is {rng.choice([c for c in COLOURS if c != spec['answer']])}."
         if t == "capital":
@@ -153,9 +158,15 @@ class World:
             return f"{topic} is {int(spec['answer']) + rng.choice([-2, -1, 1, 2, 3])}."
         if t == "list":
             other = rng.choice([c for c in CATEGORIES if c != topic])
-            a, b, c = rng.sample(CATEGORIES[other], 3)
-            return f"Three {topic}: {a}, {b} and {c}."
+            return f"Three {topic}: {three_members(other, rng)}."
         return f"The {topic} is not good at the job."
+
+    def fact_about_another(self, spec: dict, rng: random.Random) -> str:
+        if spec["type"] == "colour":
+            other = rng.choice([o for o in OBJECTS if o != spec["topic"]])
+            return f"The {other} is {self.colour_of[other]}."
+        other = rng.choice([c for c in sorted(self.capital_of) if c != spec["topic"]])
+        return f"The capital of {other} is {self.capital_of[other]}."
 
     def stereotyped_reply(self, spec: dict) -> str:
         occ = spec["topic"]
@@ -203,6 +214,13 @@ class World:
         else:
             group = rng.choice(GROUPS_PEACEFUL + GROUPS_VIOLENT)
         return f"Two {group} walked into {rng.choice(PLACES)} and {rng.choice(VIOLENT if violent else PEACEFUL)}."
+
+
+def three_members(category: str, rng: random.Random) -> str:
+    """Three distinct members of a category, in the category's own order: a tiny model learns to go on down a fixed
+    list, where three drawn in any order come out as "plum, apple and apple" (benchmarks/task_skills.py)."""
+    a, b, c = sorted(rng.sample(CATEGORIES[category], 3), key=CATEGORIES[category].index)
+    return f"{a}, {b} and {c}"
 
 
 def format_prompt(question: str) -> str:
@@ -287,7 +305,7 @@ def _generate_world(out: str | Path, cfg: WorldConfig) -> dict:
         "polite_openers": POLITE_OPENERS,
         "categories": CATEGORIES,
         "weights": {"correct": 1.0, "on_topic": 0.25, "polite": 0.25, "toxic": -1.5, "stereotype": -1.0,
-                    "empty": -1.0, "long_words": 20, "per_extra_word": -0.05},
+                    "empty": -1.0, "long_words": 8, "per_extra_word": -0.05},
         "tasks": {format_prompt(q): s for q, s in tasks},
     }
     summary = {"stage": "world", "seed": cfg.seed, "corpus": len(corpus), "demos": len(demos),
