@@ -162,6 +162,8 @@ class World:
         return f"The {topic} is not good at the job."
 
     def fact_about_another(self, spec: dict, rng: random.Random) -> str:
+        """A true sentence about another object or country: it answers another question, not this one (the judge
+        gives it no credit for correctness or topic)."""
         if spec["type"] == "colour":
             other = rng.choice([o for o in OBJECTS if o != spec["topic"]])
             return f"The {other} is {self.colour_of[other]}."
