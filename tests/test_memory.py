@@ -49,7 +49,7 @@ def assert_same_logs(a: Path, b: Path, keys) -> None:
 
 # --- SFT and the reward model through their trainers (one optimizer step on the whole training set) ---------------
 SFT_KW = dict(epochs=1, batch_size=64, lr=1e-4, val_fraction=0.05)   # 23 of 24 demonstrations: one step
-RM_KW = dict(epochs=1.0, batch_size=64, val_fraction=0.1, normalize_gain=False)  # 36 of 40 prompts: one step;
+RM_KW = dict(epochs=1.0, batch_size=64, val_fraction=0.1, normalize_gain=False)  # ~36 of 40 prompts: one step;
 # the raw trained weights (the score normalisation would magnify float noise 8-fold)
 
 
@@ -73,7 +73,8 @@ def run_rm(model, data, out, **kw):
 
     s = train_reward_model(RewardConfig(model=str(model), data=str(data), out=str(out), progress=False,
                                         device="cpu", **RM_KW, **kw))
-    assert s["steps"] == 1 and s["train_prompts"] == 36
+    # a tenth of the distinct prompts held out: how many rankings that leaves depends on the world's draw
+    assert s["steps"] == 1 and s["train_prompts"] + s["held_out_prompts"] == 40 and s["train_prompts"] <= 64
     return out
 
 
