@@ -70,6 +70,14 @@ def test_pipeline_report_structure(tiny_run):
     # simulated labelers ranked the pretrained model's samples on every fourth prompt (label.pretrained_share 0.25)
     policies = [json.loads(x)["policy"] for x in (out / "rankings" / "rankings.jsonl").read_text().splitlines()]
     assert set(policies) == {"sft", "pretrained"} and 16 <= policies.count("pretrained") <= 20 < policies.count("sft")
+    # the labelled prompts mix the RL prompts and the demonstrations' (label.demo_prompts); the reward model holds a
+    # fifth of their questions out
+    def prompts(f):
+        return {json.loads(x)["prompt"] for x in (out / f).read_text().splitlines()}
+    ranked, demo = prompts("rankings/rankings.jsonl"), prompts("world/demos.jsonl")
+    rl = prompts("world/prompts_train.jsonl")
+    assert ranked & demo and ranked & rl and ranked <= demo | rl
+    assert json.loads((out / "reward" / "summary.json").read_text())["config"]["val_fraction"] == 0.2
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
     assert set(stages) == {"pretrained", "sft", "ppo_ptx", "ppo_gold", "ppo", "ppo_beta0", "pg", "pg_reuse", "grpo",

@@ -284,8 +284,9 @@ def test_stage_table_fits_1280_px(tmp_path, multi):
 def test_spearman_check_is_the_within_prompt_value_with_the_pooled_one_beside_it():
     """The check is the Spearman within a prompt (evaluate.within_prompt_spearman), which a reward model's
     per-prompt level does not move; the pooled one stands beside it. An evaluation without the within-prompt value
-    (older than it) is checked on the pooled one, and says so in the check's name."""
-    from instructrl.report import world_checks
+    (older than it: no question count) is checked on the pooled one, and says so in the check's name; one where the
+    judge scored every question's replies alike has no value and does not hold."""
+    from instructrl.report import measured, world_checks
 
     stages = {"ppo_ptx": {"rm_gold_spearman": 0.2, "rm_gold_spearman_within": 0.5, "rm_gold_spearman_prompts": 7},
               "sft": {"rm_gold_spearman": 0.6, "rm_gold_spearman_within": None}}
@@ -299,3 +300,8 @@ def test_spearman_check_is_the_within_prompt_value_with_the_pooled_one_beside_it
     stages["ppo_ptx"]["rm_gold_spearman"] = 0.9
     (ppo,) = [c for c in world_checks(stages, {}) if "PPO-ptx's samples" in c["check"]]
     assert (ppo["value"], ppo["holds"]) == (0.29, False)
+    stages["ppo_ptx"].update(rm_gold_spearman_within=None, rm_gold_spearman_prompts=0)  # no question to rank within
+    (ppo,) = [c for c in world_checks(stages, {}) if "PPO-ptx's samples" in c["check"]]
+    assert (ppo["value"], ppo["holds"]) == (None, False) and "within a prompt" in ppo["check"]
+    assert measured(ppo) == "no value (mean over 0 eval questions the judge does not score alike; pooled over all " \
+                            "prompts 0.900)"

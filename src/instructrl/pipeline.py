@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import re
 import shutil
 import time
@@ -218,6 +219,8 @@ def _judges(stage: str, judge_dir: str | None, rdir: str) -> str | None:
 
 def _label_fingerprint(cfg: PipelineConfig, p: dict, contents: bool) -> dict:
     inputs = {"sft": p["sft"].out, "prompts_train": p["data"]["prompts_train"], "world": p["judge"]}
+    if cfg.label.demo_prompts:
+        inputs["demos"] = p["data"]["demos"]
     if cfg.label.pretrained_share > 0:
         inputs["pretrained"] = p["pretrained"].out if "pretrained" in p else cfg.base_model
     return {"options": {**to_flat(cfg.label), "seed": cfg.seed},
@@ -290,13 +293,17 @@ def _run(cfg: PipelineConfig, out: Path, p: dict, stages: Stages, t_start: float
         ldir = out / "rankings"
 
         def label():
-            from .data import read_prompts, write_jsonl
+            from .data import read_demos, read_prompts, write_jsonl
             from .models import load_causal_lm, load_tokenizer
             from .utils import resolve_device
 
             t0 = time.time()
             ls = cfg.label
-            prompts = read_prompts(data["prompts_train"])[: ls.n_prompts]
+            prompts = read_prompts(data["prompts_train"])
+            if ls.demo_prompts:  # more questions for the reward model, in one seeded order
+                prompts += [d.prompt for d in read_demos(data["demos"])]
+                random.Random(cfg.seed).shuffle(prompts)
+            prompts = prompts[: ls.n_prompts]
             dev = resolve_device(cfg.device)
             judge, tok = GoldJudge.from_world(judge_dir), load_tokenizer(sdir)
             to_sft, to_pretrained = split_share(prompts, ls.pretrained_share)

@@ -237,13 +237,14 @@ def world_checks(stages: dict, rm_summary: dict) -> list[dict]:
         # within a prompt: the reward model's loss compares replies to one prompt only and leaves each prompt's level
         # free, and PPO's value model takes that level out; pooled over prompts, the Spearman ranks those levels too
         # (on a policy that answers most prompts right, little else). Evaluations older than within_prompt_spearman
-        # have only the pooled one.
-        if within is not None:
+        # have no question count and are checked on the pooled one; one whose eval questions the judge all scores
+        # alike has a count of 0 and no value: the check cannot be made there, so it does not hold.
+        questions = st.get("rm_gold_spearman_prompts")
+        if questions is not None:
+            pooled = f"; pooled over all prompts {rho:.3f}" if rho is not None else ""
             out.append({"check": f"Spearman(reward model, judge) within a prompt on {label(k)}'s samples ≥ 0.3",
-                        "holds": within >= 0.3, "value": within,
-                        "on": f"mean over {st['rm_gold_spearman_prompts']} eval questions the judge does not score "
-                              f"alike; pooled over all prompts {rho:.3f}" if rho is not None else
-                              f"mean over {st['rm_gold_spearman_prompts']} eval questions the judge does not score alike"})
+                        "holds": within is not None and within >= 0.3, "value": within,
+                        "on": f"mean over {questions} eval questions the judge does not score alike{pooled}"})
         elif rho is not None:
             out.append({"check": f"Spearman(reward model, judge) on {label(k)}'s samples ≥ 0.3", "holds": rho >= 0.3,
                         "value": rho})
@@ -256,7 +257,8 @@ def world_checks(stages: dict, rm_summary: dict) -> list[dict]:
 
 def measured(check: dict) -> str:
     """A world check's value, with what it was measured on where the check says: "0.844 (877 pairs …)"."""
-    return f"{check['value']:.3f}" + (f" ({check['on']})" if check.get("on") else "")
+    value = "no value" if check["value"] is None else f"{check['value']:.3f}"
+    return value + (f" ({check['on']})" if check.get("on") else "")
 
 
 def bias_summary(stages: dict, bias: dict, first: str = "sft", last: str = "ppo_ptx") -> list[str]:
