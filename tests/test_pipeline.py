@@ -101,7 +101,8 @@ def test_pipeline_report_structure(tiny_run):
     # the pipeline's defaults that work (README, "Defaults that work"): Dr. GRPO's unscaled advantages, DPO at β 0.5
     assert json.loads((out / "grpo" / "summary.json").read_text())["config"]["scale_rewards"] is False
     assert json.loads((out / "dpo" / "summary.json").read_text())["config"]["beta"] == 0.5
-    assert json.loads((out / "ppo_ptx" / "summary.json").read_text())["config"]["beta"] == 0.3  # PPO's β
+    ppo_cfg = json.loads((out / "ppo_ptx" / "summary.json").read_text())["config"]
+    assert (ppo_cfg["beta"], ppo_cfg["lr_schedule"]) == (0.3, "linear")  # PPO's β; its lr decays to 0
     assert {c["check"].split(" ")[0] for c in report["world_checks"]} == {"reward", "Spearman(reward", "PPO-ptx's"}
     assert sum(c["check"].startswith("reward model's") for c in report["world_checks"]) == 2  # held out; eval prompts
     # each says what it was measured on: a handful of prompts can decide it
