@@ -433,7 +433,14 @@ def cmd_run(a) -> None:
     loop = PPOLoop(s, cfg)
     if patches:
         loop.optimizer = ppo_patches.make_optimizer(patches, loop.params, cfg) or loop.optimizer
-    if a.autocast:
+    import contextlib
+
+    import instructrl.models as M
+
+    stack = contextlib.ExitStack()
+    if a.autocast and hasattr(M, "bf16_autocast"):  # the product's --autocast bf16: the loop inside it, as Run does
+        stack.enter_context(M.bf16_autocast(torch.device("cpu")))
+    elif a.autocast:  # a src without --autocast (PPO_BENCH_SRC): the earlier prototype
         autocast_forwards(s)
     recs = []
     t_setup = time.perf_counter()
@@ -458,6 +465,7 @@ def cmd_run(a) -> None:
         recs.append(rec)
         if a.verbose:
             print(json.dumps(rec), file=sys.stderr, flush=True)
+    stack.close()
     meas = recs[a.warmup:]
     med = {k: statistics.median(r[k] for r in meas) for k in meas[0] if isinstance(meas[0][k], float)}
     out = {"batch": cfg.batch_size, "prompt": BASE["prompt"], "response": cfg.max_new_tokens, "dtype": a.dtype,
@@ -796,7 +804,9 @@ def main() -> None:
         p.add_argument("--iters", type=int, default=6)
         p.add_argument("--warmup", type=int, default=1)
         p.add_argument("--dtype", default="float32")
-        p.add_argument("--autocast", action="store_true", help="float32 weights, bf16 autocast around every model forward")
+        p.add_argument("--autocast", action="store_true", help="float32 weights, forward passes in bf16 autocast: the product's "
+                       "--autocast bf16 (the loop inside models.bf16_autocast); with a PPO_BENCH_SRC that lacks it, "
+                       "autocast around every model forward")
         p.add_argument("--patch", default="", help="comma-separated prototype speedups from ppo_patches.py")
         p.add_argument("--verbose", action="store_true")
         if name == "profile":

@@ -74,6 +74,11 @@ class PipelineConfig:
     seed: int = option(0, "random seed of every stage", ge=0)
     device: str = option("auto", "auto | cpu | cuda")
     dtype: str = option("float32", "float32 | bfloat16 | float16")
+    # auto: the pretraining, SFT, reward model and RL stages run their forward passes in bf16 autocast where the CPU
+    # (AVX-512 BF16) or GPU multiplies bf16 natively (README, "How fast is it?")
+    autocast: str = option("auto", "off | bf16 | auto: forward passes of the training stages in bfloat16 autocast, "
+                                    "float32 weights (auto: where the hardware multiplies bf16 natively)",
+                           choices=("off", "bf16", "auto"))
     base_model: str | None = option(None, "any local HF causal-LM directory; skips the tiny model's pretraining")
     compare: bool = option(False, "also run PPO-ptx with the gold judge as reward, PPO without ptx, PPO with β = 0, "
                                   "vanilla PG, GRPO, RLOO and DPO")

@@ -256,7 +256,8 @@ class ScalarHeadModel(nn.Module):
         """Raw head output for every position, float32 [B, L]."""
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                           **position_kwargs(self.backbone, attention_mask)).last_hidden_state
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+        with torch.autocast(h.device.type, enabled=False):  # the scalar in the head's own dtype, not autocast's bf16
+            return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         """Normalised reward read at `last_index` (the EOS / last real token) of each row [B]."""
@@ -538,6 +539,36 @@ def checkpoint_activations(model: nn.Module) -> nn.Module:
     else:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _float32_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+    """Hugging Face's sdpa attention in float32, outside autocast. On the CPU, bf16 attention costs more than it
+    saves: its fused backward ran 4× slower than in float32 (a 4-layer GPT, 2 cores with AVX-512 BF16)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                      *args, **kwargs)
+
+
+@contextlib.contextmanager
+def bf16_autocast(device: torch.device):
+    """Forward passes in bfloat16 autocast inside the block; weights, gradients and the optimizer stay float32.
+    The cast cache is off: one block spans whole training loops, and a cached bf16 copy of a weight would outlive
+    the optimizer step that changed it. On the CPU, sdpa attention runs in float32 (`_float32_sdpa`)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    swap = device.type == "cpu" and "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+    if swap:  # this module's own mapping: models read it at every forward, and it is restored below
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = _float32_sdpa
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+            yield
+    finally:
+        if swap:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
 @contextlib.contextmanager

@@ -138,6 +138,10 @@ class RunOptions:
     seed: int = option(0, "random seed (under torchrun rank r uses seed + r·100003)", wired=True, ge=0)
     device: str = option("auto", "auto | cpu | cuda", wired=True)
     dtype: str = option("float32", "float32 | bfloat16 | float16 (log-softmax and losses stay float32)", wired=True)
+    autocast: str = option("off", "off | bf16 | auto: forward passes in bfloat16 autocast with float32 weights and "
+                                  "optimizer (the scalar heads, log-softmax and losses in float32, and on the CPU "
+                                  "attention too); auto: bf16 where the hardware multiplies bf16 natively (a CPU "
+                                  "with AVX-512 BF16, a GPU with bf16)", wired=True, choices=("off", "bf16", "auto"))
     fsdp: bool = option(False, "under torchrun, shard the models over the processes (with LoRA, checkpoints and "
                                "--resume; checkpoints hold whole, gathered weights)")
     save_every: int = option(0, "steps (RL: iterations) between checkpoints in OUT-checkpoints/ (0: none)", ge=0)

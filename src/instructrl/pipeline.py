@@ -21,7 +21,7 @@ from .options import flat_fields, to_flat
 from .optim import NonFiniteError
 from .outputs import RUN_CONTROL, OutputLock, check_place, clean_temporaries, content_id, differences
 from .stages import BY_NAME
-from .utils import atomic_dir, atomic_write_text, console, peak_rss_mb, write_json
+from .utils import atomic_dir, atomic_write_text, console, peak_rss_mb, resolve_autocast, resolve_device, write_json
 
 FINGERPRINTS = "fingerprints.json"
 NOT_LEARNED = RUN_CONTROL | {"device"}  # options a stage may be reused across
@@ -38,10 +38,12 @@ def stage_fingerprint(cfg, extra_inputs: dict | None = None, contents: bool = Tr
     options, inputs = {}, dict(extra_inputs or {})
     for f in flat_fields(type(cfg)):
         value = f.get(cfg)
-        if f.wired and f.learns and f.name not in ("seed", "dtype", "device", "progress", "overwrite"):
+        if f.wired and f.learns and f.name not in ("seed", "dtype", "autocast", "device", "progress", "overwrite"):
             if f.name != "out" and value:
                 for i, v in enumerate(value if isinstance(value, list) else [value]):  # e.g. several --reward
                     inputs[f"{f.name}[{i}]" if isinstance(value, list) else f.name] = re.sub(r"@[0-9.eE+-]+$", "", v)
+        elif f.name == "autocast" and value == "off":
+            continue  # float32, as every stage ran before --autocast: their finished stages stay reusable
         elif f.name not in NOT_LEARNED and f.learns:
             options[f.name] = value
     return {"options": options, "inputs": {k: content_id(v) if contents else None for k, v in inputs.items()}}
@@ -160,14 +162,17 @@ def plan(cfg: PipelineConfig, out: Path) -> dict:
     for k, f in defaults.items():
         data[k] = data[k] or (str(wdir / f) if uses_world else None)
     judge_dir = str(wdir) if uses_world else None
-    common = {"seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype}  # flat options of RunOptions
+    # flat options of RunOptions; autocast as it will run (auto: bf16 on this machine or not), so that a stage made
+    # with the other one is not reused for it
+    common = {"seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype,
+              "autocast": resolve_autocast(cfg.autocast, resolve_device(cfg.device), cfg.dtype)}
     p: dict = {"data": data, "judge": judge_dir}
     if uses_world:
         p["world"] = dataclasses.replace(cfg.world, out=str(wdir), seed=cfg.seed)
     pretrained = cfg.base_model or str(out / "pretrained")
     if not cfg.base_model:
         p["pretrained"] = dataclasses.replace(cfg.pretrain, corpus=data["pretrain_text"], val_corpus=data["pretrain_val"],
-                                              out=pretrained, seed=cfg.seed)
+                                              out=pretrained, seed=cfg.seed, autocast=common["autocast"])
     sdir, rdir = str(out / "sft"), str(out / "reward")
     p["sft"] = dataclasses.replace(cfg.sft, model=pretrained, data=data["demos"], out=sdir, **common)
     rankings = cfg.data.rankings or str(out / "rankings" / "rankings.jsonl")
@@ -295,7 +300,6 @@ def _run(cfg: PipelineConfig, out: Path, p: dict, stages: Stages, t_start: float
         def label():
             from .data import read_demos, read_prompts, write_jsonl
             from .models import load_causal_lm, load_tokenizer
-            from .utils import resolve_device
 
             t0 = time.time()
             ls = cfg.label

@@ -51,8 +51,10 @@ def make_rollout(s, prompts: list[str], prompt_ids: list[list[int]], with_values
         mask = batch.response_mask.float()
         # log π_old: in float32 the sampler's own log-probs of the tokens it drew (same weights, dropout off, same
         # temperature) equal a full forward pass to ~1e-6 (tests/test_rl.py), so that pass is skipped. In bf16/fp16
-        # the KV-cache and full-sequence numerics differ by ~1e-2: recompute, so the first PPO ratio stays 1.
-        if getattr(base_model(s.policy), "dtype", None) == torch.float32:
+        # the KV-cache and full-sequence numerics differ by ~1e-2: recompute, so the first PPO ratio stays 1; so in
+        # bf16 autocast (--autocast).
+        if (getattr(base_model(s.policy), "dtype", None) == torch.float32
+                and not torch.is_autocast_enabled(batch.input_ids.device.type)):
             logprobs = batch.logprobs * mask
         else:
             logprobs = response_logprobs(s.policy, batch, cfg.temperature) * mask

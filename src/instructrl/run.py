@@ -1,4 +1,4 @@
-"""The run shell every trainer runs in: seed, device and dtype, rank-0 atomic output, checkpoints and exact
+"""The run shell every trainer runs in: seed, device, dtype and autocast, rank-0 atomic output, checkpoints and exact
 resume, metric sinks, the progress bar, periodic saves and the summary. A trainer keeps only what is its own
 (data, models, the loss and its training step) and reads, nanoGPT-style, top to bottom:
 
@@ -30,12 +30,13 @@ from . import distributed as dist
 from .cards import training_card
 from .checkpoint import Checkpointer
 from .metrics import MetricSinks, check_sinks
+from .models import bf16_autocast
 from .optim import NonFinite, NonFiniteError
 from .options import RunOptions, to_flat
 from .outputs import OutputLock, check_output, clean_temporaries, differences, fingerprint, first_nonfinite, \
     inputs_of
-from .utils import checkpoint_dir, console, log_dir, peak_rss_mb, resolve_device, resolve_dtype, set_seed, \
-    write_json
+from .utils import checkpoint_dir, console, log_dir, peak_rss_mb, resolve_autocast, resolve_device, resolve_dtype, \
+    set_seed, write_json
 
 
 class Run:
@@ -49,6 +50,7 @@ class Run:
         self.dtype = resolve_dtype(opts.dtype)
         set_seed(opts.seed)
         self.device = dist.init(resolve_device(opts.device))
+        self.autocast = resolve_autocast(opts.autocast, self.device, opts.dtype)  # "bf16" | "off", as it runs
         self.nonfinite = NonFinite(stage, opts.max_nonfinite)
         self.checkpoints = Checkpointer(checkpoint_dir(out), opts.keep_checkpoints)
         self.start, self.previous, self.dir, self.metrics = 0, [], None, None
@@ -132,7 +134,8 @@ class Run:
         Run.current = None  # OUT is written: a later failure (the pipeline's next step) is not this run's
 
     def _output(self):
-        with dist.output_dir(self.out) as tmp:
+        with dist.output_dir(self.out) as tmp, \
+                (bf16_autocast(self.device) if self.autocast == "bf16" else contextlib.nullcontext()):
             self.dir = tmp
             self.metrics = MetricSinks(tmp / "metrics.jsonl" if tmp else None, self.previous,
                                        sinks=self.opts.log_with, log_dir=log_dir(self.out),
@@ -180,7 +183,7 @@ class Run:
     def finish(self, summary: dict) -> dict:
         """The model card, then summary.json, written last: a stage directory with a summary is complete."""
         summary = {"stage": self.stage, **summary, "world_size": dist.world_size(), "seconds": time.time() - self.t0,
-                   "peak_rss_mb": peak_rss_mb(), "config": to_flat(self.cfg)}
+                   "peak_rss_mb": peak_rss_mb(), "autocast": self.autocast, "config": to_flat(self.cfg)}
         if self.dir is not None:
             training_card(self.dir, summary)  # README.md: base model, data, options, final metrics, references
             write_json(self.dir / "summary.json", summary)

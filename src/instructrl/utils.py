@@ -132,6 +132,36 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+AUTOCAST = ("off", "bf16", "auto")
+
+
+def native_bf16(device) -> bool:
+    """bfloat16 matrix products in hardware: a CUDA GPU that has them, or a CPU with AVX-512 BF16 (or AMX) under
+    PyTorch's AVX-512 dispatch. A float path of `avx2` or `default` (ATEN_CPU_CAPABILITY) counts as a CPU without
+    them, as it stands for one (machine.py)."""
+    import torch
+
+    from .machine import cpu_flags
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return (device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+            and bool({"avx512_bf16", "amx_bf16"} & cpu_flags()))
+
+
+def resolve_autocast(name: str, device, dtype_name: str = "float32") -> str:
+    """--autocast as it runs: "bf16" (forward passes in bfloat16 autocast, float32 weights and optimizer) or "off".
+    "auto" is bf16 where the hardware has native bf16 products (`native_bf16`) and the weights are float32."""
+    if name not in AUTOCAST:
+        raise ValueError(f"--autocast {name!r}: choose one of {', '.join(AUTOCAST)}")
+    if name == "bf16" and dtype_name != "float32":
+        raise ValueError(f"--autocast bf16 runs float32 weights in bfloat16 autocast; with --dtype {dtype_name} the "
+                         f"weights are already {dtype_name}: drop one of the two")
+    if name == "auto":
+        return "bf16" if dtype_name == "float32" and native_bf16(device) else "off"
+    return name
+
+
 def checkpoint_dir(out: str | os.PathLike) -> Path:
     """Checkpoints live beside the output directory, which only appears, complete, at the end of a run."""
     out = Path(out)
