@@ -558,9 +558,12 @@ def bf16_autocast(device: torch.device):
     """Forward passes in bfloat16 autocast inside the block; weights, gradients and the optimizer stay float32.
     The cast cache is off: one block spans whole training loops, and a cached bf16 copy of a weight would outlive
     the optimizer step that changed it. On the CPU, sdpa attention runs in float32 (`_float32_sdpa`)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    swap = device.type == "cpu" and "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+    try:  # transformers ≥ 4.48 dispatches attention through this mapping; older ones keep sdpa in autocast's bf16
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:
+        ALL_ATTENTION_FUNCTIONS = None
+    swap = (device.type == "cpu" and ALL_ATTENTION_FUNCTIONS is not None
+            and "sdpa" not in getattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping", {"sdpa": None}))
     if swap:  # this module's own mapping: models read it at every forward, and it is restored below
         ALL_ATTENTION_FUNCTIONS["sdpa"] = _float32_sdpa
     try:
