@@ -20,7 +20,7 @@ from .data import DataError
 from .dpo import DPOConfig
 from .evaluate import EvalConfig
 from .grpo import GRPOConfig
-from .options import check_value, config, flat_fields, option
+from .options import AUTOCAST, check_value, config, flat_fields, option
 from .pg import PGConfig
 from .ppo import PPOConfig
 from .pretrain import PretrainConfig
@@ -78,7 +78,7 @@ class PipelineConfig:
     # (AVX-512 BF16) or GPU multiplies bf16 natively (README, "Performance": 1.28× faster here, the same checks)
     autocast: str = option("auto", "off | bf16 | auto: forward passes of the training stages in bfloat16 autocast, "
                                     "float32 weights (auto: where the hardware multiplies bf16 natively)",
-                           choices=("off", "bf16", "auto"))
+                           choices=AUTOCAST)
     base_model: str | None = option(None, "any local HF causal-LM directory; skips the tiny model's pretraining")
     compare: bool = option(False, "also run PPO-ptx with the gold judge as reward, PPO without ptx, PPO with β = 0, "
                                   "vanilla PG, GRPO, RLOO and DPO")

@@ -131,6 +131,9 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+AUTOCAST = ("off", "bf16", "auto")  # --autocast (utils.resolve_autocast)
+
+
 @dataclass
 class RunOptions:
     """What every trainer's run shell needs: seed, device, checkpoints, logging."""
@@ -141,7 +144,7 @@ class RunOptions:
     autocast: str = option("off", "off | bf16 | auto: forward passes in bfloat16 autocast with float32 weights and "
                                   "optimizer (the scalar heads, log-softmax and losses in float32, and on the CPU "
                                   "attention too); auto: bf16 where the hardware multiplies bf16 natively (a CPU "
-                                  "with AVX-512 BF16, a GPU with bf16)", wired=True, choices=("off", "bf16", "auto"))
+                                  "with AVX-512 BF16, a GPU with bf16)", wired=True, choices=AUTOCAST)
     fsdp: bool = option(False, "under torchrun, shard the models over the processes (with LoRA, checkpoints and "
                                "--resume; checkpoints hold whole, gathered weights)")
     save_every: int = option(0, "steps (RL: iterations) between checkpoints in OUT-checkpoints/ (0: none)", ge=0)

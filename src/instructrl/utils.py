@@ -14,6 +14,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from .options import AUTOCAST
+
 console = Console(stderr=True, soft_wrap=True)  # messages stay one greppable line
 
 
@@ -130,9 +132,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return getattr(torch, name)
-
-
-AUTOCAST = ("off", "bf16", "auto")
 
 
 def native_bf16(device) -> bool:
